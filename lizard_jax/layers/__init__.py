@@ -1,0 +1,18 @@
+"""Flax attention layers, one file per family; `LAYERS` maps a spec kind to its module class.
+
+Every layer is called as `layer(x [batch, seq, d_model], positions [batch, seq] | None, cache=None)
+-> (y, cache)` and provides `init_cache(cfg, spec, batch, max_len)`; see `layers/common.py`.
+"""
+
+from lizard_jax.layers.softmax import SoftmaxAttention, SoftmaxSpec
+
+LAYERS = {
+    SoftmaxSpec.kind: SoftmaxAttention,
+}
+
+
+def layer_class(kind: str):
+    try:
+        return LAYERS[kind]
+    except KeyError:
+        raise ValueError(f"no layer for attention kind {kind!r}; known: {sorted(LAYERS)}") from None

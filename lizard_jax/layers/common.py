@@ -1,0 +1,171 @@
+"""Building blocks shared by every attention family: norms, RoPE, projections, KV caches.
+
+Conventions (every layer follows them):
+- activations `x [batch, seq, d_model]`; `positions [batch, seq]` int32 absolute positions, negative for padding
+  (left-padded prompts); `positions=None` means `arange(seq)` with no padding (training / plain prefill).
+- a layer is called as `layer(x, positions, cache=None) -> (y, cache)`; with a cache it appends the new tokens
+  to it, so full prefill, chunked prefill and token-by-token decoding are the same call. Each family provides
+  `init_cache(cfg, spec, batch, max_len)` (a classmethod) building its cache of fixed size.
+- projections are named q_proj/k_proj/v_proj/o_proj in every family, so a softmax teacher's weights load
+  unchanged into a student layer and only the new parameters are added.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+INIT_STD = 0.02
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def default_positions(batch: int, seq: int) -> Array:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def dense(features, *, axis=-1, names: Sequence[str | None], cfg: ModelConfig, bias: bool = False,
+          name: str, kernel_init=None) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel carries logical axis names (one sharding rules table maps them to a mesh)."""
+    init = kernel_init or nn.initializers.normal(INIT_STD)
+    n_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=bias,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(init, tuple(names)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(names[-n_out:])),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32 (Llama convention: scale * x / rms(x))."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> Array:
+    """Inverse frequencies [head_dim // 2], with linear or Llama-3.1 scaling."""
+    inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.scaling == "linear":
+        inv = inv / rope.factor
+    elif rope.scaling == "llama3":
+        low_wl = rope.original_max_position / rope.low_freq_factor
+        high_wl = rope.original_max_position / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = jnp.where(wl > low_wl, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wl - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wl >= high_wl) & (wl <= low_wl)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x, positions, rope: RopeConfig):
+    """Rotate `x [batch, seq, heads, head_dim]` by `positions [batch, seq]` (HF's rotate-half layout)."""
+    d = x.shape[-1]
+    inv = rope_inv_freq(d, rope)
+    ang = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv  # [B, T, d/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def qkv_projection(cfg: ModelConfig, x):
+    """q/k/v projections of a Llama-family layer, created inside the calling module's compact method:
+    x [B,T,D] -> q [B,T,H,Dh], k/v [B,T,KVH,Dh]."""
+    q = dense((cfg.num_heads, cfg.head_dim), names=("embed", "heads", "head_dim"), cfg=cfg, bias=cfg.qkv_bias,
+              name="q_proj")(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), names=("embed", "kv_heads", "head_dim"), cfg=cfg,
+              bias=cfg.qkv_bias, name="k_proj")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), names=("embed", "kv_heads", "head_dim"), cfg=cfg,
+              bias=cfg.qkv_bias, name="v_proj")(x)
+    return q, k, v
+
+
+def out_projection(cfg: ModelConfig, name: str = "o_proj") -> nn.DenseGeneral:
+    """o_proj: [B,T,H,Dh] -> [B,T,D] (create inside a compact method)."""
+    return dense(cfg.d_model, axis=(-2, -1), names=("heads", "head_dim", "embed"), cfg=cfg, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV caches
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys/values of past tokens. k, v `[batch, size, kv_heads, head_dim]`; pos `[batch, size]` int32 position
+    of each slot (-1 = empty or padding); index: int32 scalar, tokens written so far. `ring` caches keep the
+    last `size` tokens (sliding windows) at slot `index % size`; full caches hold up to `size` tokens."""
+
+    k: Array
+    v: Array
+    pos: Array
+    index: Array
+    ring: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def create(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype, ring: bool = False):
+        return cls(
+            k=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+            pos=jnp.full((batch, size), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+            ring=ring,
+        )
+
+    def update(self, k_new, v_new, pos_new):
+        """Append `T` new tokens. Returns (new cache, k, v, pos) to attend over: for a full cache the whole
+        cache after the write; for a ring cache the old ring followed by the new tokens (so a chunk longer
+        than the ring still sees its own window)."""
+        t = k_new.shape[1]
+        size = self.k.shape[1]
+        k_new = k_new.astype(self.k.dtype)
+        v_new = v_new.astype(self.v.dtype)
+        if not self.ring:
+            at = (0, self.index, 0, 0)
+            k = jax.lax.dynamic_update_slice(self.k, k_new, at)
+            v = jax.lax.dynamic_update_slice(self.v, v_new, at)
+            pos = jax.lax.dynamic_update_slice(self.pos, pos_new.astype(jnp.int32), at[:2])
+            new = self.replace(k=k, v=v, pos=pos, index=self.index + t)
+            return new, k, v, pos
+        keep = min(t, size)
+        slots = (self.index + (t - keep) + jnp.arange(keep)) % size  # distinct slots: no scatter collisions
+        new = self.replace(
+            k=self.k.at[:, slots].set(k_new[:, t - keep:]),
+            v=self.v.at[:, slots].set(v_new[:, t - keep:]),
+            pos=self.pos.at[:, slots].set(pos_new[:, t - keep:].astype(jnp.int32)),
+            index=self.index + t,
+        )
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        return new, cat(self.k, k_new), cat(self.v, v_new), cat(self.pos, pos_new.astype(jnp.int32))

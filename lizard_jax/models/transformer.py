@@ -1,0 +1,110 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) with a per-layer attention schedule.
+
+Each layer's attention module is chosen from `cfg.attention[i].kind` through `lizard_jax.layers.LAYERS`, so
+Lizard, Lightning, sparse and other families plug in without touching this file. Intermediates sown under
+"intermediates" (`attn_in`, `attn_out` per layer) feed attention-transfer distillation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.config import ModelConfig
+from lizard_jax.layers import layer_class
+from lizard_jax.layers.common import INIT_STD, RMSNorm, dense, dtype_of
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        gate = dense(c.ffn_dim, names=("embed", "mlp"), cfg=c, name="gate_proj")(x)
+        up = dense(c.ffn_dim, names=("embed", "mlp"), cfg=c, name="up_proj")(x)
+        return dense(c.d_model, names=("mlp", "embed"), cfg=c, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache):
+        c = self.cfg
+        spec = c.attention[self.index]
+        norm = lambda name: RMSNorm(c.rms_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name=name)
+        h = norm("attn_norm")(x)
+        self.sow("intermediates", "attn_in", h)
+        a, cache = layer_class(spec.kind)(c, spec, name="attn")(h, positions, cache)
+        self.sow("intermediates", "attn_out", a)
+        x = x + a
+        x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
+        return x, cache
+
+
+class Transformer(nn.Module):
+    """tokens `[batch, seq]` int32, positions `[batch, seq]` (None = arange; negative = padding) ->
+    logits `[batch, seq, vocab]` float32, and the updated per-layer caches when `caches` is given.
+
+    `remat` recomputes each layer in the backward pass (training memory); `return_hidden` returns the final
+    hidden states `[batch, seq, d_model]` instead of logits.
+    """
+
+    cfg: ModelConfig
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, caches=None, *, return_hidden: bool = False):
+        c = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got {tokens.shape=}")
+        if positions is not None and positions.shape != tokens.shape:
+            raise ValueError(f"{positions.shape=} must equal {tokens.shape=}")
+        if caches is not None and len(caches) != c.num_layers:
+            raise ValueError(f"got {len(caches)} caches for {c.num_layers} layers")
+        embed = nn.Embed(
+            c.vocab_size, c.d_model, dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+            name="embed",
+        )
+        x = embed(tokens)
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        new_caches = []
+        for i in range(c.num_layers):
+            x, cache = layer_cls(c, i, name=f"layers_{i}")(x, positions, None if caches is None else caches[i])
+            new_caches.append(cache)
+        x = RMSNorm(c.rms_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="final_norm")(x)
+        if return_hidden:
+            out = x
+        elif c.tie_embeddings:
+            out = embed.attend(x).astype(jnp.float32)
+        else:
+            out = dense(c.vocab_size, names=("embed", "vocab"), cfg=c, name="lm_head")(x).astype(jnp.float32)
+        return out if caches is None else (out, tuple(new_caches))
+
+
+def init_caches(cfg: ModelConfig, batch: int, max_len: int) -> tuple[Any, ...]:
+    """One fixed-size cache per layer, built by each layer's family."""
+    return tuple(
+        layer_class(s.kind).init_cache(cfg, s, batch, max_len) for s in cfg.attention
+    )
+
+
+def init_params(cfg: ModelConfig, key, seq: int = 8):
+    """Random parameters (unboxed arrays) for `cfg`."""
+    model = Transformer(cfg)
+    variables = model.init(key, jnp.zeros((1, seq), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+    """Shapes/dtypes of the parameters with their logical axis names (boxed), without allocating."""
+    model = Transformer(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]

@@ -1,0 +1,122 @@
+"""Softmax attention: causal, sliding window, GQA, attention sinks, log-sum-exp on request.
+
+`attention(q, k, v, ...)`: q `[batch, seq_q, heads, head_dim]`, k/v `[batch, seq_k, kv_heads, head_dim]`.
+Visibility is by absolute position (`reference.visible`): `q_positions [batch, seq_q]` and
+`k_positions [batch, seq_k]` (negative = padding / empty slot). Default positions align the last query with the
+last key (`q_pos = arange(seq_q) + seq_k - seq_q`), which is plain causal attention when seq_q == seq_k.
+
+impl: "xla" (query-chunked masked softmax, memory O(chunk * seq_k)), "cudnn" (jax.nn.dot_product_attention's
+cuDNN flash kernel; only for default positions, no sinks, no lse, 16-bit inputs), "auto" (cudnn on a GPU when it
+applies, else xla).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.ops.softmax.reference import attention_dense, merge_sinks, visible
+
+__all__ = ["attention", "visible", "merge_sinks", "attention_dense"]
+
+_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _check(q, k, v, q_positions, k_positions, sinks):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected 4-D [batch, seq, heads, head_dim]: {q.shape=} {k.shape=} {v.shape=}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{k.shape=} and {v.shape=} differ in batch/seq/heads")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in batch")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if q_positions is not None and q_positions.shape != q.shape[:2]:
+        raise ValueError(f"{q_positions.shape=} must be [batch, seq_q] = {q.shape[:2]}")
+    if k_positions is not None and k_positions.shape != k.shape[:2]:
+        raise ValueError(f"{k_positions.shape=} must be [batch, seq_k] = {k.shape[:2]}")
+    if sinks is not None and (sinks.ndim != 2 or sinks.shape[0] != q.shape[2]):
+        raise ValueError(f"{sinks.shape=} must be [heads={q.shape[2]}, num_sinks]")
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    q_positions=None,
+    k_positions=None,
+    causal: bool = True,
+    window: int | None = None,
+    sinks=None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+    chunk_size: int = 1024,
+):
+    """Softmax attention. Returns o `[batch, seq_q, heads, head_dim_v]` (dtype of v) and, with `return_lse`,
+    the float32 log-sum-exp `[batch, heads, seq_q]` (including sinks; -inf for a query that sees nothing, whose
+    output is 0)."""
+    _check(q, k, v, q_positions, k_positions, sinks)
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {_IMPLS}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    b, t, h, d = q.shape
+    s_len = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    default_pos = q_positions is None and k_positions is None
+    cudnn_ok = (
+        default_pos
+        and causal
+        and t == s_len
+        and sinks is None
+        and not return_lse
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.dtype == k.dtype == v.dtype
+    )
+    if impl == "cudnn" and not cudnn_ok:
+        raise ValueError(
+            "impl='cudnn' needs default positions, causal self-attention (seq_q == seq_k), no sinks, no lse "
+            "and 16-bit inputs; use impl='xla' or 'auto'"
+        )
+    if impl == "cudnn" or (impl == "auto" and cudnn_ok and jax.default_backend() == "gpu"):
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
+        )
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s_len - t), (b, t))
+    if k_positions is None:
+        k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
+    o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
+                      chunk_size=chunk_size)
+    if sinks is not None:
+        o, lse = merge_sinks(o, lse, sinks)
+    return (o, lse) if return_lse else o
+
+
+def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size):
+    """Dense masked softmax over query chunks, rematerialised in the backward pass (memory O(chunk * seq_k))."""
+    b, t, h, d = q.shape
+    dense = functools.partial(attention_dense, causal=causal, window=window, scale=scale)
+    if t <= chunk_size:
+        return dense(q, k, v, q_pos, k_pos)
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    qc = jnp.moveaxis(qp.reshape(b, n, chunk_size, h, d), 1, 0)
+    pc = jnp.moveaxis(pp.reshape(b, n, chunk_size), 1, 0)
+    body = jax.checkpoint(lambda args: dense(args[0], k, v, args[1], k_pos))
+    o, lse = jax.lax.map(body, (qc, pc))
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n * chunk_size, h, -1)[:, :t]
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, n * chunk_size)[:, :, :t]
+    return o, lse
