@@ -1,0 +1,94 @@
+"""Gated linear attention (GLA): the public op and its dispatch.
+
+    S_0 = initial_state (or 0),   S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
+
+Files: ``reference.py`` (the spec, a token-by-token scan), ``chunk.py`` (the XLA chunked form),
+``recurrent.py`` (``gla_step`` for decoding). The Pallas kernel lives in ``pallas_kernels.chunked_scan``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from lizard_jax.ops.gla._checks import check_inputs
+from lizard_jax.ops.gla.chunk import DEFAULT_CHUNK_SIZE, gla_chunk
+from lizard_jax.ops.gla.recurrent import gla_step
+from lizard_jax.ops.gla.reference import gla_reference
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> "pallas" on GPU/TPU, "xla" on CPU; anything else but "xla"/"pallas" is an error."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return impl
+
+
+def _pallas_gla(q, k, v, log_g, initial_state, return_final_state):
+    try:
+        from pallas_kernels import chunked_scan
+    except ImportError as e:
+        raise ImportError(
+            "impl='pallas' needs the kernel module pallas_kernels.chunked_scan, which could not be "
+            f"imported ({e}); use impl='xla' for the chunked XLA form"
+        ) from e
+    backend = jax.default_backend()
+    # CPU has no Pallas lowering: run the GPU kernel in interpret mode (what the CPU tests exercise)
+    interpret = backend not in ("gpu", "tpu")
+    return chunked_scan.gla(
+        q,
+        k,
+        v,
+        log_g,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        backend="gpu" if interpret else backend,
+        interpret=interpret,
+    )
+
+
+def gla(
+    q,
+    k,
+    v,
+    log_g,
+    *,
+    initial_state=None,
+    return_final_state: bool = False,
+    impl: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
+    """Gated linear attention over a whole sequence (train / prefill). No scaling inside.
+
+    Args:
+      q, k: ``[batch, seq, heads, dk]`` (same dtype).
+      v: ``[batch, seq, heads, dv]``.
+      log_g: log forget gate, ``<= 0``: ``[batch, seq, heads, dk]`` (per key dim) or
+        ``[batch, seq, heads, 1]`` (one decay per head and token, broadcast over dk). Values are not
+        checked (they may be traced); ``-inf`` (gate exactly 0, a hard reset) is allowed, positive
+        values are outside the contract.
+      initial_state: ``[batch, heads, dk, dv]``, used in float32; None means zeros.
+      return_final_state: also return the state after the last token.
+      impl: "xla" (``chunk.py``), "pallas" (``pallas_kernels.chunked_scan``, imported lazily;
+        interpret mode on CPU), or "auto" (pallas on GPU/TPU, xla on CPU).
+      chunk_size: chunk length of the XLA form (the Pallas kernel has its own block sizes). Any seq
+        length works: the tail is padded to a whole chunk, exactly (see ``chunk.py``).
+
+    Returns:
+      o ``[batch, seq, heads, dv]`` in v's dtype, or ``(o, final_state)`` with final_state
+      ``[batch, heads, dk, dv]`` float32. State and accumulation are float32 for any input dtype.
+    """
+    check_inputs(q, k, v, log_g, initial_state, layout="bthd")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size=}")
+    impl = resolve_impl(impl)
+    if impl == "pallas":
+        return _pallas_gla(q, k, v, log_g, initial_state, return_final_state)
+    o, ht = gla_chunk(q, k, v, log_g, initial_state, chunk_size=chunk_size)
+    return (o, ht) if return_final_state else o
+
+
+__all__ = ["IMPLS", "gla", "gla_chunk", "gla_reference", "gla_step", "resolve_impl"]
