@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import ModelConfig, RopeConfig
+from lizard_jax.ops.softmax import attention
 
 Array = jax.Array
 INIT_STD = 0.02
@@ -35,7 +36,7 @@ def default_positions(batch: int, seq: int) -> Array:
 
 
 def dense(features, *, axis=-1, names: Sequence[str | None], cfg: ModelConfig, bias: bool = False,
-          name: str, kernel_init=None) -> nn.DenseGeneral:
+          name: str | None = None, kernel_init=None) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel carries logical axis names (one sharding rules table maps them to a mesh)."""
     init = kernel_init or nn.initializers.normal(INIT_STD)
     n_out = len(features) if isinstance(features, tuple) else 1
@@ -124,7 +125,8 @@ def out_projection(cfg: ModelConfig, name: str = "o_proj") -> nn.DenseGeneral:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys/values of past tokens. k, v `[batch, size, kv_heads, head_dim]`; pos `[batch, size]` int32 position
+    """Keys/values of past tokens; `attend` is how a softmax-type layer attends over them (other cache types,
+    e.g. Star Attention's sharded one, provide the same method). k, v `[batch, size, kv_heads, head_dim]`; pos `[batch, size]` int32 position
     of each slot (-1 = empty or padding); index: int32 scalar, tokens written so far. `ring` caches keep the
     last `size` tokens (sliding windows) at slot `index % size`; full caches hold up to `size` tokens."""
 
@@ -169,3 +171,11 @@ class KVCache:
         )
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
         return new, cat(self.k, k_new), cat(self.v, v_new), cat(self.pos, pos_new.astype(jnp.int32))
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="xla"):
+        """Append k_new/v_new `[B,T,KVH,D]` at `positions [B,T]` and attend with q `[B,T,H,D]` over the
+        cache. Returns (o `[B,T,H,D]`, new cache)."""
+        cache, k, v, pos = self.update(k_new, v_new, positions)
+        o = attention(q, k, v, q_positions=positions, k_positions=pos, window=window, sinks=sinks, scale=scale,
+                      impl=impl)
+        return o, cache

@@ -62,9 +62,8 @@ class SoftmaxAttention(nn.Module):
         else:
             if positions is None:
                 raise ValueError("decoding with a cache needs explicit positions")
-            cache, k_all, v_all, k_pos = cache.update(k, v, positions)
-            o = attention(q, k_all, v_all, q_positions=positions, k_positions=k_pos, window=spec.window,
-                          impl="xla" if spec.impl == "cudnn" else spec.impl)
+            o, cache = cache.attend(q, k, v, positions, window=spec.window,
+                                    impl="xla" if spec.impl == "cudnn" else spec.impl)
         return out_projection(cfg)(o), cache
 
     @classmethod

@@ -54,13 +54,33 @@ class Transformer(nn.Module):
     logits `[batch, seq, vocab]` float32, and the updated per-layer caches when `caches` is given.
 
     `remat` recomputes each layer in the backward pass (training memory); `return_hidden` returns the final
-    hidden states `[batch, seq, d_model]` instead of logits.
+    hidden states `[batch, seq, d_model]` instead of logits. Submodules are attributes (`embed`, `layers[i]`,
+    `final_norm`, `head`), so serving strategies (Star Attention, LazyLLM) can drive the layers themselves on
+    a bound model: `m = model.bind({"params": params}); x = m.embed(tokens); x, c = m.layers[0](x, pos, c)`.
     """
 
     cfg: ModelConfig
     remat: bool = False
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        self.embed = nn.Embed(
+            c.vocab_size, c.d_model, dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+        )
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = [layer_cls(c, i) for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.rms_eps, dtype_of(c.dtype), dtype_of(c.param_dtype))
+        if not c.tie_embeddings:
+            self.lm_head = dense(c.vocab_size, names=("embed", "vocab"), cfg=c)
+
+    def head(self, x):
+        """Final norm and logits (float32) of hidden states `[..., d_model]`."""
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
     def __call__(self, tokens, positions=None, caches=None, *, return_hidden: bool = False):
         c = self.cfg
         if tokens.ndim != 2:
@@ -69,24 +89,12 @@ class Transformer(nn.Module):
             raise ValueError(f"{positions.shape=} must equal {tokens.shape=}")
         if caches is not None and len(caches) != c.num_layers:
             raise ValueError(f"got {len(caches)} caches for {c.num_layers} layers")
-        embed = nn.Embed(
-            c.vocab_size, c.d_model, dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
-            name="embed",
-        )
-        x = embed(tokens)
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        x = self.embed(tokens)
         new_caches = []
-        for i in range(c.num_layers):
-            x, cache = layer_cls(c, i, name=f"layers_{i}")(x, positions, None if caches is None else caches[i])
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
-        x = RMSNorm(c.rms_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name="final_norm")(x)
-        if return_hidden:
-            out = x
-        elif c.tie_embeddings:
-            out = embed.attend(x).astype(jnp.float32)
-        else:
-            out = dense(c.vocab_size, names=("embed", "vocab"), cfg=c, name="lm_head")(x).astype(jnp.float32)
+        out = self.final_norm(x) if return_hidden else self.head(x)
         return out if caches is None else (out, tuple(new_caches))
 
 

@@ -1,0 +1,1 @@
+"""Evaluation tasks behind `eval.py`; each returns a JSON-able dict whose last form eval.py prints."""

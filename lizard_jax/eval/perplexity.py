@@ -1,0 +1,68 @@
+"""Perplexity over non-overlapping windows.
+
+Protocol (reproducible in PyTorch): tokenize the whole file without special tokens, keep the first
+`max_tokens` tokens, cut them into consecutive non-overlapping windows of `seq_len` tokens (the last one may be
+shorter and is scored too if it has 2+ tokens), run each window on its own from an empty context, and score every
+token but the first of each window. perplexity = exp(total NLL / number of scored tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from lizard_jax.models import Transformer
+
+
+def windows(ids: np.ndarray, seq_len: int, max_tokens: int | None = None):
+    """-> (tokens [N, seq_len] int32, mask [N, seq_len] bool of scored targets at position t>=1)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids = np.asarray(ids, np.int32)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    rest = len(ids) - n * seq_len
+    chunks = [ids[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    if rest >= 2:
+        chunks.append(ids[n * seq_len:])
+    if not chunks:
+        raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
+    toks = np.zeros((len(chunks), seq_len), np.int32)
+    mask = np.zeros((len(chunks), seq_len), bool)
+    for i, c in enumerate(chunks):
+        toks[i, : len(c)] = c
+        mask[i, 1: len(c)] = True
+    return toks, mask
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _nll(model: Transformer, params, toks, mask):
+    """Summed NLL of the masked targets of a batch of windows."""
+    logits = model.apply({"params": params}, toks)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tgt = jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(mask[:, 1:], tgt, 0.0))
+
+
+def perplexity(model: Transformer, params, ids, *, seq_len: int = 1024, max_tokens: int | None = None,
+               batch_size: int = 4, progress: bool = True) -> dict:
+    toks, mask = windows(ids, seq_len, max_tokens)
+    total, count = 0.0, int(mask.sum())
+    pad = (-len(toks)) % batch_size  # full batches only: one compiled program
+    toks = np.concatenate([toks, np.zeros((pad, seq_len), np.int32)])
+    mask = np.concatenate([mask, np.zeros((pad, seq_len), bool)])
+    bar = tqdm(total=count, unit="tok", desc="perplexity", file=sys.stderr, disable=not progress)
+    for i in range(0, len(toks), batch_size):
+        m = mask[i: i + batch_size]
+        total += float(_nll(model, params, jnp.asarray(toks[i: i + batch_size]), jnp.asarray(m)))
+        bar.update(int(m.sum()))
+    bar.close()
+    return {"task": "perplexity", "perplexity": math.exp(total / count), "tokens": count,
+            "nll": total / count, "seq_len": seq_len, "windows": int(np.ceil(count / max(seq_len - 1, 1)))}

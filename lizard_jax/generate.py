@@ -1,0 +1,135 @@
+"""Batched generation with a fixed-size cache: left-padded prompts, jitted prefill and decode loop.
+
+`generate(model, params, prompts, ...)` takes strings (with a tokenizer) or token-id lists. Prompts are
+left-padded to a common length bucket (so a bounded number of programs compiles); pad tokens get position -1
+and are invisible to attention. Decoding runs in one `lax.while_loop` that stops when every row hit EOS or
+`max_new_tokens` is reached. Greedy when `temperature == 0`, else temperature + nucleus (top-p) sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lizard_jax.models import Transformer, init_caches
+
+PAD_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, EOS excluded
+    texts: list[str] | None
+    prompt_lengths: list[int]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PAD_BUCKET):
+    """Token lists -> (tokens [B, P] int32, positions [B, P] int32 with -1 on padding), P a bucket multiple."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    width = -(-longest // bucket) * bucket
+    toks = np.full((len(prompts), width), pad_id, np.int32)
+    pos = np.full((len(prompts), width), -1, np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, width - len(p):] = p
+        pos[i, width - len(p):] = np.arange(len(p))
+    return jnp.asarray(toks), jnp.asarray(pos)
+
+
+def sample(logits, key, sampling: SamplingConfig):
+    """logits [B, V] float32 -> token ids [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids", "cache_len"))
+def _generate(model: Transformer, params, tokens, positions, key, *, max_new_tokens: int,
+              sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_len: int):
+    b = tokens.shape[0]
+    caches = init_caches(model.cfg, b, cache_len)
+    logits, caches = model.apply({"params": params}, tokens, positions, caches)
+    last_pos = jnp.max(positions, axis=1)  # [B]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, last_logits, caches, pos, done, out, key = state
+        key, sub = jax.random.split(key)
+        tok = sample(last_logits, sub, sampling)
+        tok = jnp.where(done, eos[0], tok)
+        out = out.at[:, step].set(jnp.where(done, -1, tok))
+        done = done | jnp.isin(tok, eos)
+        pos = pos + 1
+        logits, caches = model.apply({"params": params}, tok[:, None], pos[:, None], caches)
+        return step + 1, logits[:, -1], caches, pos, done, out, key
+
+    out = jnp.full((b, max_new_tokens), -1, jnp.int32)
+    state = (jnp.int32(0), logits[:, -1], caches, last_pos, jnp.zeros((b,), bool), out, key)
+    return jax.lax.while_loop(cond, body, state)[5]
+
+
+def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             chat: bool = False) -> GenerationResult:
+    """Generate continuations of `prompts` (strings need `tokenizer`; or lists of token ids).
+
+    `chat=True` wraps string prompts in the tokenizer's chat template as a user turn.
+    """
+    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+        raise ValueError("prompts must be a list of strings or a list of token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("string prompts need a tokenizer")
+            if chat:
+                p = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                  add_generation_prompt=True)
+            ids.append(tokenizer(p, add_special_tokens=not chat)["input_ids"])
+        else:
+            ids.append([int(t) for t in p])
+    cfg = model.cfg
+    tokens, positions = left_pad(ids, cfg.pad_token_id)
+    eos = tuple(cfg.eos_token_ids) if stop_at_eos else ()
+    if stop_at_eos and tokenizer is not None and tokenizer.eos_token_id is not None and not eos:
+        eos = (int(tokenizer.eos_token_id),)
+    out = _generate(model, params, tokens, positions, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                    sampling=SamplingConfig(temperature, top_p), eos_ids=eos,
+                    cache_len=tokens.shape[1] + max_new_tokens)
+    out = np.asarray(out)
+    gen = [[int(t) for t in row if t >= 0 and t not in eos] for row in out]
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen] if tokenizer is not None else None
+    return GenerationResult(gen, texts, [len(i) for i in ids])
