@@ -1,0 +1,146 @@
+"""InfLLM-V2 block-sparse attention: the public ops and their dispatch.
+
+Files: ``reference.py`` (the spec as a dense mask, the gather form ``impl="xla"``, a tiny dense attention),
+``selection.py`` (InfLLM-V2 block selection, prefill and decode). The Pallas kernel (forward + backward,
+Triton and Mosaic lowerings) lives in ``pallas_kernels.block_sparse``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from lizard_jax.ops.sparse.reference import (
+    block_sparse_attention_reference,
+    block_sparse_attention_xla,
+    check_block_indices,
+    check_shapes,
+    dense_attention,
+    masked_attention,
+    num_blocks,
+    resolve_q_offset,
+    visible_mask,
+)
+from lizard_jax.ops.sparse.selection import (
+    block_scores,
+    compress_keys,
+    infllm_select,
+    infllm_select_decode,
+    num_compressed,
+    select_blocks,
+)
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> "pallas" on GPU/TPU, "xla" on CPU; anything else but "xla"/"pallas" is an error."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    return impl
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = 64, causal: bool = True,
+                           scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
+                           impl: str = "auto"):
+    """Attention of each query block over its listed key blocks (see ``reference.py`` for the exact rule).
+
+    q ``[batch, seq_q, heads, d]``; k, v ``[batch, seq_k, kv_heads, d]``; block_indices int32
+    ``[batch, kv_heads, ceil(seq_q/block_size), max_blocks]``; block_counts int32
+    ``[batch, kv_heads, ceil(seq_q/block_size)]``. Returns o ``[batch, seq_q, heads, d]`` (q.dtype) and, with
+    ``return_lse``, lse float32 ``[batch, heads, seq_q]``. ``q_offset`` (default ``seq_k - seq_q``) is the
+    absolute position of query row 0. impl: "xla" (gather form, autodiff), "pallas" (the kernel; interpret
+    mode on CPU), "auto" (pallas on GPU/TPU, xla on CPU).
+
+    Concrete (eager) index arrays are validated (range, counts, no duplicates); under jit they are clipped
+    into range and not checked.
+    """
+    check_shapes(q, k, v, block_indices, block_counts, block_size)
+    impl = resolve_impl(impl)
+    if _is_concrete(block_indices, block_counts):
+        check_block_indices(block_indices, block_counts, num_blocks(k.shape[1], block_size))
+    kw = dict(block_size=block_size, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    if impl == "xla":
+        return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
+    try:
+        from pallas_kernels import block_sparse
+    except ImportError as e:
+        raise ImportError(
+            f"impl='pallas' needs pallas_kernels.block_sparse, which could not be imported ({e}); "
+            "use impl='xla' for the gather form"
+        ) from e
+    backend = jax.default_backend()
+    # CPU has no Pallas lowering: run the GPU (Triton) kernel in interpret mode (what the CPU tests exercise)
+    interpret = backend not in ("gpu", "tpu")
+    return block_sparse.block_sparse_attention(
+        q, k, v, block_indices, block_counts, **kw, backend="gpu" if interpret else backend, interpret=interpret
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLLMConfig:
+    """InfLLM-V2 settings (MiniCPM4 / MiniCPM-SALA: blocks of 64, top 64, kernel 32 stride 16, 1 initial
+    block, local window 2048, dense below 8192 keys)."""
+
+    block_size: int = 64
+    topk: int = 64
+    kernel: int = 32
+    stride: int = 16
+    init_blocks: int = 1
+    local_window: int = 2048
+    dense_below: int = 8192
+
+    def __post_init__(self):
+        for name in ("block_size", "topk", "kernel", "stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be positive")
+        if self.init_blocks < 0 or self.local_window < 0 or self.dense_below < 0:
+            raise ValueError(f"InfLLMConfig has a negative field: {self}")
+
+
+def infllm_attention(q, k, v, *, config: InfLLMConfig = InfLLMConfig(), causal: bool = True,
+                     scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
+                     impl: str = "auto"):
+    """InfLLM-V2 attention: exactly dense attention when ``seq_k < config.dense_below``, else InfLLM-V2
+    selection (no gradient) followed by ``block_sparse_attention``. Shapes as ``block_sparse_attention``."""
+    impl = resolve_impl(impl)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if k.shape[1] < config.dense_below:
+        return dense_attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    block_indices, block_counts = infllm_select(
+        jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block_size=config.block_size, topk=config.topk,
+        kernel=config.kernel, stride=config.stride, init_blocks=config.init_blocks,
+        local_window=config.local_window, causal=causal, q_offset=q_offset, scale=scale,
+    )
+    return block_sparse_attention(q, k, v, block_indices, block_counts, block_size=config.block_size,
+                                  causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse, impl=impl)
+
+
+__all__ = [
+    "IMPLS",
+    "InfLLMConfig",
+    "block_scores",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_sparse_attention_xla",
+    "check_block_indices",
+    "compress_keys",
+    "dense_attention",
+    "infllm_attention",
+    "infllm_select",
+    "infllm_select_decode",
+    "masked_attention",
+    "num_compressed",
+    "resolve_impl",
+    "resolve_q_offset",
+    "select_blocks",
+    "visible_mask",
+]

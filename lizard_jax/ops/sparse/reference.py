@@ -1,0 +1,201 @@
+"""Block-sparse attention: the spec (a dense boolean mask) and the gather form that scales.
+
+Shapes: ``q [batch, seq_q, heads, d]``, ``k, v [batch, seq_k, kv_heads, d]`` (GQA: the ``heads // kv_heads``
+query heads of one kv head share its selection), ``block_indices int32 [batch, kv_heads, n_q_blocks,
+max_blocks]``, ``block_counts int32 [batch, kv_heads, n_q_blocks]`` with ``n_q_blocks = ceil(seq_q /
+block_size)``.
+
+Which keys a query sees (defined once, here):
+- query row ``i`` lies in query block ``i // block_size`` and has absolute position ``i + q_offset``
+  (``q_offset`` defaults to ``seq_k - seq_q``: 0 for prefill, the cache length for decoding);
+- key ``j`` lies in key block ``j // block_size``; key block ``J`` holds keys ``[J*bs, min((J+1)*bs, seq_k))``;
+- row ``i`` sees key ``j`` iff ``j // block_size`` is among the first ``block_counts[..., i // bs]`` entries
+  of ``block_indices[..., i // bs, :]`` and, if causal, ``j <= i + q_offset``.
+Softmax runs over exactly those keys; a row with none outputs 0 and has ``lse = -inf``.
+``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` in natural log, float32.
+
+Duplicate indices within the first ``count`` entries are undefined: the mask form here counts a block once,
+the gather form and the Pallas kernel count it twice. ``check_block_indices`` finds them (eager only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -jnp.inf
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def resolve_q_offset(seq_q: int, seq_k: int, q_offset: int | None) -> int:
+    return seq_k - seq_q if q_offset is None else int(q_offset)
+
+
+def check_shapes(q, k, v, block_indices, block_counts, block_size: int) -> None:
+    """Clear ValueErrors for shape mismatches at the public boundary."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, d]; got {q.shape=}, {k.shape=}, {v.shape=}")
+    if k.shape != v.shape:
+        raise ValueError(f"{k.shape=} and {v.shape=} differ")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in batch")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads {q.shape[2]} is not a multiple of kv_heads {k.shape[2]}")
+    if block_size < 1:
+        raise ValueError(f"{block_size=} must be positive")
+    batch, seq_q, _, _ = q.shape
+    kv_heads = k.shape[2]
+    n_qb = num_blocks(seq_q, block_size)
+    if block_indices.ndim != 4 or block_indices.shape[:3] != (batch, kv_heads, n_qb):
+        raise ValueError(
+            f"{block_indices.shape=} must be [batch={batch}, kv_heads={kv_heads}, "
+            f"ceil(seq_q/block_size)={n_qb}, max_blocks]"
+        )
+    if block_counts.shape != (batch, kv_heads, n_qb):
+        raise ValueError(f"{block_counts.shape=} must be {(batch, kv_heads, n_qb)}")
+    if not jnp.issubdtype(block_indices.dtype, jnp.integer) or not jnp.issubdtype(block_counts.dtype, jnp.integer):
+        raise ValueError(f"block indices/counts must be integers; got {block_indices.dtype}, {block_counts.dtype}")
+
+
+def check_block_indices(block_indices, block_counts, n_kv_blocks: int) -> None:
+    """Eager validation of concrete index arrays: counts in [0, max_blocks], listed indices in range, no
+    duplicates among the listed entries. Raises ValueError; under jit there is nothing to check."""
+    idx = np.asarray(block_indices)
+    cnt = np.asarray(block_counts)
+    max_blocks = idx.shape[-1]
+    if cnt.min(initial=0) < 0 or cnt.max(initial=0) > max_blocks:
+        raise ValueError(f"block_counts must lie in [0, {max_blocks}]; got [{cnt.min()}, {cnt.max()}]")
+    listed = np.arange(max_blocks) < cnt[..., None]
+    bad = listed & ((idx < 0) | (idx >= n_kv_blocks))
+    if bad.any():
+        raise ValueError(f"listed block indices must lie in [0, {n_kv_blocks}); found {idx[bad][:4]}")
+    s = np.sort(np.where(listed, idx, -1 - np.arange(max_blocks)), axis=-1)  # unlisted: distinct negatives
+    if (s[..., 1:] == s[..., :-1]).any():
+        raise ValueError("block_indices lists a key block twice for some query block (undefined)")
+
+
+def visible_mask(block_indices, block_counts, *, seq_q: int, seq_k: int, block_size: int, causal: bool,
+                 q_offset: int):
+    """bool [batch, kv_heads, seq_q, seq_k]: which keys each query row sees (the definition above)."""
+    n_kb = num_blocks(seq_k, block_size)
+    max_blocks = block_indices.shape[-1]
+    listed = jnp.arange(max_blocks) < block_counts[..., None]  # [B, KV, nQB, M]
+    hit = (block_indices[..., None] == jnp.arange(n_kb)) & listed[..., None]  # [B, KV, nQB, M, nKB]
+    blocks = hit.any(axis=-2)  # [B, KV, nQB, nKB]
+    rows = jnp.arange(seq_q)
+    cols = jnp.arange(seq_k)
+    mask = blocks[:, :, rows // block_size][:, :, :, cols // block_size]
+    if causal:
+        mask = mask & (cols[None, :] <= rows[:, None] + q_offset)
+    return mask
+
+
+def masked_attention(q, k, v, mask, *, scale: float, return_lse: bool = False):
+    """Softmax attention in float32 over ``mask`` (bool, broadcastable to [batch, heads, seq_q, seq_k]).
+
+    GQA: kv head ``h // (heads // kv_heads)`` serves query head ``h``. Masked logits are -inf; rows with no
+    visible key give 0 and lse -inf. Returns o in q.dtype (and lse float32 [batch, heads, seq_q]).
+    """
+    group = q.shape[2] // k.shape[2]
+    qf = q.astype(jnp.float32)
+    kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
+    s = jnp.where(mask, s, _NEG_INF)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p / l_safe, vf, precision=jax.lax.Precision.HIGHEST)
+    o = o.astype(q.dtype)
+    if not return_lse:
+        return o
+    lse = jnp.where(l > 0, m + jnp.log(l_safe), _NEG_INF)[..., 0]
+    return o, lse
+
+
+def dense_attention(q, k, v, *, causal: bool = True, scale: float | None = None, q_offset: int | None = None,
+                    return_lse: bool = False):
+    """Plain (dense) softmax attention, the tiny masked-softmax form: O(seq_q * seq_k) memory."""
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = jnp.ones((seq_q, seq_k), bool)
+    if causal:
+        off = resolve_q_offset(seq_q, seq_k, q_offset)
+        mask = jnp.arange(seq_k)[None, :] <= jnp.arange(seq_q)[:, None] + off
+    return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+
+def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, block_size: int = 64,
+                                     causal: bool = True, scale: float | None = None,
+                                     q_offset: int | None = None, return_lse: bool = False):
+    """The spec: dense mask from indices/counts/causality, then masked softmax in float32."""
+    check_shapes(q, k, v, block_indices, block_counts, block_size)
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = visible_mask(block_indices, block_counts, seq_q=seq_q, seq_k=seq_k, block_size=block_size,
+                        causal=causal, q_offset=resolve_q_offset(seq_q, seq_k, q_offset))
+    mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)  # kv head -> its query heads
+    return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+
+def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_size: int = 64,
+                               causal: bool = True, scale: float | None = None, q_offset: int | None = None,
+                               return_lse: bool = False):
+    """Gather form: per query block, gather its listed key blocks and softmax over them.
+
+    Memory O(seq_q * max_blocks * block_size) per head, not O(seq_q * seq_k); differentiable by autodiff.
+    Listed indices are clipped into range; entries past the count are ignored.
+    """
+    check_shapes(q, k, v, block_indices, block_counts, block_size)
+    batch, seq_q, heads, d = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    bs = block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
+    n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
+    max_blocks = block_indices.shape[-1]
+
+    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, n_qb * bs - seq_q), (0, 0), (0, 0)))
+    kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_kb * bs - seq_k), (0, 0), (0, 0)))
+    vf = jnp.pad(v.astype(jnp.float32), ((0, 0), (0, n_kb * bs - seq_k), (0, 0), (0, 0)))
+    qb = qf.reshape(batch, n_qb, bs, kv_heads, group, d).transpose(0, 3, 1, 2, 4, 5)  # [B,KV,nQB,bs,G,d]
+    kb = kf.reshape(batch, n_kb, bs, kv_heads, d).transpose(0, 3, 1, 2, 4)  # [B,KV,nKB,bs,d]
+    vb = vf.reshape(batch, n_kb, bs, kv_heads, d).transpose(0, 3, 1, 2, 4)
+
+    idx = jnp.clip(block_indices.astype(jnp.int32), 0, n_kb - 1)
+    flat = idx.reshape(batch, kv_heads, n_qb * max_blocks)
+    kg = jnp.take_along_axis(kb, flat[..., None, None], axis=2).reshape(batch, kv_heads, n_qb, max_blocks, bs, d)
+    vg = jnp.take_along_axis(vb, flat[..., None, None], axis=2).reshape(batch, kv_heads, n_qb, max_blocks, bs, d)
+
+    s = jnp.einsum("bhnqgd,bhnmkd->bhnqgmk", qb, kg, precision=jax.lax.Precision.HIGHEST) * scale
+    listed = jnp.arange(max_blocks) < block_counts[..., None]  # [B,KV,nQB,M]
+    key_pos = idx[..., None] * bs + jnp.arange(bs)  # [B,KV,nQB,M,bs]
+    mask = listed[..., None] & (key_pos < seq_k)
+    mask = mask[:, :, :, None, None]  # [B,KV,nQB,1,1,M,bs]
+    if causal:
+        row_pos = jnp.arange(n_qb)[:, None] * bs + jnp.arange(bs) + q_offset  # [nQB, bs]
+        mask = mask & (key_pos[:, :, :, None, None] <= row_pos[None, None, :, :, None, None, None])
+    s = jnp.where(mask, s, _NEG_INF)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=(-2, -1), keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=(-2, -1), keepdims=True)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bhnqgmk,bhnmkd->bhnqgd", p / l_safe, vg, precision=jax.lax.Precision.HIGHEST)
+    o = o.transpose(0, 2, 3, 1, 4, 5).reshape(batch, n_qb * bs, heads, d)[:, :seq_q].astype(q.dtype)
+    if not return_lse:
+        return o
+    lse = jnp.where(l > 0, m + jnp.log(l_safe), _NEG_INF)[..., 0, 0]  # [B,KV,nQB,bs,G]
+    lse = lse.transpose(0, 1, 4, 2, 3).reshape(batch, heads, n_qb * bs)[:, :, :seq_q]
+    return o, lse

@@ -1,0 +1,176 @@
+"""InfLLM-V2 block selection (arXiv 2509.24663; MiniCPM4 / MiniCPM-SALA settings).
+
+1. Compressed keys: mean-pooled keys, ``k_cmp[c] = mean(k[c*stride : c*stride + kernel])`` for every full
+   window, ``n_cmp = (seq_k - kernel) // stride + 1`` (none when seq_k < kernel). Compressed key c depends
+   only on its own window, so a decode cache appends one whenever the sequence grows past
+   ``c*stride + kernel`` (``num_compressed`` tells how many exist for a length).
+2. Relevance, as the paper and its CUDA code (``infllmv2_attn_stage1``) do: per query token and query head,
+   ``softmax_c(scale * q . k_cmp[c])`` over the compressed keys the token may see (causal: the window is
+   complete, ``c*stride + kernel - 1 <= position``), then summed over the query heads of a GQA group (the
+   group shares one choice).
+3. Block score: max over the compressed keys whose windows overlap the key block (block 64, kernel 32,
+   stride 16: the 5 windows starting at 16*(4J-1) ... 16*(4J+3), the CUDA max-pool with kernel 5, stride 4,
+   padding 1). Our selection is per query block (the kernel's granularity), so the token scores are also
+   summed over the rows of the query block before pooling.
+4. Choice: key blocks in the future of the query block's last row are never chosen. The first
+   ``init_blocks`` blocks and the ``ceil(local_window / block_size)`` local blocks (ending at the block of the
+   query block's last row) are always chosen; the best-scoring other blocks fill up to
+   ``topk + n_local`` in all. So ``topk`` counts the initial blocks but not the local window, as in the CUDA
+   code, where initial blocks score +inf inside the top-k and the window is attended beside it.
+   Ties go to the lower block index (``lax.top_k``); chosen indices are sorted ascending and the unused tail
+   repeats the last chosen index (0 if none), so every entry is a valid block.
+
+Selection carries no gradient (as in the paper): callers get ``stop_gradient``-ed scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.ops.sparse.reference import num_blocks, resolve_q_offset
+
+
+def num_compressed(seq_len: int, kernel: int = 32, stride: int = 16) -> int:
+    """How many complete compressed-key windows a sequence of ``seq_len`` keys has."""
+    return max(0, (seq_len - kernel) // stride + 1)
+
+
+def compress_keys(k, kernel: int = 32, stride: int = 16):
+    """Mean-pooled compressed keys: ``[batch, seq, kv_heads, d] -> [batch, n_cmp, kv_heads, d]`` (float32)."""
+    if kernel < 1 or stride < 1:
+        raise ValueError(f"{kernel=} and {stride=} must be positive")
+    batch, seq, kv_heads, d = k.shape
+    n_cmp = num_compressed(seq, kernel, stride)
+    if n_cmp == 0:
+        return jnp.zeros((batch, 0, kv_heads, d), jnp.float32)
+    kf = k.astype(jnp.float32)
+    if kernel % stride == 0:
+        # sums of stride-long chunks, then of kernel/stride consecutive chunks: exact, no long cumsum
+        r = kernel // stride
+        n_chunks = n_cmp - 1 + r
+        chunks = kf[:, : n_chunks * stride].reshape(batch, n_chunks, stride, kv_heads, d).sum(axis=2)
+        total = sum(chunks[:, i : i + n_cmp] for i in range(r))
+    else:
+        pos = jnp.arange(n_cmp)[:, None] * stride + jnp.arange(kernel)  # [n_cmp, kernel]
+        total = kf[:, pos].sum(axis=2)
+    return total / kernel
+
+
+def _overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride: int):
+    """For each key block, the compressed keys whose windows overlap it: (index [nKB, w], valid [nKB, w])."""
+    lo = [max(0, -(-(j * block_size - kernel + 1) // stride)) for j in range(n_kb)]
+    hi = [min(n_cmp - 1, ((j + 1) * block_size - 1) // stride) for j in range(n_kb)]
+    width = max([h - l + 1 for l, h in zip(lo, hi)] + [1])
+    idx = jnp.asarray(lo)[:, None] + jnp.arange(width)
+    valid = idx <= jnp.asarray(hi)[:, None]
+    return jnp.clip(idx, 0, max(n_cmp - 1, 0)), valid
+
+
+def block_scores(q, k_cmp, *, seq_k: int, block_size: int = 64, kernel: int = 32, stride: int = 16,
+                 causal: bool = True, q_offset: int | None = None, scale: float | None = None,
+                 chunk_elems: int = 1 << 26):
+    """Aggregated relevance float32 ``[batch, kv_heads, n_q_blocks, n_kv_blocks]`` (steps 2-3 above).
+
+    Processed in chunks of query blocks (``lax.map``) so memory stays ~``chunk_elems`` floats.
+    Blocks no window overlaps score -inf.
+    """
+    batch, seq_q, heads, d = q.shape
+    n_cmp, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
+    group = heads // kv_heads
+    bs = block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
+    n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
+    win_idx, win_valid = _overlap_windows(n_kb, n_cmp, bs, kernel, stride)
+    if n_cmp == 0:
+        return jnp.full((batch, kv_heads, n_qb, n_kb), -jnp.inf, jnp.float32)
+
+    per_block = batch * bs * heads * n_cmp
+    chunk = max(1, min(n_qb, chunk_elems // max(per_block, 1)))
+    n_chunks = -(-n_qb // chunk)
+    rows = n_chunks * chunk * bs
+    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, rows - seq_q), (0, 0), (0, 0)))
+    qf = qf.reshape(batch, n_chunks, chunk * bs, kv_heads, group, d).transpose(1, 0, 3, 4, 2, 5)
+    kc = k_cmp.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, KV, n_cmp, d]
+    cmp_end = jnp.arange(n_cmp) * stride + kernel - 1  # last key of each window
+
+    def one_chunk(args):
+        qc, c0 = args  # qc [B, KV, G, chunk*bs, d]
+        s = jnp.einsum("bhgqd,bhcd->bhgqc", qc, kc, precision=jax.lax.Precision.HIGHEST) * scale
+        row = c0 * chunk * bs + jnp.arange(chunk * bs)
+        if causal:
+            s = jnp.where(cmp_end[None, :] <= (row + q_offset)[:, None], s, -jnp.inf)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
+        p = jnp.where((row < seq_q)[:, None], p, 0.0)  # padded rows add nothing
+        agg = p.sum(axis=2).reshape(batch, kv_heads, chunk, bs, n_cmp).sum(axis=3)  # [B,KV,chunk,n_cmp]
+        pooled = jnp.where(win_valid, agg[..., win_idx], -jnp.inf)  # [B,KV,chunk,nKB,w]
+        return pooled.max(axis=-1)
+
+    out = jax.lax.map(one_chunk, (qf, jnp.arange(n_chunks)))  # [n_chunks, B, KV, chunk, nKB]
+    out = out.transpose(1, 2, 0, 3, 4).reshape(batch, kv_heads, n_chunks * chunk, n_kb)[:, :, :n_qb]
+    return jax.lax.stop_gradient(out)
+
+
+def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = 64, topk: int = 64,
+                  init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+                  q_offset: int | None = None):
+    """Step 4: ``scores [batch, kv_heads, n_q_blocks, n_kv_blocks]`` -> (block_indices, block_counts)."""
+    bs = block_size
+    q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
+    n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
+    n_local = -(-local_window // bs)
+    max_blocks = max(1, min(n_kb, topk + n_local))
+    last_row = jnp.minimum((jnp.arange(n_qb) + 1) * bs, seq_q) - 1 + q_offset  # abs position
+    last_blk = last_row // bs  # [nQB]
+    j = jnp.arange(n_kb)
+    valid = (j[None, :] <= last_blk[:, None]) if causal else jnp.ones((n_qb, n_kb), bool)
+    anchor = jnp.clip(last_blk, 0, n_kb - 1)[:, None]
+    forced = ((j[None, :] < init_blocks) | ((j[None, :] <= anchor) & (j[None, :] > anchor - n_local))) & valid
+    s = jnp.where(forced, jnp.inf, jnp.where(valid, scores.astype(jnp.float32), -jnp.inf))
+    # a valid block with no overlapping window (-inf score) still ranks above invalid ones
+    s = jnp.where(valid & (s == -jnp.inf), -jnp.finfo(jnp.float32).max, s)
+    vals, idx = jax.lax.top_k(s, max_blocks)
+    chosen = vals > -jnp.inf
+    counts = chosen.sum(axis=-1).astype(jnp.int32)
+    idx = jnp.sort(jnp.where(chosen, idx, n_kb), axis=-1)  # chosen first, ascending
+    last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    idx = jnp.where(jnp.arange(max_blocks) < counts[..., None], idx, last).astype(jnp.int32)
+    return idx, counts
+
+
+def infllm_select(q, k, *, block_size: int = 64, topk: int = 64, kernel: int = 32, stride: int = 16,
+                  init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+                  q_offset: int | None = None, scale: float | None = None):
+    """InfLLM-V2 selection for ``q [batch, seq_q, heads, d]`` against ``k [batch, seq_k, kv_heads, d]``.
+
+    Returns ``block_indices int32 [batch, kv_heads, ceil(seq_q/bs), min(n_kv_blocks, topk + n_local)]`` and
+    ``block_counts int32 [batch, kv_heads, ceil(seq_q/bs)]`` for ``block_sparse_attention``.
+    """
+    k_cmp = compress_keys(k, kernel, stride)
+    return infllm_select_decode(q, k_cmp, seq_k=k.shape[1], block_size=block_size, topk=topk, kernel=kernel,
+                                stride=stride, init_blocks=init_blocks, local_window=local_window,
+                                causal=causal, q_offset=q_offset, scale=scale)
+
+
+def infllm_select_decode(q_new, k_cmp, *, seq_k: int, block_size: int = 64, topk: int = 64, kernel: int = 32,
+                         stride: int = 16, init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+                         q_offset: int | None = None, scale: float | None = None):
+    """Selection for a few new query rows from cached compressed keys.
+
+    ``q_new [batch, n_new, heads, d]`` are the last ``n_new`` positions of a sequence of ``seq_k`` keys
+    (``q_offset`` defaults to ``seq_k - n_new``); ``k_cmp [batch, n_cmp, kv_heads, d]`` are the compressed keys
+    of that sequence (``compress_keys`` of all keys, or a cache extended window by window).
+    """
+    if k_cmp.shape[1] != num_compressed(seq_k, kernel, stride):
+        raise ValueError(f"{k_cmp.shape=} does not hold num_compressed({seq_k}) windows of {kernel}/{stride}")
+    scores = block_scores(q_new, k_cmp, seq_k=seq_k, block_size=block_size, kernel=kernel, stride=stride,
+                          causal=causal, q_offset=q_offset, scale=scale)
+    return select_blocks(scores, seq_q=q_new.shape[1], seq_k=seq_k, block_size=block_size, topk=topk,
+                         init_blocks=init_blocks, local_window=local_window, causal=causal, q_offset=q_offset)

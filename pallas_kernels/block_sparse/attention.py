@@ -1,0 +1,125 @@
+"""Block-sparse attention kernel: custom_vjp over the per-backend forward/backward, and the public function.
+
+Layering (as jax ``pallas/ops/tpu/flash_attention.py``): ``gpu.py`` / ``tpu.py`` hold ``_kernel(refs)`` and the
+``forward`` / ``backward`` pallas_calls; here one ``custom_vjp`` binds them with a single static ``Static``
+object, and ``block_sparse_attention`` validates shapes, pads sequences to whole blocks and crops.
+
+Semantics (identical to ``lizard_jax.ops.sparse.reference``): query row i (absolute position i + q_offset)
+in query block i // bs sees the keys of the first ``block_counts`` listed key blocks, and if causal only
+keys j <= i + q_offset. A row that sees nothing outputs 0 with lse -inf. Listed indices are clipped into
+range; entries past the count are never read. A block listed twice is counted twice (undefined input).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse import gpu, tpu
+from pallas_kernels.block_sparse.common import BlockSizes, Static, normalize_indices
+
+_BACKENDS = {"gpu": gpu, "tpu": tpu}
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st: Static, q, k, v, idx, cnt):
+    return _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
+
+
+def _attention_fwd(st: Static, q, k, v, idx, cnt):
+    o, lse = _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
+    return (o, lse), (q, k, v, idx, cnt, o, lse)
+
+
+def _attention_bwd(st: Static, res, cotangents):
+    q, k, v, idx, cnt, o, lse = res
+    do, dlse = cotangents
+    dq, dk, dv = _BACKENDS[st.backend].backward(st, q, k, v, idx, cnt, o, lse, do, dlse)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, d] with k == v in shape; got {q.shape=}, "
+                         f"{k.shape=}, {v.shape=}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in batch")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ in head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads {q.shape[2]} is not a multiple of kv_heads {k.shape[2]}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{block_size=} must be one of {BLOCK_SIZES}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown {backend=}; expected one of {tuple(_BACKENDS)}")
+    n_qb = -(-q.shape[1] // block_size)
+    want = (q.shape[0], k.shape[2], n_qb)
+    if block_indices.ndim != 4 or block_indices.shape[:3] != want:
+        raise ValueError(f"{block_indices.shape=} must be [batch, kv_heads, ceil(seq_q/block_size), max_blocks]"
+                         f" = [{want[0]}, {want[1]}, {want[2]}, max_blocks]")
+    if block_counts.shape != want:
+        raise ValueError(f"{block_counts.shape=} must be {want}")
+
+
+def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = 64, causal: bool = True,
+                           scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
+                           block_sizes: BlockSizes | None = None, backend: str | None = None,
+                           interpret: bool = False, debug: bool = False):
+    """Block-sparse attention over selected key blocks (forward and backward in Pallas).
+
+    Args:
+      q: ``[batch, seq_q, heads, d]``; k, v: ``[batch, seq_k, kv_heads, d]`` (heads a multiple of kv_heads).
+      block_indices: int32 ``[batch, kv_heads, ceil(seq_q / block_size), max_blocks]`` key-block indices.
+      block_counts: int32 ``[batch, kv_heads, ceil(seq_q / block_size)]``; entries used per query block.
+      block_size: 16, 32, 64 or 128 (query and key blocks alike).
+      causal: also mask keys after each query's absolute position.
+      scale: softmax scale, default ``1 / sqrt(d)``.
+      q_offset: absolute position of query row 0, default ``seq_k - seq_q``.
+      return_lse: also return lse float32 ``[batch, heads, seq_q]`` (differentiable too).
+      block_sizes: GPU tiles (``BlockSizes.get_default`` if None); the TPU kernels take whole blocks.
+      backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default from ``jax.default_backend()``.
+      interpret: run in interpret mode (CPU tests; TPU uses ``pltpu.InterpretParams``).
+
+    Returns o ``[batch, seq_q, heads, d]`` in q.dtype, and lse if asked.
+    """
+    if backend is None:
+        backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    _check(q, k, v, block_indices, block_counts, block_size, backend)
+    batch, seq_q, heads, d = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    bs = block_size
+    n_qb, n_kb = -(-seq_q // bs), -(-seq_k // bs)
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(bs, heads // kv_heads)
+    block_sizes.validate(bs, heads // kv_heads)
+    st = Static(
+        block_size=bs,
+        causal=bool(causal),
+        scale=float(1.0 / math.sqrt(d) if scale is None else scale),
+        q_offset=int(seq_k - seq_q if q_offset is None else q_offset),
+        seq_q=seq_q,
+        seq_k=seq_k,
+        backend=backend,
+        interpret=bool(interpret),
+        block_sizes=block_sizes,
+        debug=debug,
+    )
+    idx, cnt = normalize_indices(block_indices, block_counts, n_kb)
+    pad_q, pad_k = n_qb * bs - seq_q, n_kb * bs - seq_k
+    if pad_q:
+        q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+    if pad_k:
+        k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+    o, lse = _attention(st, q, k, v, idx, cnt)
+    o, lse = o[:, :seq_q], lse[:, :, :seq_q]
+    return (o, lse) if return_lse else o
