@@ -70,13 +70,15 @@ def sample(logits, key, sampling: SamplingConfig):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids", "cache_len"))
-def _generate(model: Transformer, params, tokens, positions, key, *, max_new_tokens: int,
-              sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_len: int):
-    b = tokens.shape[0]
-    caches = init_caches(model.cfg, b, cache_len)
-    logits, caches = model.apply({"params": params}, tokens, positions, caches)
-    last_pos = jnp.max(positions, axis=1)  # [B]
+def decode_loop(step_fn, caches, last_logits, last_pos, key, *, max_new_tokens: int, sampling: SamplingConfig,
+                eos_ids: tuple[int, ...]):
+    """Sample up to `max_new_tokens` tokens in one `lax.while_loop` (call inside jit).
+
+    step_fn(tok [B, 1], pos [B, 1], caches) -> (logits [B, 1, V], caches) runs the model on one token;
+    last_logits [B, V] are the prompt's last logits and last_pos [B] its last positions.
+    Returns tokens [B, max_new_tokens] int32, -1 after a row's EOS.
+    """
+    b = last_logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def cond(state):
@@ -91,25 +93,28 @@ def _generate(model: Transformer, params, tokens, positions, key, *, max_new_tok
         out = out.at[:, step].set(jnp.where(done, -1, tok))
         done = done | jnp.isin(tok, eos)
         pos = pos + 1
-        logits, caches = model.apply({"params": params}, tok[:, None], pos[:, None], caches)
+        logits, caches = step_fn(tok[:, None], pos[:, None], caches)
         return step + 1, logits[:, -1], caches, pos, done, out, key
 
     out = jnp.full((b, max_new_tokens), -1, jnp.int32)
-    state = (jnp.int32(0), logits[:, -1], caches, last_pos, jnp.zeros((b,), bool), out, key)
+    state = (jnp.int32(0), last_logits, caches, last_pos, jnp.zeros((b,), bool), out, key)
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-             chat: bool = False) -> GenerationResult:
-    """Generate continuations of `prompts` (strings need `tokenizer`; or lists of token ids).
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids", "cache_len"))
+def _generate(model: Transformer, params, tokens, positions, key, *, max_new_tokens: int,
+              sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_len: int):
+    caches = init_caches(model.cfg, tokens.shape[0], cache_len)
+    logits, caches = model.apply({"params": params}, tokens, positions, caches)
+    step_fn = lambda tok, pos, caches: model.apply({"params": params}, tok, pos, caches)
+    return decode_loop(step_fn, caches, logits[:, -1], jnp.max(positions, axis=1), key,
+                       max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
 
-    `chat=True` wraps string prompts in the tokenizer's chat template as a user turn.
-    """
-    if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+
+def encode_prompts(prompts, tokenizer=None, chat: bool = False) -> list[list[int]]:
+    """Strings (through `tokenizer`, optionally its chat template) or token-id lists -> token-id lists."""
+    if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], int)):
         raise ValueError("prompts must be a list of strings or a list of token-id lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = []
     for p in prompts:
         if isinstance(p, str):
@@ -121,14 +126,28 @@ def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tok
             ids.append(tokenizer(p, add_special_tokens=not chat)["input_ids"])
         else:
             ids.append([int(t) for t in p])
+    return ids
+
+
+def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             chat: bool = False) -> GenerationResult:
+    """Generate continuations of `prompts` (strings need `tokenizer`; or lists of token ids).
+
+    `chat=True` wraps string prompts in the tokenizer's chat template as a user turn.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = encode_prompts(prompts, tokenizer, chat)
     cfg = model.cfg
     tokens, positions = left_pad(ids, cfg.pad_token_id)
     eos = tuple(cfg.eos_token_ids) if stop_at_eos else ()
     if stop_at_eos and tokenizer is not None and tokenizer.eos_token_id is not None and not eos:
         eos = (int(tokenizer.eos_token_id),)
-    out = _generate(model, params, tokens, positions, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                    sampling=SamplingConfig(temperature, top_p), eos_ids=eos,
-                    cache_len=tokens.shape[1] + max_new_tokens)
+    sampling = SamplingConfig(temperature, top_p)
+    key = jax.random.key(seed)
+    out = _generate(model, params, tokens, positions, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                    eos_ids=eos, cache_len=tokens.shape[1] + max_new_tokens)
     out = np.asarray(out)
     gen = [[int(t) for t in row if t >= 0 and t not in eos] for row in out]
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen] if tokenizer is not None else None
