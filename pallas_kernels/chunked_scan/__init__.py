@@ -1,0 +1,16 @@
+"""Chunkwise-parallel gated linear attention, forward and backward, as Pallas kernels.
+
+    S_0 = initial_state or 0,   S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
+
+``gla(q, k, v, log_g, *, initial_state=None, return_final_state=False, backend="gpu"|"tpu",
+interpret=False, block_sizes=None)``; log_g ``[..., dk]`` per dimension or ``[..., 1]`` per head (fast path).
+
+Files: ``common.py`` (BlockSizes, validation, padding, custom_vjp glue, the per-chunk math and its
+overflow argument), ``gpu.py`` (Pallas Triton), ``tpu.py`` (Mosaic), ``reference.py`` (a pure-jnp oracle
+in the same chunk form), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``: compiled GPU check).
+"""
+
+from pallas_kernels.chunked_scan.common import BlockSizes, gla
+from pallas_kernels.chunked_scan.reference import gla_chunk_reference
+
+__all__ = ["BlockSizes", "gla", "gla_chunk_reference"]

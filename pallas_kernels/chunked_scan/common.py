@@ -1,0 +1,457 @@
+"""Shared by both backends: block sizes, validation, padding, the custom_vjp glue, and the per-chunk math.
+
+The recurrence (per batch and head, t = 0..T-1, state S is [dk, dv], float32)::
+
+    S_0 = initial_state or 0,    S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t
+
+Chunk form (C tokens per chunk, h = state entering the chunk, b = inclusive cumsum of the log-gates inside the
+chunk, B = b[C-1], everything per key dimension d)::
+
+    o_i    = (q_i * exp(b_i)) h + sum_{j <= i} A_ij v_j,      A_ij = sum_d q_id k_jd exp(b_id - b_jd)
+    h_next = exp(B) * h + sum_j (k_j * exp(B - b_j))^T v_j
+
+``exp(b_i)`` and ``exp(B - b_j)`` are <= 1, so the inter-chunk terms cannot overflow. The intra-chunk scores
+``A`` are computed as one matrix product of folded features (the Lizard paper's trick)::
+
+    q~_i = q_i * exp(b_i - r),   k~_j = k_j * exp(r - b_j),   A = tril(q~ k~^T)
+
+with ``r`` the per-dimension midpoint of ``b`` over the chunk, so every exponent lies in ``[-s/2, s/2]``
+where ``s`` is the chunk's largest per-dimension decay span ``max_i b - min_i b``. When ``s/2 <= FOLD_LIMIT``
+(40: exp(40) ~ 2.4e17, finite in float32 and bfloat16 with room for any sum of products) the fast path is
+exact: each product q~_id k~_jd equals q_id k_jd exp(b_id - b_jd) up to rounding of the two factors, and the
+masked (j > i) entries, which may be large, are removed by a select, never by a multiply. A chunk whose span
+is larger (log-gates below about -1.25 per token on average) takes an exact elementwise path instead:
+column by column with ``exp(min(b_i - b_j, 0))``, which never overflows, and whose underflows only drop
+terms below exp(-87) relative to the diagonal term. One decay per head (log_g ``[..., 1]``) needs no
+folding: ``exp(b_i - b_j)`` is a [C, C] matrix with non-positive exponents on the kept entries.
+
+Gradients (chunk-local, exact): with dq, dk the full gradients of q and k,
+``dL/db_t = q_t*dq_t - k_t*dk_t`` plus, at t = C-1, ``exp(B) * sum_v(h * dh_next) + sum_j k_j * dk_inter_j``
+(the gradient through the chunk's total decay), and ``dlog_g`` is the suffix sum of that inside the chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+FOLD_LIMIT = 40.0
+BACKENDS = ("gpu", "tpu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the chunked GLA kernels (one static object; forward and backward tiles separate).
+
+    chunk: time chunk C (forward and backward). GPU only, the rest: ``block_k``/``block_v`` tile the state
+    [dk, dv] of the forward sequential state pass, ``block_v_out`` the dv axis of the forward output pass,
+    ``block_k_bwd``/``block_v_bwd`` the state-gradient pass, ``block_v_grads`` is the dv step of the loop in
+    the backward gradient pass; ``num_warps``/``num_warps_bwd``/``num_stages`` are Triton launch knobs.
+    The TPU kernels take whole [dk, dv] states per chunk and read only ``chunk``.
+    """
+
+    chunk: int = 64
+    block_k: int = 64
+    block_v: int = 64
+    block_v_out: int = 64
+    block_k_bwd: int = 64
+    block_v_bwd: int = 64
+    block_v_grads: int = 64
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("chunk", "block_k", "block_v", "block_v_out", "block_k_bwd", "block_v_bwd", "block_v_grads"):
+            val = getattr(self, name)
+            if not (isinstance(val, int) and _is_pow2(val) and val >= 16):
+                raise ValueError(f"BlockSizes.{name}={val!r} must be a power of two >= 16")
+        for name in ("num_warps", "num_warps_bwd"):
+            val = getattr(self, name)
+            if not (isinstance(val, int) and _is_pow2(val) and val <= 16):
+                raise ValueError(f"BlockSizes.{name}={val!r} must be a power of two <= 16")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"BlockSizes.num_stages={self.num_stages!r} must be an int >= 1")
+
+    @classmethod
+    def get_default(cls, dk: int, dv: int, *, chunk: int = 64) -> "BlockSizes":
+        """Defaults for padded head dims ``dk``, ``dv`` (tiles never exceed the dims)."""
+        bk, bv = min(64, dk), min(64, dv)
+        return cls(
+            chunk=chunk,
+            block_k=bk,
+            block_v=bv,
+            block_v_out=bv,
+            block_k_bwd=bk,
+            block_v_bwd=bv,
+            block_v_grads=bv,
+            num_warps=4,
+            num_warps_bwd=8 if dk * dv >= 128 * 128 else 4,
+        )
+
+    def check_dims(self, dk: int, dv: int) -> None:
+        """GPU tiles must divide the padded head dims."""
+        for name, dim in (("block_k", dk), ("block_k_bwd", dk), ("block_v", dv), ("block_v_out", dv),
+                          ("block_v_bwd", dv), ("block_v_grads", dv)):
+            if dim % getattr(self, name):
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} does not divide the padded head dim {dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every static option of one call, hashable; bound with functools.partial around the custom_vjp."""
+
+    block_sizes: BlockSizes
+    backend: str
+    interpret: bool
+    dtype: str  # operand dtype of the matrix products (that of q, k, v)
+
+    @property
+    def chunk(self) -> int:
+        return self.block_sizes.chunk
+
+
+# --------------------------------------------------------------------------------------------------------
+# Matrix products and scans, as the two lowerings accept them
+
+
+@dataclasses.dataclass(frozen=True)
+class MatOps:
+    """Products with operands cast to ``dtype`` and float32 accumulation; cumsum along axis 0.
+
+    float32 operands use full precision (3xTF32 on the GPU, HIGHEST on the TPU and in interpret mode):
+    a plain TF32 product lands near 3e-4 relative error, over the float32 tolerance.
+    """
+
+    dtype: Any
+    precision: Any
+    tpu: bool
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "MatOps":
+        dtype = jnp.dtype(cfg.dtype)
+        if dtype != jnp.float32:
+            precision = None
+        elif cfg.backend == "gpu" and not cfg.interpret:
+            precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        else:
+            precision = lax.Precision.HIGHEST
+        return cls(dtype=dtype, precision=precision, tpu=cfg.backend == "tpu")
+
+    def _dot(self, a, b, dims):
+        return lax.dot_general(a.astype(self.dtype), b.astype(self.dtype), (dims, ((), ())),
+                               precision=self.precision, preferred_element_type=F32)
+
+    def mm(self, a, b):
+        """a @ b"""
+        return self._dot(a, b, ((1,), (0,)))
+
+    def mm_nt(self, a, b):
+        """a @ b^T"""
+        return self._dot(a, b, ((1,), (1,)))
+
+    def mm_tn(self, a, b):
+        """a^T @ b (Mosaic takes the transposed tile, as jax's TPU flash attention does)."""
+        if self.tpu:
+            return self.mm(a.T, b)
+        return self._dot(a, b, ((0,), (0,)))
+
+    def cumsum(self, x):
+        """Inclusive cumsum over axis 0 of [C, G] float32."""
+        if not self.tpu:
+            return jnp.cumsum(x, axis=0)  # a Triton scan
+        c, g = x.shape
+        keep = _iota((c, c), 0) >= _iota((c, c), 1)
+        if g == 1:  # a [C, C] masked row-sum: no N=1 matrix product, no [C, 1] transpose
+            xt = jnp.broadcast_to(x, (c, c)).T
+            return jnp.sum(jnp.where(keep, xt, 0.0), axis=1, keepdims=True)
+        return lax.dot_general(jnp.where(keep, 1.0, 0.0).astype(F32), x, (((1,), (0,)), ((), ())),
+                               precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+
+    def rev_cumsum(self, x):
+        """Suffix sums over axis 0: out[s] = sum_{t >= s} x[t]."""
+        return jnp.sum(x, axis=0, keepdims=True) - self.cumsum(x) + x
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-chunk math on loaded tiles. q, k: [C, dk]; v, do: [C, dv]; b: [C, G] float32 cumulative log-gates
+# (G = dk per dimension, G = 1 per head); h, dh: [dk, dv]. Only 2-D arrays (Mosaic layouts), masks by select.
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _causal(c):
+    return _iota((c, c), 0) >= _iota((c, c), 1)
+
+
+def _row(x, j):
+    """Row j of x as [1, n] (a masked sum: register tiles have no dynamic row index)."""
+    return jnp.sum(jnp.where(_iota(x.shape, 0) == j, x, 0.0), axis=0, keepdims=True)
+
+
+def _col(x, j):
+    """Column j of x as [m, 1]."""
+    return jnp.sum(jnp.where(_iota(x.shape, 1) == j, x, 0.0), axis=1, keepdims=True)
+
+
+def last_row(b):
+    """b[C-1] as [1, G], exactly (the same float as the scan's last element)."""
+    return _row(b, b.shape[0] - 1)
+
+
+def _last_row_as_col(b):
+    """b[C-1] as a column [G, 1] (to scale the rows of a [dk, dv] state)."""
+    if b.shape[1] == 1:
+        return last_row(b)
+    return _col(b.T, b.shape[0] - 1)
+
+
+def _pair_decay(b, mask):
+    """Per-head gate: exp(b_i - b_j) on the kept entries, 0 elsewhere. [C, C]."""
+    c = b.shape[0]
+    bb = jnp.broadcast_to(b, (c, c))
+    return jnp.where(mask, jnp.exp(jnp.where(mask, bb - bb.T, 0.0)), 0.0)
+
+
+def _fold_reference(b):
+    """Per-dimension midpoint r [1, dk] and whether every |b - r| <= FOLD_LIMIT (the fast path is exact)."""
+    hi = jnp.max(b, axis=0, keepdims=True)
+    lo = jnp.min(b, axis=0, keepdims=True)
+    return 0.5 * (hi + lo), jnp.max(hi - lo) <= 2.0 * FOLD_LIMIT
+
+
+def intra_scores(q, k, b, ops: MatOps):
+    """A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0. [C, C] float32."""
+    c = q.shape[0]
+    mask = _causal(c)
+    if b.shape[1] == 1:
+        return jnp.where(mask, ops.mm_nt(q, k) * _pair_decay(b, mask), 0.0)
+    r, fits = _fold_reference(b)
+    qf, kf = q.astype(F32), k.astype(F32)
+
+    def folded():
+        return jnp.where(mask, ops.mm_nt(qf * jnp.exp(b - r), kf * jnp.exp(r - b)), 0.0)
+
+    def columns():
+        def body(j, a):
+            w = jnp.exp(jnp.minimum(b - _row(b, j), 0.0))  # rows i >= j: exact; rows i < j: masked below
+            col = jnp.sum(qf * w * _row(kf, j), axis=1, keepdims=True)
+            return a + jnp.where(_iota((c, c), 1) == j, col, 0.0)
+
+        return jnp.where(mask, lax.fori_loop(0, c, body, jnp.zeros((c, c), F32)), 0.0)
+
+    return lax.cond(fits, folded, columns)
+
+
+def intra_grads(da, q, k, b, ops: MatOps):
+    """Gradients of sum_ij da_ij A_ij (da zero above the diagonal): (dq, dk) intra-chunk parts, [C, dk]."""
+    c = q.shape[0]
+    mask = _causal(c)
+    if b.shape[1] == 1:
+        ds = da * _pair_decay(b, mask)
+        return ops.mm(ds, k), ops.mm_tn(ds, q)
+    r, fits = _fold_reference(b)
+    qf, kf = q.astype(F32), k.astype(F32)
+
+    def folded():
+        eq, ek = jnp.exp(b - r), jnp.exp(r - b)
+        return ops.mm(da, kf * ek) * eq, ops.mm_tn(da, qf * eq) * ek
+
+    def columns():
+        rows = _iota(qf.shape, 0)
+
+        def body(j, carry):
+            dq, dk = carry
+            w = jnp.where(rows >= j, jnp.exp(jnp.minimum(b - _row(b, j), 0.0)), 0.0)
+            daj = _col(da, j)
+            dq = dq + daj * w * _row(kf, j)
+            dkj = jnp.sum(daj * w * qf, axis=0, keepdims=True)
+            return dq, dk + jnp.where(rows == j, dkj, 0.0)
+
+        zeros = jnp.zeros(qf.shape, F32)
+        return lax.fori_loop(0, c, body, (zeros, zeros))
+
+    return lax.cond(fits, folded, columns)
+
+
+def chunk_output(q, k, v, b, h, ops: MatOps):
+    """o = (q * exp(b)) h + A v. [C, dv] float32."""
+    qd = q.astype(F32) * jnp.exp(b)
+    return ops.mm(qd, h) + ops.mm(intra_scores(q, k, b, ops), v)
+
+
+def state_update(h, k, v, b, ops: MatOps):
+    """h_next = exp(B) * h + (k * exp(B - b))^T v, float32 [dk, dv]."""
+    kd = k.astype(F32) * jnp.exp(last_row(b) - b)
+    return jnp.exp(_last_row_as_col(b)) * h + ops.mm_tn(kd, v)
+
+
+def dstate_update(dh, q, do, b, ops: MatOps):
+    """Gradient of the state entering the chunk from that of the state leaving it: exp(B) * dh + (q*exp(b))^T do."""
+    qd = q.astype(F32) * jnp.exp(b)
+    return jnp.exp(_last_row_as_col(b)) * dh + ops.mm_tn(qd, do)
+
+
+def chunk_grads(q, k, b, n_tiles: int, load_tile: Callable, store_dv: Callable, ops: MatOps):
+    """dq, dk [C, dk] and dlog_g [C, G] of one chunk; dv is written tile by tile through ``store_dv``.
+
+    ``load_tile(j)`` gives (v, do, h, dh) for the j-th dv tile, h the state entering the chunk and dh the
+    gradient of the state leaving it; ``store_dv(j, dv_tile)``.
+    """
+    c, dk = q.shape
+    a = intra_scores(q, k, b, ops)
+    decay_out = jnp.exp(last_row(b) - b)  # exp(B - b_j)
+    kd = k.astype(F32) * decay_out
+    da = jnp.zeros((c, c), F32)
+    dq = jnp.zeros((c, dk), F32)
+    dk_inter = jnp.zeros((c, dk), F32)
+    hdh = jnp.zeros((1, dk), F32)
+    for j in range(n_tiles):
+        v, do, h, dh = load_tile(j)
+        da = da + ops.mm_nt(do, v)
+        dq = dq + ops.mm_nt(do, h)
+        dk_inter = dk_inter + ops.mm_nt(v, dh)
+        hdh = hdh + jnp.sum((h.astype(F32) * dh.astype(F32)).T, axis=0, keepdims=True)
+        store_dv(j, ops.mm_tn(a, do) + ops.mm(kd, dh))
+    dq_intra, dk_intra = intra_grads(jnp.where(_causal(c), da, 0.0), q, k, b, ops)
+    dq = dq * jnp.exp(b) + dq_intra
+    dk_inter = dk_inter * decay_out
+    dk_full = dk_inter + dk_intra
+    qf, kf = q.astype(F32), k.astype(F32)
+    x = qf * dq - kf * dk_full
+    extra = jnp.exp(last_row(b)) * hdh + jnp.sum(kf * dk_inter, axis=0, keepdims=True)
+    if b.shape[1] == 1:
+        x = jnp.sum(x, axis=1, keepdims=True)
+        extra = jnp.sum(extra, axis=1, keepdims=True)
+    return dq, dk_full, ops.rev_cumsum(x) + extra
+
+
+# --------------------------------------------------------------------------------------------------------
+# custom_vjp glue and the public function
+
+
+def _backend(cfg: Config):
+    # imported here: the backends import this module
+    if cfg.backend == "gpu":
+        from pallas_kernels.chunked_scan import gpu as mod
+    else:
+        from pallas_kernels.chunked_scan import tpu as mod
+    return mod
+
+
+def _forward(cfg, q, k, v, g, h0):
+    return _backend(cfg).forward(cfg, q, k, v, g, h0)
+
+
+def _forward_res(cfg, q, k, v, g, h0):
+    # the states are recomputed in the backward pass: residuals are the inputs only
+    return _forward(cfg, q, k, v, g, h0), (q, k, v, g, h0)
+
+
+def _backward(cfg, res, cts):
+    q, k, v, g, h0 = res
+    do, dht = cts
+    dq, dk, dv, dg, dh0 = _backend(cfg).backward(cfg, q, k, v, g, h0, do, dht.astype(F32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), dh0.astype(h0.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _gla_vjp(cfg: Config):
+    """(q, k, v, g, h0) -> (o, ht) on padded arrays, differentiable; custom_vjp sees arrays only."""
+    fn = jax.custom_vjp(functools.partial(_forward, cfg))
+    fn.defvjp(functools.partial(_forward_res, cfg), functools.partial(_backward, cfg))
+    return fn
+
+
+def _pad_dim(backend: str, d: int) -> int:
+    if backend == "tpu":  # (8, 128) tiles: head dims to lane multiples
+        return -(-d // 128) * 128
+    return max(16, 1 << (d - 1).bit_length())  # Triton tiles: powers of two, matrix products >= 16
+
+
+def _pad_to(x, shape):
+    pads = [(0, s - d) for d, s in zip(x.shape, shape)]
+    return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
+def gla(
+    q,
+    k,
+    v,
+    log_g,
+    *,
+    initial_state=None,
+    return_final_state: bool = False,
+    backend: str = "gpu",
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
+    """Chunkwise-parallel gated linear attention as Pallas kernels, differentiable.
+
+    Args:
+      q, k: ``[batch, seq, heads, dk]``; v: ``[batch, seq, heads, dv]``; one dtype (float32, bfloat16, float16).
+      log_g: ``[batch, seq, heads, dk]`` (per-dimension) or ``[batch, seq, heads, 1]`` (one decay per head),
+        log forget gates, <= 0.
+      initial_state: ``[batch, heads, dk, dv]`` (float32), or None for zeros.
+      return_final_state: also return S_T, ``[batch, heads, dk, dv]`` float32.
+      backend: "gpu" (Pallas Triton) or "tpu" (Mosaic). interpret: run the kernels in interpret mode
+        (the TPU backend uses TPU interpret mode).
+      block_sizes: ``BlockSizes``; default ``BlockSizes.get_default`` for the padded head dims.
+
+    Returns:
+      o ``[batch, seq, heads, dv]`` in v's dtype, or ``(o, S_T)``. No scaling is applied inside.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{backend=} is not one of {BACKENDS}")
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, seq, heads, dk]; got {q.shape=}")
+    if k.shape != q.shape:
+        raise ValueError(f"{q.shape=} and {k.shape=} differ")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{q.shape=} and {v.shape=} differ in batch, seq or heads")
+    if log_g.shape not in (q.shape, q.shape[:3] + (1,)):
+        raise ValueError(f"{log_g.shape=} must be {q.shape} (per dimension) or {q.shape[:3] + (1,)} (per head)")
+    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype).name not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if not jnp.issubdtype(log_g.dtype, jnp.floating):
+        raise ValueError(f"{log_g.dtype=} must be floating")
+    batch, seq, heads, dk = q.shape
+    dv = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (batch, heads, dk, dv):
+        raise ValueError(f"{initial_state.shape=} must be {(batch, heads, dk, dv)}")
+
+    dkp, dvp = _pad_dim(backend, dk), _pad_dim(backend, dv)
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(dkp, dvp)
+    if backend == "gpu":
+        block_sizes.check_dims(dkp, dvp)
+    chunk = block_sizes.chunk
+    seqp = max(chunk, -(-seq // chunk) * chunk)
+    # zero padding is exact: k = v = 0 adds nothing to the state, log_g = 0 leaves it undecayed
+    qp = _pad_to(q, (batch, seqp, heads, dkp))
+    kp = _pad_to(k, (batch, seqp, heads, dkp))
+    vp = _pad_to(v, (batch, seqp, heads, dvp))
+    # a trailing 1 is the per-head fast path (for dk == 1 both readings agree: padded dims have q = k = 0)
+    gp = _pad_to(log_g, (batch, seqp, heads, 1 if log_g.shape[-1] == 1 else dkp))
+    h0 = jnp.zeros((batch, heads, dkp, dvp), F32) if initial_state is None else _pad_to(
+        initial_state.astype(F32), (batch, heads, dkp, dvp))
+
+    cfg = Config(block_sizes=block_sizes, backend=backend, interpret=bool(interpret), dtype=jnp.dtype(q.dtype).name)
+    o, ht = _gla_vjp(cfg)(qp, kp, vp, gp, h0)
+    o = o[:, :seq, :, :dv]
+    if return_final_state:
+        return o, ht[:, :, :dk, :dv]
+    return o
