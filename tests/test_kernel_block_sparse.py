@@ -1,0 +1,153 @@
+"""Block-sparse attention Pallas kernel vs the float64 oracle, in interpret mode, both lowerings.
+
+Forward, lse and dq/dk/dv (with random cotangents on o *and* lse) for fresh random inputs and random
+duplicate-free selections (counts 0..max incl. empty query blocks, junk past the count). Plus: both
+lowerings (Triton for CUDA, Mosaic for TPU) must lower at realistic shapes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lizard_jax.numerics import RTOL, assert_close
+from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, oracle
+
+# (batch, seq_q, seq_k, heads, kv_heads, d, block_size, max_blocks, causal)
+CASES = [
+    (1, 64, 64, 2, 2, 16, 16, 3, True),  # GQA 1
+    (2, 70, 70, 6, 2, 16, 16, 3, True),  # GQA 3, seq not a multiple of the block, batch 2
+    (1, 96, 96, 8, 1, 32, 32, 2, True),  # GQA 8
+    (2, 50, 50, 4, 2, 16, 16, 4, False),  # non-causal, ragged keys masked
+    (1, 20, 90, 4, 1, 16, 16, 4, True),  # decoding-like: q_offset = 70, not block aligned
+    (1, 130, 130, 2, 1, 16, 64, 2, True),  # block 64
+    (1, 200, 200, 1, 1, 16, 128, 2, True),  # block 128, MHA with one head
+]
+TPU_CASES = [CASES[i] for i in (0, 1, 2, 4)]
+
+
+def case_id(c, dtype="fp32"):
+    b, tq, tk, h, kv, d, bs, m, causal = c
+    return f"B{b}-T{tq}x{tk}-H{h}-KV{kv}-D{d}-bs{bs}-M{m}-{'causal' if causal else 'full'}-{dtype}"
+
+
+def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True):
+    batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = case
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype)
+               for s in ((batch, seq_q, heads, d), (batch, seq_k, kv_heads, d), (batch, seq_k, kv_heads, d)))
+    idx, cnt = oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks, causal=causal)
+    do = jnp.asarray(rng.standard_normal((batch, seq_q, heads, d)), dtype)
+    dlse = jnp.asarray(rng.standard_normal((batch, heads, seq_q)), jnp.float32)
+
+    def f(q, k, v):
+        return block_sparse_attention(q, k, v, idx, cnt, block_size=bs, causal=causal, return_lse=True,
+                                      block_sizes=block_sizes, backend=backend, interpret=interpret)
+
+    (o, lse), vjp = jax.vjp(f, q, k, v)
+    dq, dk, dv = vjp((do, dlse))
+    up = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # the inputs the kernel saw
+    o_r, lse_r, dq_r, dk_r, dv_r = oracle.attention(up(q), up(k), up(v), idx, cnt, block_size=bs, causal=causal,
+                                                    do=up(do), dlse=np.asarray(dlse))
+    name = jnp.dtype(dtype).name
+    empty = np.isinf(lse_r)
+    assert np.array_equal(np.isinf(np.asarray(lse)), empty), "lse -inf rows differ"
+    assert np.all(np.asarray(o.astype(jnp.float32))[np.transpose(empty, (0, 2, 1))] == 0), "empty rows not 0"
+    assert_close(o.astype(jnp.float32), o_r, rtol=RTOL[name], name="o")
+    assert_close(np.where(empty, 0, lse), np.where(empty, 0, lse_r), rtol=RTOL[name], name="lse")
+    assert_close(dq.astype(jnp.float32), dq_r, rtol=RTOL[name], name="dq")
+    assert_close(dk.astype(jnp.float32), dk_r, rtol=RTOL[name], name="dk")
+    assert_close(dv.astype(jnp.float32), dv_r, rtol=RTOL[name], name="dv")
+
+
+def pytest_generate_tests(metafunc):
+    """Each kernel test class names its own cases (interpret mode is slow: TPU runs a subset)."""
+    if metafunc.cls is not None and "case" in metafunc.fixturenames:
+        cases = {"test_fp32": metafunc.cls.FP32_CASES, "test_bf16": metafunc.cls.BF16_CASES}
+        dtype = "bf16" if metafunc.function.__name__ == "test_bf16" else "fp32"
+        metafunc.parametrize("case", cases[metafunc.function.__name__], ids=lambda c: case_id(c, dtype))
+
+
+class BlockSparseKernelTest:
+    BACKEND = "gpu"
+    INTERPRET = True
+    FP32_CASES = CASES
+    BF16_CASES = [CASES[1]]
+
+    def test_fp32(self, case):
+        run_case(case, jnp.float32, self.BACKEND, seed=hash(case) % 1000, interpret=self.INTERPRET)
+
+    def test_bf16(self, case):
+        run_case(case, jnp.bfloat16, self.BACKEND, seed=hash(case) % 1000 + 1, interpret=self.INTERPRET)
+
+
+class TestGpuInterpret(BlockSparseKernelTest):
+    BACKEND = "gpu"
+
+    def test_small_tiles(self):
+        # sub-block rows: several programs per query block in every pass, multi-step dk/dv loops
+        run_case(CASES[2], jnp.float32, "gpu", seed=7, block_sizes=BlockSizes(block_q=4, block_q_dq=2, block_q_dkv=8))
+
+
+class TestTpuInterpret(BlockSparseKernelTest):
+    BACKEND = "tpu"
+    FP32_CASES = TPU_CASES
+    BF16_CASES = [CASES[2]]
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers(platform, backend, dtype):
+    """The real lowerings (Triton IR / Mosaic) of forward and backward at a realistic shape."""
+    batch, seq, heads, kv_heads, d, bs = 1, 512, 16, 4, 128, 64
+    q = jax.ShapeDtypeStruct((batch, seq, heads, d), dtype)
+    k = jax.ShapeDtypeStruct((batch, seq, kv_heads, d), dtype)
+    idx = jax.ShapeDtypeStruct((batch, kv_heads, seq // bs, 5), jnp.int32)
+    cnt = jax.ShapeDtypeStruct((batch, kv_heads, seq // bs), jnp.int32)
+
+    def loss(q, k, v, i, c):
+        return block_sparse_attention(q, k, v, i, c, block_size=bs, backend=backend).astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx, cnt).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count("block_sparse_") >= 3  # fwd, dq, dkv kernels are all there
+
+
+def test_block_sizes_validated():
+    with pytest.raises(ValueError, match="power of 2"):
+        BlockSizes(block_q=3, block_q_dq=16, block_q_dkv=16)
+    with pytest.raises(ValueError, match="exceeds"):
+        BlockSizes(block_q=64, block_q_dq=16, block_q_dkv=16).validate(32, 1)
+    assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=16, block_q_dkv=16)
+
+
+def test_bad_shapes_raise():
+    q = jnp.zeros((1, 32, 4, 16))
+    k = jnp.zeros((1, 32, 2, 16))
+    idx = jnp.zeros((1, 2, 2, 1), jnp.int32)
+    cnt = jnp.zeros((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, k, k, idx, cnt, block_size=24, interpret=True)
+    with pytest.raises(ValueError, match="differ in batch"):
+        block_sparse_attention(q, jnp.zeros((2, 32, 2, 16)), jnp.zeros((2, 32, 2, 16)), idx, cnt, block_size=16)
+    with pytest.raises(ValueError, match="block_indices.shape"):
+        block_sparse_attention(q, k, k, idx[:, :1], cnt, block_size=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("seed", range(3))
+def test_sweep(backend, seed):
+    rng = np.random.default_rng(1000 + seed)
+    for _ in range(4):
+        kv_heads = int(rng.choice([1, 2]))
+        group = int(rng.choice([1, 2, 3, 4, 8]))
+        bs = int(rng.choice([16, 32, 64]))
+        seq_k = int(rng.integers(bs, 5 * bs))
+        seq_q = int(rng.integers(1, seq_k + 1))
+        case = (int(rng.integers(1, 3)), seq_q, seq_k, kv_heads * group, kv_heads, int(rng.choice([16, 32, 48])),
+                bs, int(rng.integers(1, 6)), bool(rng.random() < 0.8))
+        for dtype in (jnp.float32, jnp.bfloat16):
+            run_case(case, dtype, backend, seed=int(rng.integers(1 << 30)))
