@@ -2,6 +2,7 @@
 JSON object with its results.
 
   python eval.py perplexity --checkpoint DIR --text FILE --seq-len 1024 [--max-tokens N]
+  python eval.py passkey --checkpoint DIR --text FILE --lengths 4096,8192 [--depths 0,0.25,0.5,0.75,1]
 """
 
 from __future__ import annotations
@@ -31,6 +32,27 @@ def cmd_perplexity(a) -> dict:
     return out
 
 
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def cmd_passkey(a) -> dict:
+    import lizard_jax
+    from lizard_jax.eval.passkey import passkey
+
+    model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.dtype)
+    if tok is None:
+        raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
+    out = passkey(model, params, tok, Path(a.text).read_text(encoding="utf-8"), lengths=_ints(a.lengths),
+                  depths=_floats(a.depths), trials=a.trials, seed=a.seed)
+    out.update(checkpoint=str(a.checkpoint))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="task", required=True)
@@ -41,6 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.set_defaults(fn=cmd_perplexity)
+    p = sub.add_parser("passkey", help="passkey retrieval at several lengths and depths")
+    _add_common(p)
+    p.add_argument("--text", required=True, help="filler text file")
+    p.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=1, help="trials per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_passkey)
     a = ap.parse_args(argv)
     result = a.fn(a)
     print(json.dumps(result), flush=True)

@@ -1,0 +1,66 @@
+"""Passkey retrieval: a random 5-digit number hidden at several depths in real text.
+
+Each prompt is built in token space so its length is exact: an instruction, filler tokens from a real text
+file (a contiguous slice, different per trial), the key sentence inserted at `depth` (0 = start, 1 = end), then
+the question. The model continues greedily; a trial is correct if the first 5-digit number in its answer is the
+key. Generation options (context parallelism, pruned prefill, ...) pass through to `lizard_jax.generate`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the pass key.\n\n")
+KEY = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def build_prompt(tokenizer, filler_ids: Sequence[int], length: int, depth: float, key: int) -> list[int]:
+    """Token ids of one prompt of exactly `length` tokens (filler trimmed to fit)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    intro, needle, question = enc(INTRO), enc(KEY.format(key=key)), enc(QUESTION)
+    n_fill = length - len(intro) - len(needle) - len(question)
+    if n_fill < 0:
+        raise ValueError(f"length {length} is too short for the passkey prompt")
+    if len(filler_ids) < n_fill:
+        raise ValueError(f"filler text has {len(filler_ids)} tokens, need {n_fill}")
+    fill = list(filler_ids[:n_fill])
+    at = int(round(depth * n_fill))
+    return intro + fill[:at] + needle + fill[at:] + question
+
+
+def passkey(model, params, tokenizer, filler_text: str, *, lengths: Sequence[int] = (8192,),
+            depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, seed: int = 0,
+            max_new_tokens: int = 8, progress: bool = True, **generate_kwargs) -> dict:
+    import lizard_jax
+
+    rng = np.random.default_rng(seed)
+    filler = tokenizer(filler_text, add_special_tokens=False)["input_ids"]
+    results = []
+    total = len(lengths) * len(depths) * trials
+    bar = tqdm(total=total, desc="passkey", file=sys.stderr, disable=not progress)
+    for length in lengths:
+        for depth in depths:
+            for _ in range(trials):
+                key = int(rng.integers(10000, 100000))
+                start = int(rng.integers(0, max(1, len(filler) - length)))
+                ids = build_prompt(tokenizer, filler[start:], length, depth, key)
+                out = lizard_jax.generate(model, params, [ids], tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                          **generate_kwargs)
+                answer = out.texts[0]
+                found = re.search(r"\d{5}", answer)
+                ok = bool(found and int(found.group()) == key)
+                results.append({"length": length, "depth": depth, "key": key, "answer": answer, "correct": ok})
+                bar.update(1)
+    bar.close()
+    by_length = {
+        str(n): float(np.mean([r["correct"] for r in results if r["length"] == n])) for n in lengths
+    }
+    return {"task": "passkey", "accuracy": float(np.mean([r["correct"] for r in results])),
+            "by_length": by_length, "trials": results}
