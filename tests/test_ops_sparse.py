@@ -1,0 +1,296 @@
+"""lizard_jax.ops.sparse: the block-sparse spec, its gather form, InfLLM-V2 selection and the dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lizard_jax.numerics import FORMS_RTOL, RTOL, assert_close
+from lizard_jax.ops.sparse import (
+    InfLLMConfig,
+    block_scores,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    block_sparse_attention_xla,
+    check_block_indices,
+    compress_keys,
+    dense_attention,
+    infllm_attention,
+    infllm_select,
+    infllm_select_decode,
+    num_compressed,
+    visible_mask,
+)
+from pallas_kernels.block_sparse import oracle
+
+# (batch, seq_q, seq_k, heads, kv_heads, d, block_size, max_blocks, causal)
+SHAPES = [
+    (1, 48, 48, 2, 2, 16, 16, 2, True),  # GQA 1
+    (2, 50, 50, 6, 2, 16, 16, 3, True),  # GQA 3, ragged, batch 2
+    (1, 40, 40, 8, 1, 8, 8, 3, True),  # GQA 8
+    (2, 30, 30, 4, 2, 8, 8, 3, False),  # non-causal
+    (1, 9, 37, 4, 2, 8, 8, 3, True),  # decoding-like, q_offset 28
+]
+
+
+def sid(s):
+    b, tq, tk, h, kv, d, bs, m, c = s
+    return f"B{b}-T{tq}x{tk}-H{h}-KV{kv}-D{d}-bs{bs}-{'causal' if c else 'full'}-fp32"
+
+
+def inputs(shape, seed):
+    batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = shape
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, seq_q, heads, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, seq_k, kv_heads, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, seq_k, kv_heads, d)), jnp.float32)
+    idx, cnt = oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks, causal=causal)
+    return q, k, v, jnp.asarray(idx), jnp.asarray(cnt)
+
+
+# ------------------------------------------------------------------------------- spec and gather form
+
+
+def test_visible_mask_matches_definition():
+    rng = np.random.default_rng(0)
+    seq_q, seq_k, bs, q_offset = 11, 29, 4, 18
+    idx, cnt = oracle.random_selection(rng, 1, 1, seq_q, seq_k, bs, 4, causal=False, p_empty=0.2)
+    mask = np.asarray(visible_mask(jnp.asarray(idx), jnp.asarray(cnt), seq_q=seq_q, seq_k=seq_k, block_size=bs,
+                                   causal=True, q_offset=q_offset))[0, 0]
+    for i in range(seq_q):
+        listed = set(idx[0, 0, i // bs, : cnt[0, 0, i // bs]].tolist())
+        for j in range(seq_k):
+            assert mask[i, j] == ((j // bs in listed) and j <= i + q_offset), (i, j)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=sid)
+def test_reference_vs_oracle(shape):
+    """The spec itself against the independent float64 oracle (forward, lse)."""
+    q, k, v, idx, cnt = inputs(shape, 1)
+    bs, causal = shape[6], shape[8]
+    o, lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=bs, causal=causal, return_lse=True)
+    o_r, lse_r = oracle.attention(q, k, v, idx, cnt, block_size=bs, causal=causal)
+    assert np.array_equal(np.isinf(lse), np.isinf(lse_r))
+    assert_close(o, o_r, dtype="float32", name="o")
+    assert_close(np.where(np.isinf(lse_r), 0, lse), np.where(np.isinf(lse_r), 0, lse_r), dtype="float32")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=sid)
+def test_gather_form_equals_mask_form(shape):
+    q, k, v, idx, cnt = inputs(shape, 2)
+    bs, causal = shape[6], shape[8]
+    kw = dict(block_size=bs, causal=causal, return_lse=True)
+    o_m, lse_m = block_sparse_attention_reference(q, k, v, idx, cnt, **kw)
+    o_g, lse_g = block_sparse_attention_xla(q, k, v, idx, cnt, **kw)
+    empty = np.isinf(lse_m)
+    assert np.array_equal(empty, np.isinf(lse_g))
+    assert_close(o_g, o_m, rtol=FORMS_RTOL, name="o")
+    assert_close(np.where(empty, 0, lse_g), np.where(empty, 0, lse_m), rtol=FORMS_RTOL, name="lse")
+
+    rng = np.random.default_rng(3)
+    do = jnp.asarray(rng.standard_normal(o_m.shape), jnp.float32)
+    dlse = jnp.asarray(np.where(empty, 0, rng.standard_normal(lse_m.shape)), jnp.float32)
+
+    def loss(fn):
+        def f(q, k, v):
+            o, lse = fn(q, k, v, idx, cnt, **kw)
+            return jnp.sum(o * do) + jnp.sum(jnp.where(empty, 0.0, lse) * dlse)
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    for name, g_g, g_m in zip(("dq", "dk", "dv"), loss(block_sparse_attention_xla),
+                              loss(block_sparse_attention_reference)):
+        assert_close(g_g, g_m, rtol=FORMS_RTOL, name=name)
+
+
+@pytest.mark.parametrize("form", [block_sparse_attention_reference, block_sparse_attention_xla])
+def test_zero_counts_give_zero(form):
+    q, k, v, idx, _ = inputs(SHAPES[1], 4)
+    cnt = jnp.zeros(idx.shape[:3], jnp.int32)
+    o, lse = form(q, k, v, idx, cnt, block_size=16, return_lse=True)
+    assert np.all(np.asarray(o) == 0) and np.all(np.asarray(lse) == -np.inf)
+    g = jax.grad(lambda q: form(q, k, v, idx, cnt, block_size=16).sum())(q)
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_partially_visible_diagonal_block():
+    """Only the diagonal block selected: row i of a block sees keys blockstart..i exactly."""
+    batch, seq, heads, d, bs = 1, 24, 2, 8, 8
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, seq, heads, d)), jnp.float32) for _ in range(3))
+    idx = jnp.arange(seq // bs, dtype=jnp.int32).reshape(1, 1, -1, 1).repeat(heads, axis=1)
+    cnt = jnp.ones((batch, heads, seq // bs), jnp.int32)
+    o = block_sparse_attention_xla(q, k, v, idx, cnt, block_size=bs)
+    for i in range(seq):
+        lo = (i // bs) * bs
+        s = np.einsum("hd,khd->hk", q[0, i], k[0, lo : i + 1]) / np.sqrt(d)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("hk,khd->hd", p / p.sum(-1, keepdims=True), v[0, lo : i + 1])
+        assert_close(o[0, i], want, dtype="float32", name=f"row {i}")
+
+
+def test_causality_through_gradients():
+    """A loss on position t has zero gradient w.r.t. keys and values after t, whatever is selected."""
+    batch, seq, heads, d, bs = 1, 32, 2, 8, 8
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, seq, heads, d)), jnp.float32) for _ in range(3))
+    n = seq // bs
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, heads, n, n))
+    cnt = jnp.full((batch, heads, n), n, jnp.int32)  # every block listed, even future ones
+    for t in (0, 9, 17, 31):
+        gk, gv = jax.grad(lambda k, v: block_sparse_attention_xla(q, k, v, idx, cnt, block_size=bs)[:, t].sum(),
+                          argnums=(0, 1))(k, v)
+        assert np.all(np.asarray(gk)[:, t + 1 :] == 0) and np.all(np.asarray(gv)[:, t + 1 :] == 0)
+
+
+def test_check_block_indices():
+    check_block_indices(np.array([[[[0, 2, 2]]]]), np.array([[[2]]]), 3)  # past the count: ignored
+    with pytest.raises(ValueError, match="twice"):
+        check_block_indices(np.array([[[[1, 1]]]]), np.array([[[2]]]), 3)
+    with pytest.raises(ValueError, match="lie in"):
+        check_block_indices(np.array([[[[3]]]]), np.array([[[1]]]), 3)
+    with pytest.raises(ValueError, match="block_counts"):
+        check_block_indices(np.array([[[[0]]]]), np.array([[[2]]]), 3)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+def test_dispatch():
+    q, k, v, idx, cnt = inputs(SHAPES[1], 7)
+    with pytest.raises(ValueError, match="unknown impl"):
+        block_sparse_attention(q, k, v, idx, cnt, block_size=16, impl="cuda")
+    with pytest.raises(ValueError, match="twice"):
+        block_sparse_attention(q, k, v, idx.at[0, 0, 3, :2].set(0), cnt.at[0, 0, 3].set(2), block_size=16)
+    ref = block_sparse_attention_xla(q, k, v, idx, cnt, block_size=16)
+    auto = block_sparse_attention(q, k, v, idx, cnt, block_size=16)  # CPU: the gather form
+    assert np.array_equal(auto, ref)
+    pallas = block_sparse_attention(q, k, v, idx, cnt, block_size=16, impl="pallas")  # interpret mode
+    assert_close(pallas, ref, dtype="float32")
+    jitted = jax.jit(lambda *a: block_sparse_attention(*a, block_size=16, impl="xla"))(q, k, v, idx, cnt)
+    assert_close(jitted, ref, rtol=FORMS_RTOL)
+
+
+# ----------------------------------------------------------------------------------------- selection
+
+
+def test_compress_keys():
+    rng = np.random.default_rng(8)
+    k = rng.standard_normal((2, 77, 3, 4)).astype(np.float32)
+    for kernel, stride in ((32, 16), (8, 4), (6, 4)):
+        out = np.asarray(compress_keys(jnp.asarray(k), kernel, stride))
+        n = num_compressed(77, kernel, stride)
+        want = np.stack([k[:, c * stride : c * stride + kernel].mean(1) for c in range(n)], axis=1)
+        assert out.shape == (2, n, 3, 4)
+        assert_close(out, want, dtype="float32")
+    assert compress_keys(jnp.asarray(k[:, :5]), 8, 4).shape == (2, 0, 3, 4)
+
+
+SEL = dict(block_size=16, topk=3, kernel=8, stride=4, init_blocks=1, local_window=32)
+
+
+def _select_inputs(seed, seq=200, heads=4, kv_heads=2, d=8):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((2, seq, heads, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, seq, kv_heads, d)), jnp.float32)
+    return q, k
+
+
+def test_selection_invariants():
+    q, k = _select_inputs(9)
+    idx, cnt = infllm_select(q, k, **SEL)
+    idx, cnt = np.asarray(idx), np.asarray(cnt)
+    n_qb, n_local = idx.shape[2], SEL["local_window"] // SEL["block_size"]
+    assert idx.shape == (2, 2, n_qb, SEL["topk"] + n_local) and idx.dtype == np.int32
+    check_block_indices(idx, cnt, n_qb)  # in range, no duplicates
+    for b in range(2):
+        for h in range(2):
+            for i in range(n_qb):
+                chosen = set(idx[b, h, i, : cnt[b, h, i]].tolist())
+                assert max(chosen) <= i, "future block chosen"
+                assert 0 in chosen, "initial block missing"
+                assert set(range(max(0, i - n_local + 1), i + 1)) <= chosen, "local block missing"
+                assert cnt[b, h, i] == min(i + 1, SEL["topk"] + n_local)
+                assert list(idx[b, h, i, : cnt[b, h, i]]) == sorted(chosen)
+
+
+def test_selection_deterministic_and_shared_in_group():
+    q, k = _select_inputs(10)
+    a = infllm_select(q, k, **SEL)
+    b = infllm_select(q, k, **SEL)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # the choice belongs to the kv head: permuting the query heads within each group changes nothing
+    perm = jnp.array([1, 0, 3, 2])
+    c = infllm_select(q[:, :, perm], k, **SEL)
+    assert all(np.array_equal(x, y) for x, y in zip(a, c))
+    # ties (constant keys: every block scores the same) go to the lower index
+    idx, cnt = infllm_select(q, jnp.ones_like(k), **SEL)
+    i = idx.shape[2] - 1
+    n_local = SEL["local_window"] // SEL["block_size"]
+    assert list(np.asarray(idx)[0, 0, i]) == [0, 1, 2] + list(range(i - n_local + 1, i + 1))
+
+
+def test_selection_prefers_high_scores():
+    """A key block made to match the queries is chosen everywhere it is in the past."""
+    q, k = _select_inputs(11)
+    target = 5  # block 5 = keys 80..95
+    k = k.at[:, 80:96].set(jnp.mean(q, axis=(1,)).reshape(2, 1, 2, 2, 8).mean(3) * 30)
+    idx, cnt = infllm_select(q, k, **SEL)
+    for i in range(target + 1, idx.shape[2]):
+        assert target in set(np.asarray(idx)[0, 0, i, : np.asarray(cnt)[0, 0, i]].tolist())
+
+
+def test_block_scores_are_softmax_mass():
+    """Summed over key blocks (windows not double counted when kernel == stride == block), the scores of a
+    query block are its rows' total softmax mass x heads in the group."""
+    q, k = _select_inputs(12, seq=64)
+    k_cmp = compress_keys(k, 16, 16)
+    s = block_scores(q, k_cmp, seq_k=64, block_size=16, kernel=16, stride=16, causal=False)
+    assert_close(s.sum(-1), np.full(s.shape[:3], 16 * 2.0), dtype="float32")
+
+
+def test_decode_selection_matches_prefill():
+    q, k = _select_inputs(13, seq=150)
+    full_idx, full_cnt = infllm_select(q, k, **SEL)
+    for n_new in (1, 3):
+        idx, cnt = infllm_select_decode(q[:, -n_new:], compress_keys(k, SEL["kernel"], SEL["stride"]),
+                                        seq_k=150, **SEL)
+        # one query block covering the last n_new rows; prefill's last block covers more rows (different
+        # aggregate), so compare with prefill on exactly those rows
+        ref_idx, ref_cnt = infllm_select(q[:, -n_new:], k, q_offset=150 - n_new, **SEL)
+        assert np.array_equal(idx, ref_idx) and np.array_equal(cnt, ref_cnt)
+        assert int(cnt[0, 0, 0]) == min(150 // 16 + 1, SEL["topk"] + 2)
+        assert set(np.asarray(idx)[0, 0, 0, : cnt[0, 0, 0]].tolist()) >= {0, 8, 9}
+    assert full_idx.shape[2] == 10
+
+
+def test_topk_covering_all_blocks_is_dense():
+    q, k = _select_inputs(14, seq=90)
+    v = jnp.asarray(np.random.default_rng(15).standard_normal(k.shape), jnp.float32)
+    idx, cnt = infllm_select(q, k, block_size=16, topk=6, kernel=8, stride=4, local_window=0)
+    o = block_sparse_attention_xla(q, k, v, idx, cnt, block_size=16)
+    assert_close(o, dense_attention(q, k, v, causal=True), rtol=FORMS_RTOL)
+
+
+def test_infllm_attention_dense_below_threshold_and_sparse_above():
+    q, k = _select_inputs(16, seq=96)
+    v = jnp.asarray(np.random.default_rng(17).standard_normal(k.shape), jnp.float32)
+    cfg = InfLLMConfig(block_size=16, topk=2, kernel=8, stride=4, local_window=16, dense_below=97)
+    assert np.array_equal(infllm_attention(q, k, v, config=cfg), dense_attention(q, k, v, causal=True))
+    cfg = InfLLMConfig(block_size=16, topk=2, kernel=8, stride=4, local_window=16, dense_below=96)
+    o = infllm_attention(q, k, v, config=cfg)
+    idx, cnt = infllm_select(q, k, block_size=16, topk=2, kernel=8, stride=4, local_window=16)
+    assert np.array_equal(o, block_sparse_attention_xla(q, k, v, idx, cnt, block_size=16))
+    g = jax.grad(lambda q: infllm_attention(q, k, v, config=cfg).sum())(q)  # selection carries no gradient
+    assert np.all(np.isfinite(g))
+    with pytest.raises(ValueError, match="topk"):
+        InfLLMConfig(topk=0)
+
+
+def test_dense_attention_bf16_close():
+    q, k = _select_inputs(18, seq=40)
+    o32 = dense_attention(q, k, k)
+    o16 = dense_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert o16.dtype == jnp.bfloat16
+    assert_close(o16.astype(jnp.float32), o32, rtol=RTOL["bfloat16"])
