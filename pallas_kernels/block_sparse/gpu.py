@@ -260,7 +260,7 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         ],
         out_specs=[blk_spec, blk_spec],
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype)],
-        compiler_params=_params(st, max(bq * gp, st.block_size), dp),
+        compiler_params=_params(st, max(bq * gp, 2 * st.block_size), dp),  # dk and dv accumulators
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dkv",
