@@ -151,3 +151,27 @@ def test_sweep(backend, seed):
                 bs, int(rng.integers(1, 6)), bool(rng.random() < 0.8))
         for dtype in (jnp.float32, jnp.bfloat16):
             run_case(case, dtype, backend, seed=int(rng.integers(1 << 30)))
+
+
+def test_under_shard_map():
+    """Pallas calls cannot be partitioned automatically: the op runs per shard, batch x kv heads split over
+    a 2 x 2 mesh of simulated CPU devices (indices split with them), forward and gradients."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    case = (2, 40, 40, 4, 2, 16, 16, 3, True)
+    batch, seq, _, heads, kv_heads, d, bs, max_blocks, _ = case
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, seq, kv_heads, d)), jnp.float32) for _ in range(2))
+    idx, cnt = (jnp.asarray(x) for x in oracle.random_selection(rng, batch, kv_heads, seq, seq, bs, max_blocks))
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    attn = lambda q, k, v, i, c: block_sparse_attention(q, k, v, i, c, block_size=bs, interpret=True)
+    sharded = jax.shard_map(attn, mesh=mesh, in_specs=(P("data", None, "model"), P("data", None, "model"),
+                                                       P("data", None, "model"), P("data", "model"),
+                                                       P("data", "model")),
+                            out_specs=P("data", None, "model"), check_vma=False)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, idx, cnt) ** 2)
+    got = jax.jit(jax.value_and_grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(loss(attn), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, rtol=1e-6)
