@@ -7,7 +7,7 @@ of 2 (d >= 16) here when they are not (padded heads have zero q/do and add nothi
 passed whole per (batch, kv head) and sliced with ``pl.ds(index * block_size, block_size)``; the indices are
 read as scalars from a ref, as jax's own GPU kernels read their block tables.
 
-Masks use -inf; a row whose running max is still -inf uses 0 in its place, so fully masked rows give
+Outputs are written with ``plgpu.store``, as jax's GPU attention does. Masks use -inf; a row whose running max is still -inf uses 0 in its place, so fully masked rows give
 ``p = 0`` (never NaN), output 0 and lse -inf.
 """
 
@@ -70,9 +70,9 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: St
     acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp)
+    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp))
     lse = jnp.where(empty, _NEG_INF, jnp.where(m == _NEG_INF, 0.0, m) + jnp.log(l_safe))
-    lse_ref[...] = lse.reshape(block_q, group)
+    plgpu.store(lse_ref, lse.reshape(block_q, group))
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: Static,
@@ -96,7 +96,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         return dq + dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, cnt_ref[0], body, jnp.zeros((rows, dp), jnp.float32))
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp)
+    plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp))
 
 
 def _dkv_kernel(off_ref, num_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
@@ -127,8 +127,8 @@ def _dkv_kernel(off_ref, num_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_re
 
     zeros = jnp.zeros((bs, dp), jnp.float32)
     dk, dv = lax.fori_loop(0, num_ref[0] * steps, body, (zeros, zeros))
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    plgpu.store(dk_ref, (dk * st.scale).astype(dk_ref.dtype))
+    plgpu.store(dv_ref, dv.astype(dv_ref.dtype))
 
 
 # ----------------------------------------------------------------------------------------- pallas_calls
