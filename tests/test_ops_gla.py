@@ -250,17 +250,18 @@ def _bad_inputs():
     return [
         ("q must be", dict(q=q[0])),
         ("q and k must have the same shape", dict(k=k[:, :, :, :3])),
-        ("q and k must have the same dtype", dict(k=k.astype(jnp.bfloat16))),
+        ("q, k and v must share one dtype", dict(k=k.astype(jnp.bfloat16))),
+        ("q, k and v must share one dtype", dict(v=v.astype(jnp.bfloat16))),
         ("differ in batch, seq, heads", dict(v=v[:, :7])),
         ("log_g must be", dict(log_g=g[..., :2])),
         ("log_g must be", dict(log_g=g[:, :, :1])),
         ("initial_state must be", dict(initial_state=h0[..., :4])),
-        ("must be a floating array", dict(v=v.astype(jnp.int32))),
+        ("must be a floating array", dict(log_g=g.astype(jnp.int32))),
         ("chunk_size must be a positive int", dict(chunk_size=0)),
     ], dict(q=q, k=k, v=v, log_g=g)
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(10))
 def test_bad_arguments_raise_clear_errors(i):
     cases, good = _bad_inputs()
     match, bad = cases[i]

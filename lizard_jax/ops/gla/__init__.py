@@ -64,8 +64,8 @@ def gla(
     """Gated linear attention over a whole sequence (train / prefill). No scaling inside.
 
     Args:
-      q, k: ``[batch, seq, heads, dk]`` (same dtype).
-      v: ``[batch, seq, heads, dv]``.
+      q, k: ``[batch, seq, heads, dk]``.
+      v: ``[batch, seq, heads, dv]``. q, k and v share one float dtype (float32, bfloat16, ...).
       log_g: log forget gate, ``<= 0``: ``[batch, seq, heads, dk]`` (per key dim) or
         ``[batch, seq, heads, 1]`` (one decay per head and token, broadcast over dk). Values are not
         checked (they may be traced); ``-inf`` (gate exactly 0, a hard reset) is allowed, positive

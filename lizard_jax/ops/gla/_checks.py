@@ -27,8 +27,11 @@ def check_inputs(q, k, v, log_g, initial_state, *, layout: str, names=("q", "k",
         check_floating(name, x)
     if q.shape != k.shape:
         raise ValueError(f"{nq} and {nk} must have the same shape, got {nq}.shape={q.shape} and {nk}.shape={k.shape}")
-    if q.dtype != k.dtype:
-        raise TypeError(f"{nq} and {nk} must have the same dtype, got {nq}.dtype={q.dtype} and {nk}.dtype={k.dtype}")
+    if not q.dtype == k.dtype == v.dtype:  # one operand dtype, as the Pallas kernel requires
+        raise TypeError(
+            f"{nq}, {nk} and {nv} must share one dtype, got {nq}.dtype={q.dtype}, {nk}.dtype={k.dtype}, "
+            f"{nv}.dtype={v.dtype}"
+        )
     if v.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"{nv}.shape={v.shape} and {nq}.shape={q.shape} differ in {', '.join(axes)}")
     dk = q.shape[-1]

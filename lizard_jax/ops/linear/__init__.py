@@ -69,7 +69,9 @@ def linear_attention(
     Args:
       phi_q, phi_k: feature-mapped queries and keys ``[batch, seq, heads, f]`` (same dtype; nonnegative
         features keep ``|y| <= max|v|``).
-      v: ``[batch, seq, heads, dv]``.
+      v: ``[batch, seq, heads, dv]``. The chunk form runs ``gla`` in ``result_type(phi_q, v)``: with
+        bfloat16 features and values, numerator and denominator are rounded to bfloat16 before the
+        division (about 2^-8 relative on y); float32 features keep them float32.
       log_g: None (no decay) or log forget gate ``<= 0``, ``[batch, seq, heads, f]`` or
         ``[batch, seq, heads, 1]``.
       form: "chunk" (one ``gla`` call) or "quadratic" (the O(T^2) spec).
@@ -90,12 +92,14 @@ def linear_attention(
             raise ValueError("impl='pallas' applies to form='chunk' only; the quadratic form is XLA")
         y, ht = linear_attention_quadratic(phi_q, phi_k, v, log_g, initial_state, eps=eps)
     else:
-        # float32 augmented values: numerator and denominator leave the scan unrounded
+        # gla takes one operand dtype: result_type(phi, v). Numerator and denominator leave the scan in it
+        # (float32 for float32 features, as the feature maps give with float32 params)
+        dtype = jnp.result_type(phi_q.dtype, v.dtype)
         o_aug, ht = gla(
-            phi_q, phi_k, augment_with_ones(v), gate,
+            phi_q.astype(dtype), phi_k.astype(dtype), augment_with_ones(v).astype(dtype), gate,
             initial_state=initial_state, return_final_state=True, impl=impl, chunk_size=chunk_size,
         )
-        y = normalise(o_aug, eps).astype(v.dtype)
+        y = normalise(o_aug.astype(jnp.float32), eps).astype(v.dtype)
     return (y, ht) if return_final_state else y
 
 
@@ -106,8 +110,11 @@ def linear_attention_step(phi_q, phi_k, v, state, *, log_g=None, eps: float = DE
     if state is None:
         raise ValueError("linear_attention_step needs a state [batch, heads, f, dv + 1]; start from zeros")
     gate = _validate(phi_q, phi_k, v, log_g, state, eps, layout="bhd", state_name="state")
-    o_aug, new_state = gla_step(phi_q, phi_k, augment_with_ones(v), gate, state)
-    return normalise(o_aug, eps).astype(v.dtype), new_state
+    dtype = jnp.result_type(phi_q.dtype, v.dtype)  # as in linear_attention's chunk form
+    o_aug, new_state = gla_step(
+        phi_q.astype(dtype), phi_k.astype(dtype), augment_with_ones(v).astype(dtype), gate, state
+    )
+    return normalise(o_aug.astype(jnp.float32), eps).astype(v.dtype), new_state
 
 
 __all__ = [
