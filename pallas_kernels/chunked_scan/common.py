@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,28 +126,36 @@ class Config:
 # Matrix products and scans, as the two lowerings accept them
 
 
+_RELATIONS = {  # out[s] = sum over t with rel(t, s) of x[t]
+    "<=": lambda t, s: t <= s,  # inclusive prefix
+    "<": lambda t, s: t < s,  # exclusive prefix
+    ">=": lambda t, s: t >= s,  # inclusive suffix
+    ">": lambda t, s: t > s,  # exclusive suffix
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MatOps:
-    """Products with operands cast to ``dtype`` and float32 accumulation; cumsum along axis 0.
+    """Products with operands cast to ``dtype`` and float32 accumulation; segment sums along axis 0.
 
     float32 operands use full precision (3xTF32 on the GPU, HIGHEST on the TPU and in interpret mode):
     a plain TF32 product lands near 3e-4 relative error, over the float32 tolerance.
     """
 
     dtype: Any
-    precision: Any
+    precision: Any  # for products in ``dtype``
+    precise: Any  # for float32 products whatever ``dtype`` is
     tpu: bool
 
     @classmethod
     def for_config(cls, cfg: Config) -> "MatOps":
         dtype = jnp.dtype(cfg.dtype)
-        if dtype != jnp.float32:
-            precision = None
-        elif cfg.backend == "gpu" and not cfg.interpret:
-            precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        if cfg.backend == "gpu" and not cfg.interpret:
+            precise = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         else:
-            precision = lax.Precision.HIGHEST
-        return cls(dtype=dtype, precision=precision, tpu=cfg.backend == "tpu")
+            precise = lax.Precision.HIGHEST
+        return cls(dtype=dtype, precision=precise if dtype == jnp.float32 else None, precise=precise,
+                   tpu=cfg.backend == "tpu")
 
     def _dot(self, a, b, dims):
         return lax.dot_general(a.astype(self.dtype), b.astype(self.dtype), (dims, ((), ())),
@@ -167,21 +175,35 @@ class MatOps:
             return self.mm(a.T, b)
         return self._dot(a, b, ((0,), (0,)))
 
-    def cumsum(self, x):
-        """Inclusive cumsum over axis 0 of [C, G] float32."""
-        if not self.tpu:
-            return jnp.cumsum(x, axis=0)  # a Triton scan
+    def seg_sum(self, x, rel: str):
+        """out[s] = sum_{t: t rel s} x[t] over axis 0 of [C, G] float32, each sum formed directly (never as a
+        difference of two long sums, which would cancel): a Triton scan for the inclusive prefix on the GPU,
+        else a full-precision product with a 0/1 mask, or for G = 1 a masked row-sum of [C, C]."""
         c, g = x.shape
-        keep = _iota((c, c), 0) >= _iota((c, c), 1)
-        if g == 1:  # a [C, C] masked row-sum: no N=1 matrix product, no [C, 1] transpose
-            xt = jnp.broadcast_to(x, (c, c)).T
+        if rel == "<=" and not self.tpu:
+            return jnp.cumsum(x, axis=0)
+        keep = _RELATIONS[rel](_iota((c, c), 1), _iota((c, c), 0))  # keep[s, t]
+        if g == 1:  # no N = 1 product and no [C, 1] transpose
+            xt = jnp.broadcast_to(x, (c, c)).T  # xt[s, t] = x[t]
             return jnp.sum(jnp.where(keep, xt, 0.0), axis=1, keepdims=True)
         return lax.dot_general(jnp.where(keep, 1.0, 0.0).astype(F32), x, (((1,), (0,)), ((), ())),
-                               precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+                               precision=self.precise, preferred_element_type=F32)
 
-    def rev_cumsum(self, x):
-        """Suffix sums over axis 0: out[s] = sum_{t >= s} x[t]."""
-        return jnp.sum(x, axis=0, keepdims=True) - self.cumsum(x) + x
+
+class Gates(NamedTuple):
+    """Log-gate sums of one chunk, g [C, G] float32."""
+
+    g: Any  # [C, G] the log-gates
+    b: Any  # [C, G] inclusive prefix sums: the decay from the chunk start through token i
+    bt: Any  # [C, G] exclusive suffix sums B - b_j: the decay from token j to the chunk end
+    last: Any  # [1, G] B, the whole chunk's decay
+    last_col: Any  # [G, 1] B as a column, to scale the rows of a [dk, dv] state
+
+
+def chunk_gates(g, ops: MatOps) -> Gates:
+    last = jnp.sum(g, axis=0, keepdims=True)
+    last_col = jnp.sum(g.T, axis=1, keepdims=True) if g.shape[1] > 1 else last
+    return Gates(g=g, b=ops.seg_sum(g, "<="), bt=ops.seg_sum(g, ">"), last=last, last_col=last_col)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -207,23 +229,15 @@ def _col(x, j):
     return jnp.sum(jnp.where(_iota(x.shape, 1) == j, x, 0.0), axis=1, keepdims=True)
 
 
-def last_row(b):
-    """b[C-1] as [1, G], exactly (the same float as the scan's last element)."""
-    return _row(b, b.shape[0] - 1)
-
-
-def _last_row_as_col(b):
-    """b[C-1] as a column [G, 1] (to scale the rows of a [dk, dv] state)."""
-    if b.shape[1] == 1:
-        return last_row(b)
-    return _col(b.T, b.shape[0] - 1)
-
-
-def _pair_decay(b, mask):
-    """Per-head gate: exp(b_i - b_j) on the kept entries, 0 elsewhere. [C, C]."""
-    c = b.shape[0]
-    bb = jnp.broadcast_to(b, (c, c))
-    return jnp.where(mask, jnp.exp(jnp.where(mask, bb - bb.T, 0.0)), 0.0)
+def _pair_decay(g, keep, ops: MatOps, transpose=False):
+    """Per-head gate g [C, 1]: exp(b_i - b_j) on the kept entries (j <= i), 0 elsewhere; [C, C] or its
+    transpose. Each exponent is summed afresh over j < t <= i (no difference of long prefix sums)."""
+    c = g.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    d = ops.seg_sum(jnp.where(rows > cols, jnp.broadcast_to(g, (c, c)), 0.0), "<=")  # d[i, j] = sum_{j<t<=i} g_t
+    if transpose:
+        d = d.T
+    return jnp.where(keep, jnp.exp(jnp.minimum(d, 0.0)), 0.0)
 
 
 def _fold_reference(b):
@@ -233,110 +247,140 @@ def _fold_reference(b):
     return 0.5 * (hi + lo), jnp.max(hi - lo) <= 2.0 * FOLD_LIMIT
 
 
-def intra_scores(q, k, b, ops: MatOps):
-    """A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0. [C, C] float32."""
+# No product's result is ever transposed into another product: Triton 3.4 to 3.7.0 miscompiles that on
+# Hopper (flash-linear-attention issue 640). Where A^T or dA^T is needed it is computed as its own product.
+
+
+def _decay_from(g, j, ops: MatOps):
+    """exp(b_i - b_j) for rows i >= j (1 at i = j), 0 above: the log-decay summed afresh from token j + 1,
+    never as a difference of two long prefix sums (which loses absolute precision when the decay is strong)."""
+    rows = _iota(g.shape, 0)
+    return jnp.where(rows >= j, jnp.exp(jnp.minimum(ops.seg_sum(jnp.where(rows > j, g, 0.0), "<="), 0.0)), 0.0)
+
+
+def intra_scores(q, k, g, b, ops: MatOps, transpose: bool = False):
+    """A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0; [C, C] float32 (A^T if transpose).
+
+    g: the chunk's log-gates [C, G], b: their inclusive prefix sums."""
     c = q.shape[0]
-    mask = _causal(c)
+    keep = _iota((c, c), 1) >= _iota((c, c), 0) if transpose else _causal(c)
     if b.shape[1] == 1:
-        return jnp.where(mask, ops.mm_nt(q, k) * _pair_decay(b, mask), 0.0)
+        qk = ops.mm_nt(k, q) if transpose else ops.mm_nt(q, k)
+        return jnp.where(keep, qk * _pair_decay(g, keep, ops, transpose), 0.0)
     r, fits = _fold_reference(b)
     qf, kf = q.astype(F32), k.astype(F32)
 
     def folded():
-        return jnp.where(mask, ops.mm_nt(qf * jnp.exp(b - r), kf * jnp.exp(r - b)), 0.0)
+        qs, ks = qf * jnp.exp(b - r), kf * jnp.exp(r - b)
+        return jnp.where(keep, ops.mm_nt(ks, qs) if transpose else ops.mm_nt(qs, ks), 0.0)
 
-    def columns():
+    def by_key():
+        # key j: p[i, d] = q_id k_jd exp(b_id - b_jd) is column j of A summed over d, row j of A^T
         def body(j, a):
-            w = jnp.exp(jnp.minimum(b - _row(b, j), 0.0))  # rows i >= j: exact; rows i < j: masked below
-            col = jnp.sum(qf * w * _row(kf, j), axis=1, keepdims=True)
-            return a + jnp.where(_iota((c, c), 1) == j, col, 0.0)
+            p = qf * _decay_from(g, j, ops) * _row(kf, j)
+            if transpose:
+                return a + jnp.where(_iota((c, c), 0) == j, jnp.sum(p.T, axis=0, keepdims=True), 0.0)
+            return a + jnp.where(_iota((c, c), 1) == j, jnp.sum(p, axis=1, keepdims=True), 0.0)
 
-        return jnp.where(mask, lax.fori_loop(0, c, body, jnp.zeros((c, c), F32)), 0.0)
+        return lax.fori_loop(0, c, body, jnp.zeros((c, c), F32))
 
-    return lax.cond(fits, folded, columns)
+    return lax.cond(fits, folded, by_key)
 
 
-def intra_grads(da, q, k, b, ops: MatOps):
-    """Gradients of sum_ij da_ij A_ij (da zero above the diagonal): (dq, dk) intra-chunk parts, [C, dk]."""
+def intra_grads(da, da_t, q, k, g, b, ops: MatOps):
+    """Gradients of sum_ij da_ij A_ij: (dq, dk) intra-chunk parts, [C, dk]. da is zero on and above the
+    diagonal and da_t is its transpose (computed as its own product)."""
     c = q.shape[0]
-    mask = _causal(c)
     if b.shape[1] == 1:
-        ds = da * _pair_decay(b, mask)
-        return ops.mm(ds, k), ops.mm_tn(ds, q)
+        keep, keep_t = _causal(c), _iota((c, c), 1) >= _iota((c, c), 0)
+        return ops.mm(da * _pair_decay(g, keep, ops), k), ops.mm(da_t * _pair_decay(g, keep_t, ops, True), q)
     r, fits = _fold_reference(b)
     qf, kf = q.astype(F32), k.astype(F32)
 
     def folded():
         eq, ek = jnp.exp(b - r), jnp.exp(r - b)
-        return ops.mm(da, kf * ek) * eq, ops.mm_tn(da, qf * eq) * ek
+        return ops.mm(da, kf * ek) * eq, ops.mm(da_t, qf * eq) * ek
 
-    def columns():
+    def by_key():
         rows = _iota(qf.shape, 0)
 
         def body(j, carry):
             dq, dk = carry
-            w = jnp.where(rows >= j, jnp.exp(jnp.minimum(b - _row(b, j), 0.0)), 0.0)
-            daj = _col(da, j)
-            dq = dq + daj * w * _row(kf, j)
-            dkj = jnp.sum(daj * w * qf, axis=0, keepdims=True)
-            return dq, dk + jnp.where(rows == j, dkj, 0.0)
+            w = _col(da, j) * _decay_from(g, j, ops)  # [C, dk]: da_ij exp(b_i - b_j)
+            dkj = jnp.sum(w * qf, axis=0, keepdims=True)
+            return dq + w * _row(kf, j), dk + jnp.where(rows == j, dkj, 0.0)
 
         zeros = jnp.zeros(qf.shape, F32)
         return lax.fori_loop(0, c, body, (zeros, zeros))
 
-    return lax.cond(fits, folded, columns)
+    return lax.cond(fits, folded, by_key)
 
 
-def chunk_output(q, k, v, b, h, ops: MatOps):
+def chunk_output(q, k, v, gates: Gates, h, ops: MatOps):
     """o = (q * exp(b)) h + A v. [C, dv] float32."""
-    qd = q.astype(F32) * jnp.exp(b)
-    return ops.mm(qd, h) + ops.mm(intra_scores(q, k, b, ops), v)
+    qd = q.astype(F32) * jnp.exp(gates.b)
+    return ops.mm(qd, h) + ops.mm(intra_scores(q, k, gates.g, gates.b, ops), v)
 
 
-def state_update(h, k, v, b, ops: MatOps):
+def state_update(h, k, v, gates: Gates, ops: MatOps):
     """h_next = exp(B) * h + (k * exp(B - b))^T v, float32 [dk, dv]."""
-    kd = k.astype(F32) * jnp.exp(last_row(b) - b)
-    return jnp.exp(_last_row_as_col(b)) * h + ops.mm_tn(kd, v)
+    kd = k.astype(F32) * jnp.exp(gates.bt)
+    return jnp.exp(gates.last_col) * h + ops.mm_tn(kd, v)
 
 
-def dstate_update(dh, q, do, b, ops: MatOps):
+def dstate_update(dh, q, do, gates: Gates, ops: MatOps):
     """Gradient of the state entering the chunk from that of the state leaving it: exp(B) * dh + (q*exp(b))^T do."""
-    qd = q.astype(F32) * jnp.exp(b)
-    return jnp.exp(_last_row_as_col(b)) * dh + ops.mm_tn(qd, do)
+    qd = q.astype(F32) * jnp.exp(gates.b)
+    return jnp.exp(gates.last_col) * dh + ops.mm_tn(qd, do)
 
 
-def chunk_grads(q, k, b, n_tiles: int, load_tile: Callable, store_dv: Callable, ops: MatOps):
+def chunk_grads(q, k, gates: Gates, n_tiles: int, load_tile: Callable, store_dv: Callable, ops: MatOps):
     """dq, dk [C, dk] and dlog_g [C, G] of one chunk; dv is written tile by tile through ``store_dv``.
 
     ``load_tile(j)`` gives (v, do, h, dh) for the j-th dv tile, h the state entering the chunk and dh the
     gradient of the state leaving it; ``store_dv(j, dv_tile)``.
+
+    dlog_g without cancellation: with P_ij = da_ij q_i k_j exp(b_i - b_j) (per dimension), the intra-chunk
+    part of dL/dg_s is the sum of P_ij over the pairs i >= s > j that the decay g_s sits between. It is
+    formed as suffix sums over t >= s of q_t*dq_t - k_t*dk_t with the diagonal (i = j, undecayed and O(1))
+    left out of both: the pairs that cancel then each carry at least one gate factor, so a strong decay
+    does not leave an O(1) cancellation to resolve an O(exp(g)) result. Likewise the state path gives
+    sum_{j < s} k_j*dk_inter_j, an exclusive prefix sum formed directly.
     """
     c, dk = q.shape
-    a = intra_scores(q, k, b, ops)
-    decay_out = jnp.exp(last_row(b) - b)  # exp(B - b_j)
+    b = gates.b
+    a_t = intra_scores(q, k, gates.g, b, ops, transpose=True)
+    decay_out = jnp.exp(gates.bt)
     kd = k.astype(F32) * decay_out
     da = jnp.zeros((c, c), F32)
-    dq = jnp.zeros((c, dk), F32)
+    da_t = jnp.zeros((c, c), F32)
+    dq_inter = jnp.zeros((c, dk), F32)
     dk_inter = jnp.zeros((c, dk), F32)
     hdh = jnp.zeros((1, dk), F32)
     for j in range(n_tiles):
         v, do, h, dh = load_tile(j)
         da = da + ops.mm_nt(do, v)
-        dq = dq + ops.mm_nt(do, h)
+        da_t = da_t + ops.mm_nt(v, do)
+        dq_inter = dq_inter + ops.mm_nt(do, h)
         dk_inter = dk_inter + ops.mm_nt(v, dh)
         hdh = hdh + jnp.sum((h.astype(F32) * dh.astype(F32)).T, axis=0, keepdims=True)
-        store_dv(j, ops.mm_tn(a, do) + ops.mm(kd, dh))
-    dq_intra, dk_intra = intra_grads(jnp.where(_causal(c), da, 0.0), q, k, b, ops)
-    dq = dq * jnp.exp(b) + dq_intra
-    dk_inter = dk_inter * decay_out
-    dk_full = dk_inter + dk_intra
+        store_dv(j, ops.mm(a_t, do) + ops.mm(kd, dh))
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    dq_strict, dk_strict = intra_grads(jnp.where(rows > cols, da, 0.0), jnp.where(rows < cols, da_t, 0.0),
+                                       q, k, gates.g, b, ops)
+    da_diag = jnp.sum(jnp.where(rows == cols, da, 0.0), axis=1, keepdims=True)  # [C, 1]
     qf, kf = q.astype(F32), k.astype(F32)
-    x = qf * dq - kf * dk_full
-    extra = jnp.exp(last_row(b)) * hdh + jnp.sum(kf * dk_inter, axis=0, keepdims=True)
+    dq_inter = dq_inter * jnp.exp(b)
+    dk_inter = dk_inter * decay_out
+    x = qf * (dq_inter + dq_strict) - kf * dk_strict
+    y = kf * dk_inter
+    extra = jnp.exp(gates.last) * hdh
     if b.shape[1] == 1:
-        x = jnp.sum(x, axis=1, keepdims=True)
-        extra = jnp.sum(extra, axis=1, keepdims=True)
-    return dq, dk_full, ops.rev_cumsum(x) + extra
+        x, y, extra = (jnp.sum(t, axis=1, keepdims=True) for t in (x, y, extra))
+    dg = ops.seg_sum(x, ">=") + ops.seg_sum(y, "<") + extra
+    dq = dq_inter + dq_strict + da_diag * kf
+    dk = dk_inter + dk_strict + da_diag * qf
+    return dq, dk, dg
 
 
 # --------------------------------------------------------------------------------------------------------

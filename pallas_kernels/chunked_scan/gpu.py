@@ -24,6 +24,7 @@ from pallas_kernels.chunked_scan.common import (
     F32,
     Config,
     MatOps,
+    chunk_gates,
     chunk_grads,
     chunk_output,
     dstate_update,
@@ -36,8 +37,8 @@ def _states_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, ops, chun
     def body(n, h):
         states_ref[n] = h.astype(states_ref.dtype)
         rows = pl.ds(n * chunk, chunk)
-        b = ops.cumsum(g_ref[rows, :].astype(F32))
-        return state_update(h, k_ref[rows, :], v_ref[rows, :], b, ops)
+        gates = chunk_gates(g_ref[rows, :].astype(F32), ops)
+        return state_update(h, k_ref[rows, :], v_ref[rows, :], gates, ops)
 
     ht_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(F32))
 
@@ -48,21 +49,21 @@ def _dstates_kernel(q_ref, do_ref, g_ref, dht_ref, dstates_ref, dh0_ref, *, ops,
         n = n_chunks - 1 - i
         dstates_ref[n] = dh.astype(dstates_ref.dtype)
         rows = pl.ds(n * chunk, chunk)
-        b = ops.cumsum(g_ref[rows, :].astype(F32))
-        return dstate_update(dh, q_ref[rows, :], do_ref[rows, :], b, ops)
+        gates = chunk_gates(g_ref[rows, :].astype(F32), ops)
+        return dstate_update(dh, q_ref[rows, :], do_ref[rows, :], gates, ops)
 
     dh0_ref[...] = lax.fori_loop(0, n_chunks, body, dht_ref[...].astype(F32))
 
 
 def _output_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, ops):
-    b = ops.cumsum(g_ref[...].astype(F32))
-    o = chunk_output(q_ref[...], k_ref[...], v_ref[...], b, h_ref[...], ops)
+    gates = chunk_gates(g_ref[...].astype(F32), ops)
+    o = chunk_output(q_ref[...], k_ref[...], v_ref[...], gates, h_ref[...], ops)
     o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, ops,
                   block_v):
-    b = ops.cumsum(g_ref[...].astype(F32))
+    gates = chunk_gates(g_ref[...].astype(F32), ops)
 
     def load_tile(j):
         cols = pl.ds(j * block_v, block_v)
@@ -72,7 +73,7 @@ def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dh_ref, dq_ref, dk_
         dv_ref[:, pl.ds(j * block_v, block_v)] = dv.astype(dv_ref.dtype)
 
     n_tiles = v_ref.shape[1] // block_v
-    dq, dk, dg = chunk_grads(q_ref[...], k_ref[...], b, n_tiles, load_tile, store_dv, ops)
+    dq, dk, dg = chunk_grads(q_ref[...], k_ref[...], gates, n_tiles, load_tile, store_dv, ops)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dg.astype(dg_ref.dtype)

@@ -23,6 +23,7 @@ from pallas_kernels.chunked_scan.common import (
     F32,
     Config,
     MatOps,
+    chunk_gates,
     chunk_grads,
     chunk_output,
     dstate_update,
@@ -55,12 +56,12 @@ def _forward_kernel(*refs, ops, n_chunks, emit_output):
 
     h = h_scr[...]
     k, v = k_ref[...], v_ref[...]
-    b = ops.cumsum(g_ref[...].astype(F32))
+    gates = chunk_gates(g_ref[...].astype(F32), ops)
     if emit_output:
-        o_ref[...] = chunk_output(q_ref[...], k, v, b, h, ops).astype(o_ref.dtype)
+        o_ref[...] = chunk_output(q_ref[...], k, v, gates, h, ops).astype(o_ref.dtype)
     else:
         states_ref[...] = h.astype(states_ref.dtype)
-    h_scr[...] = state_update(h, k, v, b, ops)
+    h_scr[...] = state_update(h, k, v, gates, ops)
 
     @pl.when(n == n_chunks - 1)
     def _():
@@ -77,16 +78,16 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dht_ref, dq_ref,
 
     dh = dh_scr[...]  # gradient of the state leaving this chunk
     q, do = q_ref[...], do_ref[...]
-    b = ops.cumsum(g_ref[...].astype(F32))
+    gates = chunk_gates(g_ref[...].astype(F32), ops)
 
     def store_dv(j, dv):
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
-    dq, dk, dg = chunk_grads(q, k_ref[...], b, 1, lambda j: (v_ref[...], do, h_ref[...], dh), store_dv, ops)
+    dq, dk, dg = chunk_grads(q, k_ref[...], gates, 1, lambda j: (v_ref[...], do, h_ref[...], dh), store_dv, ops)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dg.astype(dg_ref.dtype)
-    dh_scr[...] = dstate_update(dh, q, do, b, ops)
+    dh_scr[...] = dstate_update(dh, q, do, gates, ops)
 
     @pl.when(i == n_chunks - 1)
     def _():
