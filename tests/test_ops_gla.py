@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lizard_jax.numerics import FORMS_RTOL, assert_close, rel_err
+from lizard_jax.numerics import FORMS_RTOL, assert_close
 from lizard_jax.ops.gla import gla, gla_reference, gla_step, resolve_impl
 from lizard_jax.ops.lightning import lightning_attention, lightning_slopes, lightning_step
 
