@@ -1,0 +1,249 @@
+"""pallas_kernels.chunked_scan: forward, final state and every gradient against a float64 numpy recurrence.
+
+The kernels run in interpret mode here: the GPU (Triton) kernels in Pallas interpret mode and the TPU
+(Mosaic) kernels in TPU interpret mode. ``python -m pallas_kernels.chunked_scan.check`` runs the same
+comparisons compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lizard_jax import numerics
+from pallas_kernels.chunked_scan import BlockSizes, gla, gla_chunk_reference
+
+
+def oracle(q, k, v, log_g, h0, do, dht):
+    """The plain recurrence and its hand-written backward in float64 numpy.
+
+    q, k [B,T,H,K]; v, do [B,T,H,V]; log_g [B,T,H,K or 1]; h0, dht [B,H,K,V].
+    Returns (o, S_T, {"q", "k", "v", "log_g", "h0"} gradients of sum(o*do) + sum(S_T*dht)).
+    """
+    q, k, v, log_g, h0, do, dht = (np.asarray(x, np.float64) for x in (q, k, v, log_g, h0, do, dht))
+    batch, seq, heads, _ = q.shape
+    a = np.exp(log_g)
+    s = h0.copy()
+    states = [s]
+    o = np.zeros(v.shape)
+    for t in range(seq):
+        s = a[:, t, :, :, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+        states.append(s)
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
+    grads = {name: np.zeros_like(x) for name, x in (("q", q), ("k", k), ("v", v), ("log_g", log_g))}
+    ds = dht.copy()
+    for t in reversed(range(seq)):
+        ds = ds + q[:, t, :, :, None] * do[:, t, :, None, :]  # ds: gradient of S_t
+        grads["q"][:, t] = np.einsum("bhv,bhkv->bhk", do[:, t], states[t + 1])
+        grads["k"][:, t] = np.einsum("bhkv,bhv->bhk", ds, v[:, t])
+        grads["v"][:, t] = np.einsum("bhk,bhkv->bhv", k[:, t], ds)
+        dgate = (states[t] * ds).sum(-1)
+        if log_g.shape[-1] == 1:
+            dgate = dgate.sum(-1, keepdims=True)
+        grads["log_g"][:, t] = a[:, t] * dgate
+        ds = a[:, t, :, :, None] * ds
+    grads["h0"] = ds
+    return o, s, grads
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    seq: int
+    heads: int
+    dk: int
+    dv: int
+    gate: str  # weak (~ -0.01), moderate (logsigmoid(randn)), strong (~ -5), mixed (dims strong and weak), extreme (~ -20)
+    per_head: bool = False
+    dtype: str = "float32"
+    h0: bool = True
+    ht: bool = True
+    block_sizes: BlockSizes | None = None
+
+    @property
+    def id(self) -> str:
+        dt = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
+        extra = ("-h0" if self.h0 else "") + ("-ht" if self.ht else "") + (
+            f"-C{self.block_sizes.chunk}" if self.block_sizes else "")
+        return (f"B{self.batch}-T{self.seq}-H{self.heads}-K{self.dk}-V{self.dv}-{self.gate}-"
+                f"{'head' if self.per_head else 'dim'}-{dt}{extra}")
+
+
+def make_inputs(case: Case, seed: int):
+    """Fresh random inputs, rounded to the case's dtype; float64 numpy copies for the oracle."""
+    rng = np.random.default_rng(seed)
+    b, t, h, dk, dv = case.batch, case.seq, case.heads, case.dk, case.dv
+    ng = 1 if case.per_head else dk
+    shape_g = (b, t, h, ng)
+    if case.gate == "weak":
+        g = -0.01 * rng.uniform(0.5, 1.5, shape_g)
+    elif case.gate == "moderate":
+        g = -np.logaddexp(0.0, -rng.standard_normal(shape_g))  # logsigmoid(randn)
+    elif case.gate == "strong":
+        g = -5.0 * rng.uniform(0.5, 1.5, shape_g)
+    elif case.gate == "mixed":
+        g = -np.logaddexp(0.0, -4.0 * rng.standard_normal(shape_g))  # per dim from ~0 to below -10
+    elif case.gate == "extreme":
+        g = -20.0 * rng.uniform(0.5, 1.0, shape_g)
+    else:
+        raise ValueError(case.gate)
+    dt = jnp.dtype(case.dtype)
+    q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), dt) for _ in range(2))
+    v, do = (jnp.asarray(rng.standard_normal((b, t, h, dv)), dt) for _ in range(2))
+    log_g = jnp.asarray(g, dt)
+    h0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    dht = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
+    return q, k, v, log_g, h0, do, dht
+
+
+def run_case(case: Case, backend: str, seed: int = 0):
+    """Relative errors of o, S_T and every gradient against the oracle."""
+    q, k, v, log_g, h0, do, dht = make_inputs(case, seed)
+
+    def f(q, k, v, log_g, h0):
+        return gla(q, k, v, log_g, initial_state=h0 if case.h0 else None, return_final_state=True,
+                   backend=backend, interpret=True, block_sizes=case.block_sizes)
+
+    (o, ht), vjp = jax.vjp(f, q, k, v, log_g, h0)
+    dht_used = dht if case.ht else jnp.zeros_like(dht)
+    dq, dk, dv, dg, dh0 = vjp((do, dht_used))
+    to64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, log_g, do)]
+    h0_used = np.asarray(h0, np.float64) if case.h0 else np.zeros(h0.shape)
+    ro, rht, rg = oracle(*to64[:4], h0_used, to64[4], np.asarray(dht_used, np.float64))
+    errs = {
+        "o": numerics.rel_err(o.astype(jnp.float32), ro),
+        "ht": numerics.rel_err(ht, rht),
+        "dq": numerics.rel_err(dq.astype(jnp.float32), rg["q"]),
+        "dk": numerics.rel_err(dk.astype(jnp.float32), rg["k"]),
+        "dv": numerics.rel_err(dv.astype(jnp.float32), rg["v"]),
+        "dlog_g": numerics.rel_err(dg.astype(jnp.float32), rg["log_g"]),
+    }
+    if case.h0:
+        errs["dh0"] = numerics.rel_err(dh0, rg["h0"])
+    assert o.dtype == v.dtype and o.shape == v.shape
+    assert ht.dtype == jnp.float32 and ht.shape == h0.shape
+    for x, ref in ((dq, q), (dk, k), (dv, v), (dg, log_g)):
+        assert x.dtype == ref.dtype and x.shape == ref.shape
+    return errs
+
+
+def assert_errs(errs, dtype):
+    tol = numerics.RTOL[dtype]
+    bad = {name: err for name, err in errs.items() if not err <= tol}
+    assert not bad, f"over {tol:.0e}: " + ", ".join(f"{n}={e:.2e}" for n, e in bad.items()) + f" (all: {errs})"
+
+
+SMALL = BlockSizes(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_bwd=16, block_v_bwd=16,
+                   block_v_grads=16)
+
+CASES = [
+    Case(2, 37, 3, 32, 64, "moderate"),
+    Case(1, 130, 1, 64, 16, "moderate", per_head=True, h0=False),
+    Case(2, 64, 1, 16, 32, "strong", ht=False),
+    Case(1, 1, 3, 16, 16, "weak"),
+    Case(2, 130, 3, 32, 32, "weak", dtype="bfloat16"),
+    Case(1, 37, 1, 16, 16, "strong", per_head=True, dtype="bfloat16", h0=False, ht=False),
+    Case(1, 70, 2, 32, 64, "mixed", block_sizes=SMALL),  # chunks of 16: fast and exact paths side by side
+]
+
+SLOW_CASES = [
+    Case(2, 130, 3, 64, 16, "strong"),
+    Case(3, 64, 2, 16, 64, "weak", per_head=True),
+    Case(2, 130, 2, 32, 32, "mixed"),
+    Case(1, 130, 3, 32, 64, "moderate", dtype="bfloat16", block_sizes=SMALL),
+    Case(2, 37, 3, 24, 40, "moderate"),  # head dims padded inside
+    Case(1, 200, 2, 16, 16, "extreme", per_head=True),
+    Case(2, 1, 1, 32, 16, "strong", dtype="bfloat16"),
+]
+
+
+class TestGLAKernelGPU:
+    BACKEND = "gpu"  # the Triton kernels, in Pallas interpret mode
+    INTERPRET = True
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+    def test_against_recurrence(self, case):
+        assert_errs(run_case(case, self.BACKEND, seed=zlib.crc32(case.id.encode())), case.dtype)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", SLOW_CASES, ids=lambda c: c.id)
+    def test_against_recurrence_sweep(self, case):
+        assert_errs(run_case(case, self.BACKEND, seed=zlib.crc32(case.id.encode()) + 1), case.dtype)
+
+    def test_long_strong_decay_is_finite_and_exact(self):
+        """Several thousand tokens at log_g down to -20 per token: no NaN/inf, outputs and grads agree."""
+        case = Case(1, 3000, 1, 16, 16, "extreme", h0=True, ht=True)
+        errs = run_case(case, self.BACKEND, seed=7)
+        assert_errs(errs, "float32")
+
+
+class TestGLAKernelTPU(TestGLAKernelGPU):
+    BACKEND = "tpu"  # the Mosaic kernels, in TPU interpret mode
+
+
+def test_chunk_reference_against_recurrence():
+    """The pure-jnp chunk oracle (reference.py) equals the float64 recurrence, per dimension and per head."""
+    for per_head in (False, True):
+        case = Case(2, 45, 2, 8, 12, "strong" if per_head else "moderate", per_head=per_head)
+        q, k, v, log_g, h0, do, dht = make_inputs(case, seed=3)
+        o, ht = gla_chunk_reference(q, k, v, log_g, initial_state=h0, chunk=16)
+        ro, rht, _ = oracle(q, k, v, log_g, h0, do, dht)
+        numerics.assert_close(o, ro, dtype="float32", name="o")
+        numerics.assert_close(ht, rht, dtype="float32", name="ht")
+
+
+@pytest.mark.slow
+def test_100k_tokens_strong_decay():
+    """100K tokens at log_g in [-20, -10] per token (per dimension), GPU kernels in interpret mode."""
+    case = Case(1, 100_000, 1, 16, 16, "extreme", h0=True, ht=True)
+    assert_errs(run_case(case, "gpu", seed=11), "float32")
+
+
+@pytest.mark.slow
+def test_under_shard_map():
+    """Batch-sharded over the simulated CPU devices, as the ops layer runs it."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    case = Case(2, 40, 2, 16, 16, "moderate")
+    q, k, v, log_g, h0, do, dht = make_inputs(case, seed=5)
+    spec = P("data")
+    fn = jax.shard_map(lambda *a: gla(*a, backend="gpu", interpret=True), mesh=mesh, in_specs=(spec,) * 4,
+                       out_specs=spec)
+    o = fn(q, k, v, log_g)
+    ro, _, _ = oracle(q, k, v, log_g, np.zeros(h0.shape), do, dht)
+    numerics.assert_close(o, ro, dtype="float32", name="o")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k_shape=(1, 8, 2, 8)), "differ"),
+        (dict(v_shape=(1, 7, 2, 16)), "differ in batch, seq or heads"),
+        (dict(g_shape=(1, 8, 2, 4)), "per dimension"),
+        (dict(h0_shape=(1, 2, 16, 8)), "initial_state"),
+        (dict(backend="cuda"), "backend"),
+        (dict(v_dtype=jnp.bfloat16), "share one dtype"),
+    ],
+)
+def test_validation(kwargs, match):
+    q = jnp.ones((1, 8, 2, 16))
+    k = jnp.ones(kwargs.get("k_shape", q.shape))
+    v = jnp.ones(kwargs.get("v_shape", (1, 8, 2, 16)), kwargs.get("v_dtype", jnp.float32))
+    g = -jnp.ones(kwargs.get("g_shape", q.shape))
+    h0 = jnp.ones(kwargs["h0_shape"]) if "h0_shape" in kwargs else None
+    with pytest.raises(ValueError, match=match):
+        gla(q, k, v, g, initial_state=h0, backend=kwargs.get("backend", "gpu"), interpret=True)
+
+
+def test_block_sizes_validated():
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(chunk=48)
+    with pytest.raises(ValueError, match="does not divide"):
+        gla(jnp.ones((1, 8, 1, 16)), jnp.ones((1, 8, 1, 16)), jnp.ones((1, 8, 1, 16)), -jnp.ones((1, 8, 1, 16)),
+            interpret=True, block_sizes=BlockSizes(block_k=32))
