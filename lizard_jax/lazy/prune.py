@@ -1,0 +1,314 @@
+"""LazyLLM prefill and decoding on the teacher's own layers, with static shapes.
+
+Slots: every token owns one cache slot at every layer, the same index everywhere: prompt token `i` (of the
+left-padded prompt, width `P`) is slot `i`, the `s`-th generated token slot `P + s`. A layer's cache holds a token
+only if the token was computed at that layer; the others keep position -1 and are invisible, so attention by
+absolute positions (`ops.softmax.visible`) needs nothing else, and RoPE is applied at the true positions.
+
+The model is driven layer by layer (`Transformer.layers[i]` through `model.apply(method=...)`); the hook into
+attention is the cache: a softmax layer calls `cache.attend(q, k, v, positions, ...)`, and `_View.attend` writes
+the chunk's keys/values into their slots by scatter, attends, and for the scoring layers also returns the
+attention of the chunk's last query (the last prompt token, or the newest token while decoding) to every key,
+averaged over all query heads.
+
+Prefill: the prompt runs through stage 0; at each pruning layer the top-`budget` tokens (by that score; the last
+token always) are gathered and only they run the next stage, attending only among themselves (a compact
+`[B, budget]` problem: gathers, not masks). Every token's hidden state at the end of a stage is written to the
+Aux Cache (`aux`, one row per prompt token) and `depth` records how many layers it has computed.
+
+Decoding: the new token runs every layer. At each pruning layer it scores every token computed there; the
+selected ones that stopped at exactly that layer (`depth == layer + 1`) are revived: their hidden states come from
+the Aux Cache and they run the next stage together with the new token, written into their slots. So a token is
+computed at most once per layer over the whole generation (`counts` proves it). The number revived per step is
+rounded up to a size of `LazyConfig.revive_buckets` and `lax.switch` picks the branch: one program per prompt
+bucket, and a step that revives nothing costs a plain decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.generate import SamplingConfig, decode_loop
+from lizard_jax.lazy.config import LazyConfig
+from lizard_jax.models import Transformer
+from lizard_jax.ops.softmax import attention, visible
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LazyState:
+    """What a lazy generation carries. `S` slots = prompt width `P` + generated tokens; `L` layers.
+
+    k, v: per layer `[B, S, kv_heads, head_dim]`; pos: per layer `[B, S]` int32, the token's position if it was
+    computed at that layer, else -1. aux `[B, P, d_model]`: a prompt token's hidden state after its last
+    computed layer (the Aux Cache; meaningful where depth < L). depth `[B, S]` int32: layers computed. slot_pos
+    `[B, S]`: the true position of each slot's token (-1: padding or not generated yet). counts `[L, B, S]`
+    int32: how often each token was computed at each layer (never above 1). step: tokens generated so far.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    pos: tuple[Array, ...]
+    aux: Array
+    depth: Array
+    slot_pos: Array
+    counts: Array
+    step: Array
+
+    def computed_fraction(self) -> Array:
+        """Fraction of (real prompt token, layer) pairs computed so far, float32 scalar."""
+        p = self.aux.shape[1]
+        real = self.slot_pos[:, :p] >= 0
+        done = jnp.sum(jnp.where(real[None], self.counts[:, :, :p], 0))
+        return done / (self.counts.shape[0] * jnp.maximum(jnp.sum(real), 1)).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class _View:
+    """One layer's cache as the layer sees it during a lazy chunk (see `KVCache.attend` for the protocol).
+
+    slots `[B, T]`: where the chunk's tokens are written (an out-of-range slot, `S`, writes nothing). local:
+    attend within the chunk only (a pruned prefill chunk: the cache holds nothing else yet). want_score: also
+    return `score [B, keys]`, the mean over query heads of the last query's attention probabilities.
+    """
+
+    k: Array
+    v: Array
+    pos: Array
+    slots: Array
+    score: Array | None = None
+    local: bool = flax.struct.field(pytree_node=False, default=False)
+    want_score: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="xla"):
+        b = jnp.arange(q.shape[0])[:, None]
+        k_new = k_new.astype(self.k.dtype)
+        v_new = v_new.astype(self.v.dtype)
+        positions = positions.astype(jnp.int32)
+        k = self.k.at[b, self.slots].set(k_new, mode="drop")
+        v = self.v.at[b, self.slots].set(v_new, mode="drop")
+        pos = self.pos.at[b, self.slots].set(positions, mode="drop")
+        keys = (k_new, v_new, positions) if self.local else (k, v, pos)
+        o = attention(q, keys[0], keys[1], q_positions=positions, k_positions=keys[2], window=window, sinks=sinks,
+                      scale=scale, impl=impl)
+        score = self.score
+        if self.want_score:
+            score = last_query_scores(q[:, -1], keys[0], positions[:, -1], keys[2], window=window, sinks=sinks,
+                                      scale=scale)
+        return o, self.replace(k=k, v=v, pos=pos, score=score)
+
+
+def last_query_scores(q, k, q_pos, k_pos, *, window=None, sinks=None, scale=None):
+    """LazyLLM's importance: q `[B, H, D]` (one query), k `[B, S, KVH, D]`, q_pos `[B]`, k_pos `[B, S]` ->
+    `[B, S]` float32, the attention probabilities averaged over the H query heads (GQA: each query head against
+    its group's key head); invisible keys score 0."""
+    bsz, h, d = q.shape
+    kvh = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(bsz, kvh, h // kvh, d)
+    s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * scale
+    ok = visible(q_pos[:, None], k_pos, causal=True, window=window)  # [B, 1, S]
+    s = jnp.where(ok[:, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+    if sinks is not None:  # sinks take their share of every head's denominator
+        sink_lse = jax.nn.logsumexp(sinks.astype(jnp.float32), axis=-1).reshape(1, kvh, h // kvh, 1)
+        lse = jnp.logaddexp(lse, sink_lse)
+    return jnp.mean(jnp.exp(s - lse), axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _apply(model: Transformer, params, fn, *args):
+    return model.apply({"params": params}, *args, method=fn)
+
+
+def _embed(model, params, tokens):
+    return _apply(model, params, lambda m, t: m.embed(t), tokens)
+
+
+def _head(model, params, x):
+    return _apply(model, params, lambda m, h: m.head(h), x)
+
+
+def _run(model, params, state: LazyState, first: int, last: int, x, positions, slots, *, local: bool,
+         score: bool):
+    """Layers first..last on the chunk x `[B, T, D]` (tokens at `positions`, written to `slots`) -> (x, the
+    last layer's scores if `score` else None, state)."""
+    b = jnp.arange(x.shape[0])[:, None]
+    real = (positions >= 0).astype(jnp.int32)
+    k, v, pos, counts = list(state.k), list(state.v), list(state.pos), state.counts
+    out = None
+    for i in range(first, last + 1):
+        view = _View(k[i], v[i], pos[i], slots, local=local, want_score=score and i == last)
+        x, view = _apply(model, params, lambda m, *a, i=i: m.layers[i](*a), x, positions, view)
+        k[i], v[i], pos[i], out = view.k, view.v, view.pos, view.score
+        counts = counts.at[i, b, slots].add(real, mode="drop")
+    return x, out, state.replace(k=tuple(k), v=tuple(v), pos=tuple(pos), counts=counts)
+
+
+def _check(model: Transformer, tokens, positions, lazy: LazyConfig):
+    cfg = model.cfg
+    if not isinstance(lazy, LazyConfig):
+        raise TypeError(f"lazy must be a LazyConfig, got {type(lazy).__name__}")
+    lazy.check(cfg.num_layers)
+    other = sorted({s.kind for s in cfg.attention} - {"softmax"})
+    if other:
+        raise ValueError(f"LazyLLM prunes softmax layers only; this model has {other} layers")
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be [batch, prompt]: {tokens.shape=} {positions.shape=}")
+
+
+def _init_state(model: Transformer, positions, cache_len: int) -> LazyState:
+    cfg = model.cfg
+    bsz, p = positions.shape
+    if cache_len < p:
+        raise ValueError(f"{cache_len=} is shorter than the prompt ({p} tokens)")
+    dtype = jnp.dtype(cfg.dtype)
+    kv = jnp.zeros((bsz, cache_len, cfg.num_kv_heads, cfg.head_dim), dtype)
+    empty = jnp.full((bsz, cache_len), -1, jnp.int32)
+    n = cfg.num_layers
+    return LazyState(
+        k=(kv,) * n, v=(kv,) * n, pos=(empty,) * n,
+        aux=jnp.zeros((bsz, p, cfg.d_model), dtype),
+        depth=jnp.zeros((bsz, cache_len), jnp.int32),
+        slot_pos=empty.at[:, :p].set(positions.astype(jnp.int32)),
+        counts=jnp.zeros((n, bsz, cache_len), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _prefill(model: Transformer, params, tokens, positions, lazy: LazyConfig, cache_len: int):
+    """-> (logits of the last prompt token `[B, V]` float32, LazyState)."""
+    _check(model, tokens, positions, lazy)
+    n_layers = model.cfg.num_layers
+    bsz, p = tokens.shape
+    stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
+    state = _init_state(model, positions, cache_len)
+    b = jnp.arange(bsz)[:, None]
+    x = _embed(model, params, tokens)
+    slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (bsz, p))
+    pos = positions.astype(jnp.int32)
+    for j, (first, last) in enumerate(stages):
+        prune = j < len(budgets) and budgets[j] < x.shape[1]
+        # the whole prompt attends through the cache exactly like a plain prefill; a pruned chunk only within itself
+        x, score, state = _run(model, params, state, first, last, x, pos, slots, local=x.shape[1] < p, score=prune)
+        if not prune:
+            continue
+        state = state.replace(aux=state.aux.at[b, slots].set(x), depth=state.depth.at[b, slots].set(last + 1))
+        if score.shape[1] != slots.shape[1]:  # cache-wide scores -> the chunk's tokens
+            score = jnp.take_along_axis(score, slots, axis=1)
+        score = jnp.where(pos >= 0, score, -jnp.inf).at[:, -1].set(jnp.inf)  # the last token always stays
+        keep = jnp.sort(jax.lax.top_k(score, budgets[j])[1], axis=-1)  # position order: the last token stays last
+        x = jnp.take_along_axis(x, keep[..., None], axis=1)
+        slots = jnp.take_along_axis(slots, keep, axis=1)
+        pos = jnp.take_along_axis(pos, keep, axis=1)
+    state = state.replace(depth=state.depth.at[b, slots].set(n_layers))
+    return _head(model, params, x[:, -1]), state
+
+
+def _revive_sizes(lazy: LazyConfig, budget: int) -> tuple[int, ...]:
+    return (0, *(r for r in lazy.revive_buckets if r < budget), budget)
+
+
+def _stage_step(model, params, first: int, last: int, n_revive: int, score_next: bool, x, pos, slots, score,
+                need, state: LazyState):
+    """One decode stage: the new token x `[B, 1, D]` plus the `n_revive` best-scored tokens of `need [B, S]`
+    (fewer are real if fewer need it) -> (new token's x, next scores, state)."""
+    b = jnp.arange(x.shape[0])[:, None]
+    p, s = state.aux.shape[1], state.depth.shape[1]
+    if n_revive:
+        idx = jax.lax.top_k(jnp.where(need, score, -jnp.inf), n_revive)[1]
+        ok = jnp.take_along_axis(need, idx, axis=1)
+        r_slots = jnp.where(ok, idx, s)  # slot S: written nowhere
+        r_pos = jnp.where(ok, jnp.take_along_axis(state.slot_pos, idx, axis=1), -1)
+        r_x = jnp.take_along_axis(state.aux, jnp.minimum(idx, p - 1)[..., None], axis=1)
+        x = jnp.concatenate([r_x.astype(x.dtype), x], axis=1)
+        pos = jnp.concatenate([r_pos, pos], axis=1)
+        slots = jnp.concatenate([r_slots, slots], axis=1)
+    x, new_score, state = _run(model, params, state, first, last, x, pos, slots, local=False, score=score_next)
+    if n_revive:
+        r_x = x[:, :n_revive]
+        state = state.replace(aux=state.aux.at[b, r_slots].set(r_x.astype(state.aux.dtype), mode="drop"),
+                              depth=state.depth.at[b, r_slots].set(last + 1, mode="drop"))
+    return x[:, -1:], score if new_score is None else new_score, state
+
+
+def _step(model: Transformer, params, lazy: LazyConfig, tok, pos, state: LazyState):
+    """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state)."""
+    n_layers = model.cfg.num_layers
+    p = state.aux.shape[1]
+    stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
+    bsz = tok.shape[0]
+    b = jnp.arange(bsz)[:, None]
+    slot = p + state.step
+    slots = jnp.full((bsz, 1), slot, jnp.int32)
+    pos = pos.astype(jnp.int32)
+    state = state.replace(slot_pos=state.slot_pos.at[:, slot].set(pos[:, 0]),
+                          depth=state.depth.at[:, slot].set(n_layers), step=state.step + 1)
+    x = _embed(model, params, tok)
+    first, last = stages[0]
+    x, score, state = _run(model, params, state, first, last, x, pos, slots, local=False, score=len(stages) > 1)
+    for j, (first, last) in enumerate(stages[1:]):
+        score_next = j + 2 < len(stages)
+        if budgets[j] == p:  # nothing was ever pruned before this stage: nothing to revive
+            x, new_score, state = _run(model, params, state, first, last, x, pos, slots, local=False,
+                                       score=score_next)
+            score = score if new_score is None else new_score
+            continue
+        score = jnp.where(state.pos[first - 1] >= 0, score, -jnp.inf)
+        chosen = jnp.zeros(score.shape, bool).at[b, jax.lax.top_k(score, budgets[j])[1]].set(True)
+        need = chosen & (state.depth == first)  # selected, and stopped right before this stage
+        sizes = _revive_sizes(lazy, budgets[j])
+        branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(need, axis=1)))
+        branches = [functools.partial(_stage_step, model, params, first, last, r, score_next) for r in sizes]
+        x, score, state = jax.lax.switch(branch, branches, x, pos, slots, score, need, state)
+    return _head(model, params, x), state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lazy", "cache_len"))
+def lazy_prefill(model: Transformer, params, tokens, positions, *, lazy: LazyConfig, cache_len: int | None = None):
+    """Pruned prefill of left-padded prompts. tokens, positions `[B, P]` int32 (positions -1 on padding) ->
+    (logits of the last prompt token `[B, vocab]` float32, LazyState with `cache_len` slots, default P)."""
+    return _prefill(model, params, tokens, positions, lazy, cache_len or tokens.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lazy", "max_new_tokens", "sampling", "eos_ids"))
+def generate_lazy(model: Transformer, params, tokens, positions, key, *, lazy: LazyConfig, max_new_tokens: int,
+                  sampling: SamplingConfig, eos_ids: tuple[int, ...]):
+    """`generate._generate` with LazyLLM prefill and decoding: tokens, positions `[B, P]` (left-padded,
+    positions -1 on padding) -> generated tokens `[B, max_new_tokens]` int32, -1 after a row's EOS."""
+    logits, state = _prefill(model, params, tokens, positions, lazy, tokens.shape[1] + max_new_tokens)
+    step = functools.partial(_step, model, params, lazy)
+    return decode_loop(step, state, logits, jnp.max(positions, axis=1), key, max_new_tokens=max_new_tokens,
+                       sampling=sampling, eos_ids=eos_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lazy"))
+def lazy_logprobs(model: Transformer, params, tokens, positions, targets, *, lazy: LazyConfig):
+    """Teacher-forced LazyLLM decoding: the log-probability of each of `targets [B, N]` given the prompt and the
+    targets before it, the targets fed one decode step at a time exactly as generated tokens would be.
+    -> (log-probs `[B, N]` float32, final LazyState)."""
+    if targets.ndim != 2 or targets.shape[0] != tokens.shape[0]:
+        raise ValueError(f"targets must be [batch, N] with the prompt's batch: {targets.shape=} {tokens.shape=}")
+    logits, state = _prefill(model, params, tokens, positions, lazy, tokens.shape[1] + targets.shape[1])
+
+    def body(carry, tgt):  # tgt [B]
+        logits, state, pos = carry
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[:, None], axis=1)[:, 0]
+        pos = pos + 1
+        logits, state = _step(model, params, lazy, tgt[:, None], pos[:, None], state)
+        return (logits[:, -1], state, pos), lp
+
+    carry = (logits, state, jnp.max(positions, axis=1).astype(jnp.int32))
+    (_, state, _), lps = jax.lax.scan(body, carry, targets.T.astype(jnp.int32))
+    return lps.T, state

@@ -1,0 +1,221 @@
+"""LazyLLM on a tiny random teacher: schedule errors, keep 1.0 == plain generation, the gather path == the masked
+spec, nested kept sets, the at-most-once counter, revived KV == recomputation from the Aux Cache, batch sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lizard_jax.config import ConfigError, ModelConfig
+from lizard_jax.generate import SamplingConfig, _generate, left_pad
+from lizard_jax.layers.common import KVCache
+from lizard_jax.layers.softmax import SoftmaxSpec
+from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
+from lizard_jax.lazy.prune import _step
+from lizard_jax.models import Transformer, init_params
+from lizard_jax.numerics import FORMS_RTOL, assert_close
+from lizard_jax.sharding import make_mesh
+
+GREEDY = SamplingConfig()
+STEP = jax.jit(_step, static_argnums=(0, 2))  # one decode step: (model, params, lazy, tok, pos, state)
+
+
+def tiny(layers=4, dtype="float32", window=None, kv=2):
+    cfg = ModelConfig(vocab_size=97, d_model=32, num_layers=layers, num_heads=4, num_kv_heads=kv, head_dim=8,
+                      ffn_dim=64, eos_token_ids=(1,), dtype=dtype, attention=SoftmaxSpec(window=window))
+    return Transformer(cfg), init_params(cfg, jax.random.key(layers + kv))
+
+
+def prompts(lengths, seed=0, bucket=16):
+    rng = np.random.default_rng(seed)
+    return left_pad([list(rng.integers(2, 97, n)) for n in lengths], 0, bucket=bucket)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule validation
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(layers=(1,), keep=(0.0,)), r"keep fractions must be in \(0, 1\]"),
+    (dict(layers=(1,), keep=(1.5,)), r"keep fractions must be in \(0, 1\]"),
+    (dict(layers=(3, 1), keep=(0.5, 0.4)), "strictly increasing"),
+    (dict(layers=(1, 1), keep=(0.5, 0.4)), "strictly increasing"),
+    (dict(layers=(-1,), keep=(0.5,)), ">= 0"),
+    (dict(layers=(1, 2), keep=(0.5,)), "has 1 entries for 2 pruning layers"),
+    (dict(layers=(1, 2), keep=(0.3, 0.5)), "non-increasing"),
+    (dict(layers=(1,), keep=(0.5,), top_k=(8,)), "not both"),
+    (dict(layers=(1,), keep=(), top_k=(0,)), "integers >= 1"),
+    (dict(layers=(1,), keep=(0.5,), bucket=0), "bucket must be >= 1"),
+    (dict(layers=(1,), keep=(0.5,), revive_buckets=(8, 4)), "revive_buckets"),
+], ids=["zero", "above-one", "unsorted", "repeated", "negative", "lengths", "growing", "both", "topk-zero",
+        "bucket", "revive-buckets"])
+def test_bad_schedule_errors(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        LazyConfig(**kw)
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (4,)], ids=["last-layer", "beyond"])
+def test_layer_out_of_range(layers):
+    model, params = tiny(layers=4)
+    toks, pos = prompts([20])
+    with pytest.raises(ConfigError, match="out of range"):
+        lazy_prefill(model, params, toks, pos, lazy=LazyConfig(layers=layers, keep=(0.5,) * len(layers)))
+
+
+def test_budgets_bucketed_and_nested():
+    lazy = LazyConfig(layers=(0, 2), keep=(0.5, 0.3), bucket=64)
+    assert lazy.budgets(1024) == (512, 320)
+    assert lazy.budgets(192) == (128, 64)  # rounded up to the bucket
+    assert LazyConfig(layers=(0, 2), keep=(), top_k=(100, 10)).budgets(64) == (64, 10)
+    assert lazy.stages(4) == ((0, 0), (1, 2), (3, 3))
+    assert lazy.computed_fraction(1024, 4) == pytest.approx((1024 + 2 * 512 + 320) / 4096)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exactness
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["B2-ragged-fp32", "B2-ragged-bf16"])
+def test_keep_one_is_plain_generation(dtype):
+    model, params = tiny(layers=3, dtype=dtype)
+    toks, pos = prompts([45, 20])
+    lazy = LazyConfig(layers=(0, 1), keep=(1.0, 1.0))
+    new = 12
+    ref = _generate(model, params, toks, pos, jax.random.key(1), max_new_tokens=new, sampling=GREEDY, eos_ids=(),
+                    cache_len=toks.shape[1] + new)
+    out = generate_lazy(model, params, toks, pos, jax.random.key(1), lazy=lazy, max_new_tokens=new, sampling=GREEDY,
+                        eos_ids=())
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    if dtype == "float32":  # teacher-forced: the plain model's log-probs of the same continuation
+        lp, state = lazy_logprobs(model, params, toks, pos, out, lazy=lazy)
+        full = jnp.concatenate([toks, out], axis=1)
+        fpos = jnp.concatenate([pos, jnp.max(pos, axis=1, keepdims=True) + 1 + jnp.arange(new)], axis=1)
+        logits = model.apply({"params": params}, full, fpos)[:, toks.shape[1] - 1:-1]
+        want = jnp.take_along_axis(jax.nn.log_softmax(logits), out[..., None], axis=-1)[..., 0]
+        assert_close(lp, want, dtype="float32", name="log-probs")
+        assert float(state.computed_fraction()) == 1.0
+
+
+CASES = {
+    "B2-ragged-L4-gqa-keep": (dict(layers=4), [61, 30], dict(layers=(0, 2), keep=(0.5, 0.25), bucket=8)),
+    "B1-L4-mqa-topk": (dict(layers=4, kv=1), [50], dict(layers=(1,), keep=(), top_k=(9,))),
+    "B2-L3-window8": (dict(layers=3, window=8), [40, 33], dict(layers=(0, 1), keep=(0.6, 0.3), bucket=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prefill_matches_masked_spec(name):
+    mkw, lengths, lkw = CASES[name]
+    model, params = tiny(**mkw)
+    toks, pos = prompts(lengths, seed=1)
+    lazy = LazyConfig(**lkw)
+    ref = prefill_reference(model, params, toks, pos, lazy)
+    logits, st = lazy_prefill(model, params, toks, pos, lazy=lazy)
+    p = toks.shape[1]
+    assert_close(logits, ref["logits"], rtol=FORMS_RTOL, name="last logits")
+    counts = np.asarray(st.counts[:, :, :p])
+    active = np.asarray(ref["active"])
+    np.testing.assert_array_equal(counts, active.astype(np.int32))
+    # nested with depth, the last token everywhere, and the schedule's budgets
+    assert (np.diff(counts, axis=0) <= 0).all()
+    assert (counts[:, :, -1] == 1).all()
+    real = np.asarray(pos) >= 0
+    for layer, budget in zip(lazy.layers, lazy.budgets(p)):
+        np.testing.assert_array_equal(counts[layer + 1].sum(-1), np.minimum(budget, real.sum(-1)))
+    for i in range(model.cfg.num_layers):
+        m = active[i][..., None, None]
+        assert_close(np.where(m, st.k[i][:, :p], 0), ref["k"][i], rtol=FORMS_RTOL, name=f"k{i}")
+        assert_close(np.where(m, st.v[i][:, :p], 0), ref["v"][i], rtol=FORMS_RTOL, name=f"v{i}")
+    pruned = (np.asarray(st.depth[:, :p]) < model.cfg.num_layers) & real
+    assert pruned.any()
+    assert_close(np.where(pruned[..., None], st.aux, 0), np.where(pruned[..., None], ref["hidden"], 0),
+                 rtol=FORMS_RTOL, name="aux cache")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding: revival, the counter, the Aux Cache
+
+
+LAZY = LazyConfig(layers=(0, 2), keep=(0.4, 0.2), bucket=4, revive_buckets=(2, 8))
+
+
+def test_counter_at_most_once_per_layer():
+    model, params = tiny(layers=4)
+    toks, pos = prompts([70, 41], seed=2)
+    new = 24
+    out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=LAZY, max_new_tokens=new,
+                        sampling=GREEDY, eos_ids=())
+    _, st = lazy_logprobs(model, params, toks, pos, out, lazy=LAZY)
+    _, st0 = lazy_prefill(model, params, toks, pos, lazy=LAZY)
+    counts, counts0 = np.asarray(st.counts), np.asarray(st0.counts)
+    p = toks.shape[1]
+    real = np.asarray(pos) >= 0
+    assert counts.max() == 1, "a token was computed twice at one layer"
+    assert (counts[:, :, :p][:, ~real] == 0).all(), "padding was counted"
+    revived = counts[:, :, :p].sum() - counts0[:, :, :p].sum()
+    assert revived > 0, "decoding revived nothing: the test does not exercise the Aux Cache"
+    assert (counts[:, :, p:] == 1).all(), "every generated token runs every layer"
+    assert (counts[:, :, :p] >= counts0[:, :, :p]).all()
+    assert float(st.computed_fraction()) > float(st0.computed_fraction())
+
+
+def test_generation_and_teacher_forcing_agree():
+    model, params = tiny(layers=4)
+    toks, pos = prompts([70, 41], seed=2)
+    new = 10
+    out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=LAZY, max_new_tokens=new,
+                        sampling=GREEDY, eos_ids=())
+    # greedy generation picks the argmax at each step, so every forced log-prob is the step's maximum
+    p = toks.shape[1]
+    logits, st = lazy_prefill(model, params, toks, pos, lazy=LAZY, cache_len=p + new)
+    last = jnp.max(pos, axis=1)
+    for s in range(new):
+        np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)).reshape(-1), np.asarray(out[:, s]))
+        lg, st = STEP(model, params, LAZY, out[:, s:s + 1], (last + 1 + s)[:, None], st)
+        logits = lg[:, -1]
+
+
+def test_revived_kv_is_recomputation_from_aux():
+    model, params = tiny(layers=4)
+    cfg = model.cfg
+    toks, pos = prompts([70, 41], seed=3)
+    p = toks.shape[1]
+    logits, st0 = lazy_prefill(model, params, toks, pos, lazy=LAZY, cache_len=p + 1)
+    tok = jnp.argmax(logits, -1)[:, None].astype(jnp.int32)
+    _, st1 = STEP(model, params, LAZY, tok, jnp.max(pos, 1)[:, None] + 1, st0)
+    d0, d1 = np.asarray(st0.depth), np.asarray(st1.depth)
+    revived = np.argwhere(d1[:, :p] > d0[:, :p])
+    assert len(revived) > 0, "the first decode step revived nothing"
+    s = st1.depth.shape[1]
+    for b, t in revived:
+        h = st0.aux[b:b + 1, t:t + 1]
+        tpos = st1.slot_pos[b:b + 1, t:t + 1]
+        for i in range(d0[b, t], d1[b, t]):
+            # the layer's own cache after the step, without token t, plus a free slot: the plain layer appends t
+            kpos = st1.pos[i][b:b + 1].at[:, t].set(-1)
+            pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)
+            cache = KVCache(k=pad(st1.k[i][b:b + 1]), v=pad(st1.v[i][b:b + 1]),
+                            pos=jnp.concatenate([kpos, jnp.full((1, 1), -1, jnp.int32)], axis=1),
+                            index=jnp.int32(s))
+            h, cache = model.apply({"params": params}, h, tpos, cache, method=lambda m, *a, i=i: m.layers[i](*a))
+            assert_close(st1.k[i][b, t], cache.k[0, s], rtol=FORMS_RTOL, name=f"revived k layer {i}")
+            assert_close(st1.v[i][b, t], cache.v[0, s], rtol=FORMS_RTOL, name=f"revived v layer {i}")
+            assert int(st1.pos[i][b, t]) == int(tpos[0, 0])
+        if d1[b, t] < cfg.num_layers:
+            assert_close(st1.aux[b, t], h[0, 0], rtol=FORMS_RTOL, name="aux after revival")
+    # tokens that were not revived keep their Aux Cache entry
+    same = (d1[:, :p] == d0[:, :p])[..., None]
+    np.testing.assert_array_equal(np.where(same, st1.aux, 0), np.where(same, st0.aux, 0))
+
+
+def test_batch_sharded_equals_unsharded():
+    model, params = tiny(layers=4)
+    toks, pos = prompts([70, 41, 12, 66], seed=4)
+    kw = dict(lazy=LAZY, max_new_tokens=8, sampling=GREEDY, eos_ids=())
+    ref = generate_lazy(model, params, toks, pos, jax.random.key(0), **kw)
+    mesh = make_mesh({"data": 4}, devices=jax.devices()[:4])
+    shard = NamedSharding(mesh, P("data"))
+    out = generate_lazy(model, params, jax.device_put(toks, shard), jax.device_put(pos, shard), jax.random.key(0),
+                        **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
