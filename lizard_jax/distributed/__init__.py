@@ -1,0 +1,187 @@
+"""Context parallelism for long prompts: Star Attention and ring attention on a device mesh (shard_map).
+
+    mesh = make_mesh({"context": jax.device_count()})
+    out = generate_context_parallel(model, params, tokens, positions, key, mode="star", mesh=mesh,
+                                    block_size=8192, max_new_tokens=32)
+
+A left-padded prompt batch (`generate.left_pad`) is split into a context (all but the last `query_size` tokens)
+and a query (the last `query_size` tokens). The context is right-padded to a multiple of block_size x devices
+and encoded along the mesh axis "context" (phase 1): by Star Attention (blocks with an anchor, no
+communication; `star.py`) or by ring attention (exact global causal attention; `ring.py`). The query and every
+generated token then attend over the sharded KV with an exact (output, log-sum-exp) merge (phase 2); only the
+query host, the last device on the axis, stores their KV. With one block covering the context, Star equals
+global attention; ring always does. On one device, Star's phase 1 is a block-parallel prefill whose attention
+cost grows as T x (anchor + block) instead of T^2 / 2.
+
+Other mesh axes (data, fsdp, tensor) replicate the computation; params may be sharded any way (shard_map
+gathers them). Layers must be full softmax attention (no windows); other families are rejected.
+
+Multi-host: start one process per host and call `jax.distributed.initialize()` first in each (coordinator
+address, process count and id come from its arguments or the cluster environment, e.g. SLURM); build the mesh
+from all processes' devices and load params onto it; call `generate_context_parallel` with the same prompts on
+every process. The result is replicated, so every process gets the tokens:
+
+    # on every host, e.g.  srun -N 4 python serve.py
+    jax.distributed.initialize()
+    mesh = make_mesh({"context": jax.device_count()})          # jax.devices(): every process's devices
+    model, params, tokenizer = lizard_jax.load(ckpt, mesh)     # params placed by the sharding rules
+    out = generate_context_parallel(model, params, tokens, positions, key, mode="star", mesh=mesh, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lizard_jax.distributed.common import AXIS
+from lizard_jax.distributed.ring import ring_attention, zigzag_order
+from lizard_jax.distributed.star import ShardedKVCache, context_attention, encode_context
+from lizard_jax.generate import SamplingConfig, decode_loop
+
+__all__ = ["ContextParallel", "validate_context_parallel", "prefill_context_parallel", "generate_context_parallel",
+           "encode_context", "context_attention", "ring_attention", "ShardedKVCache", "zigzag_order", "AXIS"]
+
+MODES = ("star", "ring")
+ANCHORS = ("first", "none")
+BLOCK_ROUND = 64  # the default block size (context / devices) is rounded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """Static options of context-parallel prefill and generation.
+
+    mode: "star" (Star Attention) or "ring" (ring attention, exact).
+    block_size: tokens per context block; None = context / devices (the paper's default), rounded up to 64.
+      Ring shards are whole blocks too (C / devices tokens per device, two zigzag chunks), so it must be even.
+    anchor: "first" (the first `anchor_size` context tokens prepended to every block) or "none"; Star only.
+    anchor_size: None = block_size (the paper's default); at most block_size.
+    query_size: the last `query_size` prompt tokens form the query, answered with exact global attention.
+    axis: the mesh axis the context is sharded over.
+    """
+
+    mode: str
+    block_size: int | None = None
+    anchor: str = "first"
+    anchor_size: int | None = None
+    query_size: int = 64
+    axis: str = AXIS
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"context_parallel must be one of {MODES}, got {self.mode!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"block_size must be a positive int or None, got {self.block_size!r}")
+        if self.mode == "ring" and self.block_size is not None and self.block_size % 2:
+            raise ValueError(f"ring attention splits every device's shard into two zigzag chunks: block_size "
+                             f"must be divisible by 2, got {self.block_size}")
+        if self.anchor_size is not None:
+            if self.mode == "ring" or self.anchor == "none":
+                raise ValueError(f"anchor_size={self.anchor_size} given but no anchor is used "
+                                 f"(mode={self.mode!r}, anchor={self.anchor!r})")
+            if not isinstance(self.anchor_size, int) or self.anchor_size < 1:
+                raise ValueError(f"anchor_size must be a positive int or None, got {self.anchor_size!r}")
+            if self.block_size is not None and self.anchor_size > self.block_size:
+                raise ValueError(f"anchor_size={self.anchor_size} is larger than a block "
+                                 f"(block_size={self.block_size})")
+        if not isinstance(self.query_size, int) or self.query_size < 1:
+            raise ValueError(f"query_size must be a positive int, got {self.query_size!r}")
+
+    def layout(self, prompt_len: int, devices: int) -> tuple[int, int, int, int]:
+        """(query, block, anchor, context) sizes for a prompt width of `prompt_len` on `devices`: the last
+        `query` columns are the query; the context is padded to `context`, a multiple of block x devices."""
+        query = min(self.query_size, prompt_len)
+        ctx = max(prompt_len - query, 1)
+        block = self.block_size or -(-ctx // (devices * BLOCK_ROUND)) * BLOCK_ROUND
+        anchor = 0 if self.mode == "ring" or self.anchor == "none" else (self.anchor_size or block)
+        if anchor > block:
+            raise ValueError(f"anchor_size={anchor} is larger than a block (block_size={block})")
+        context = -(-ctx // (block * devices)) * block * devices
+        return query, block, anchor, context
+
+
+def validate_context_parallel(mesh: Mesh | None, cfg=None, **options) -> ContextParallel:
+    """`ContextParallel(**options)` checked against `mesh` (it needs the options' axis, "context" by default)
+    and, when given, the model config `cfg` (every layer must be full softmax attention). Raises ValueError."""
+    opts = ContextParallel(**options)
+    if mesh is None or opts.axis not in mesh.axis_names:
+        axes = None if mesh is None else mesh.axis_names
+        raise ValueError(f"context_parallel={opts.mode!r} needs a mesh with a {opts.axis!r} axis; got axes {axes} "
+                         f"(e.g. lizard_jax.sharding.make_mesh({{{opts.axis!r}: jax.device_count()}}))")
+    if cfg is not None:
+        bad = [(i, s) for i, s in enumerate(cfg.attention)
+               if s.kind != "softmax" or getattr(s, "window", None) is not None]
+        if bad:
+            raise ValueError(f"context parallelism needs full softmax attention in every layer; layers "
+                             f"{[i for i, _ in bad]} are {sorted({repr(s) for _, s in bad})}")
+    return opts
+
+
+def split_prompt(tokens, positions, query: int, context: int, pad_id: int):
+    """Left-padded tokens/positions `[B, P]` -> right-padded context `[B, context]` (token at its position,
+    -1 positions on padding) and the query: the last `query` columns `[B, query]`."""
+    b, width = tokens.shape
+    c_tok, c_pos = tokens[:, :width - query], positions[:, :width - query]
+    rows = jnp.arange(b)[:, None]
+    slot = jnp.where(c_pos >= 0, c_pos, context)  # out of range -> dropped
+    ctx_tok = jnp.full((b, context), pad_id, tokens.dtype).at[rows, slot].set(c_tok, mode="drop")
+    ctx_pos = jnp.full((b, context), -1, jnp.int32).at[rows, slot].set(c_pos, mode="drop")
+    return ctx_tok, ctx_pos, tokens[:, width - query:], positions[:, width - query:]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "opts", "mesh", "local"))
+def _prefill(model, params, tokens, positions, *, opts: ContextParallel, mesh: Mesh, local: int):
+    n = mesh.shape[opts.axis]
+    query, block, anchor, context = opts.layout(tokens.shape[1], n)
+    ctx_tok, ctx_pos, q_tok, q_pos = split_prompt(tokens, positions, query, context, model.cfg.pad_token_id)
+    caches = encode_context(model, params, ctx_tok, ctx_pos, mode=opts.mode, mesh=mesh, block_size=block,
+                            anchor_size=anchor, local=query + local, axis=opts.axis)
+    logits, caches = model.apply({"params": params}, q_tok, q_pos, caches)
+    return caches, logits[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "opts", "mesh", "max_new_tokens", "sampling", "eos_ids"))
+def _generate(model, params, tokens, positions, key, *, opts: ContextParallel, mesh: Mesh, max_new_tokens: int,
+              sampling: SamplingConfig, eos_ids: tuple[int, ...]):
+    caches, last_logits = _prefill(model, params, tokens, positions, opts=opts, mesh=mesh, local=max_new_tokens)
+    step_fn = lambda tok, pos, caches: model.apply({"params": params}, tok, pos, caches)
+    return decode_loop(step_fn, caches, last_logits, jnp.max(positions, axis=1), key,
+                       max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
+
+
+def _replicated(mesh: Mesh, x):
+    """A host value (the same on every process) as an array replicated over `mesh` (works multi-host)."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))
+
+
+def prefill_context_parallel(model, params, tokens, positions, *, mode: str, mesh: Mesh, block_size: int | None = None,
+                             anchor_size: int | None = None, anchor: str = "first", query_size: int = 64,
+                             local: int = 0) -> tuple[tuple[ShardedKVCache, ...], Any]:
+    """Context-parallel prefill of left-padded `tokens`/`positions [B, P]`: (per-layer sharded caches with
+    `query_size + local` free slots on the query host, last-token logits `[B, vocab]` float32)."""
+    opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
+                                     anchor_size=anchor_size, query_size=query_size)
+    return _prefill(model, params, _replicated(mesh, tokens), _replicated(mesh, positions), opts=opts, mesh=mesh,
+                    local=local)
+
+
+def generate_context_parallel(model, params, tokens, positions, key, *, mode: str, mesh: Mesh,
+                              block_size: int | None = None, anchor_size: int | None = None, anchor: str = "first",
+                              query_size: int = 64, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                              eos_ids: tuple[int, ...] = ()):
+    """Generate from left-padded `tokens`/`positions [B, P]` (as `generate.left_pad` makes) with context
+    parallelism over `mesh`'s "context" axis. Returns tokens `[B, max_new_tokens]` int32, -1 after a row's EOS
+    (the convention of `generate._generate`). See `ContextParallel` for the options."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
+                                     anchor_size=anchor_size, query_size=query_size)
+    return _generate(model, params, _replicated(mesh, tokens), _replicated(mesh, positions), key, opts=opts,
+                     mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))

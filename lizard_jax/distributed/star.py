@@ -1,0 +1,204 @@
+"""Star Attention (arXiv 2411.17116) and the context-sharded KV cache that Star and ring attention share.
+
+Phase 1, context encoding (`encode_context`, mode "star"): the context `[B, C]` (right-padded, C a multiple of
+block_size x devices) is cut into blocks laid out contiguously along the mesh axis "context"; a device encodes
+its blocks as one batch. Each block is a row [anchor, block]: the anchor (the first `anchor_size` context
+tokens) is prepended, the row attends causally within itself with global position ids, and only the block's
+own KV is kept. Block 0 is the anchor's own block: its row is [block 0, padding] so anchor tokens are never
+duplicated. Positions increase along every row and padding sits at row ends, so a causal mask by index is exact
+(cuDNN applies on a GPU). Mode "ring" encodes the same context with exact global causal attention instead
+(`ring.py`, zigzag layout). Devices do not communicate in Star's phase 1.
+
+Phase 2, query and generation (`ShardedKVCache`): the query tokens are replicated on every device; each attends
+over its local KV shard and returns (output, log-sum-exp), merged exactly across the axis (`merge_over_axis`).
+Only the query host (the last device on the axis) stores the KV of query and generated tokens: every shard ends
+in `local` slots, used on the query host only (empty, position -1, elsewhere). The cache has the `attend`
+method of `layers.common.KVCache`, so the unchanged model runs on it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lizard_jax.distributed.common import AXIS, merge_over_axis, shard_map
+from lizard_jax.distributed.ring import ring_attention_shard, zigzag_order
+from lizard_jax.ops.softmax import attention
+
+Array = jax.Array
+
+
+def context_attention(q, k, v, q_positions, k_positions, *, mesh: Mesh, axis: str = AXIS, scale=None):
+    """Phase 2 as an op: q `[B, T, H, D]` (replicated) attends over k/v `[B, S, KVH, D]` sharded along `axis` on
+    dim 1, by positions (`k_positions [B, S]`, -1 = empty). Each device attends locally; (o, lse) merge exactly.
+    Returns (o `[B, T, H, D]` float32, lse `[B, H, T]`), equal to global attention over all of k/v."""
+    shard, rep = P(None, axis), P()
+    body = functools.partial(_attend_shard, axis=axis, scale=scale)
+    return shard_map(body, mesh, in_specs=(rep, shard, shard, rep, shard), out_specs=(rep, rep))(
+        q, k, v, q_positions, k_positions)
+
+
+def _attend_shard(q, k, v, q_positions, k_positions, *, axis: str, scale):
+    """Inside shard_map: attention over this device's keys (by positions), merged over `axis`."""
+    o, lse = attention(q, k, v, q_positions=q_positions, k_positions=k_positions, scale=scale, return_lse=True,
+                       impl="xla")
+    return merge_over_axis(o, lse, axis)
+
+
+@flax.struct.dataclass
+class ShardedKVCache:
+    """A layer's KV cache sharded along mesh `axis` on dim 1: k, v `[B, n * (S + local), KVH, D]`, pos
+    `[B, n * (S + local)]` (-1 = empty); every device's shard is S context slots then `local` slots, written on
+    the query host (the last device) only. `index`: tokens written to the local slots so far."""
+
+    k: Array
+    v: Array
+    pos: Array
+    index: Array
+    mesh: Mesh = flax.struct.field(pytree_node=False)
+    local: int = flax.struct.field(pytree_node=False)
+    axis: str = flax.struct.field(pytree_node=False, default=AXIS)
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="auto"):
+        """Append k_new/v_new `[B,T,KVH,D]` on the query host and attend with q `[B,T,H,D]` over the whole
+        sharded cache (exact global softmax). Returns (o `[B,T,H,D]` dtype of v, new cache). `impl` is unused:
+        the short query runs the XLA op (cuDNN needs default positions)."""
+        del impl
+        _check_full_attention(window, sinks)
+        n = self.mesh.shape[self.axis]
+
+        def body(k, v, pos, index, q, k_new, v_new, positions):
+            host = jax.lax.axis_index(self.axis) == n - 1
+            at = k.shape[1] - self.local + index
+            k = jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), (0, at, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), (0, at, 0, 0))
+            pos = jax.lax.dynamic_update_slice(pos, jnp.where(host, positions, -1).astype(pos.dtype), (0, at))
+            o, _ = _attend_shard(q, k, v, positions, pos, axis=self.axis, scale=scale)
+            return o, k, v, pos
+
+        shard, rep = P(None, self.axis), P()
+        o, k, v, pos = shard_map(
+            body, self.mesh, in_specs=(shard, shard, shard, rep, rep, rep, rep, rep),
+            out_specs=(rep, shard, shard, shard),
+        )(self.k, self.v, self.pos, self.index, q, k_new, v_new, positions)
+        return o.astype(self.v.dtype), self.replace(k=k, v=v, pos=pos, index=self.index + k_new.shape[1])
+
+
+@flax.struct.dataclass
+class _EncodeCache:
+    """Phase-1 stand-in for a layer's cache: its `attend` runs Star's [anchor, block] attention (or a ring step
+    over the context axis) and records the KV the layer keeps. first `[rows]` bool marks Star rows laid out
+    [block 0, padding] (their kept KV is the row's start, others' its end)."""
+
+    first: Array | None = None
+    k: Array | None = None
+    v: Array | None = None
+    mode: str = flax.struct.field(pytree_node=False, default="star")
+    block: int = flax.struct.field(pytree_node=False, default=0)
+    devices: int = flax.struct.field(pytree_node=False, default=1)
+    axis: str = flax.struct.field(pytree_node=False, default=AXIS)
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="auto"):
+        del positions  # rows are laid out so that causal-by-index equals causal-by-position (module docstring)
+        _check_full_attention(window, sinks)
+        if self.mode == "star":
+            o = attention(q, k_new, v_new, scale=scale, impl=impl)
+            keep = lambda x: jnp.where(self.first[:, None, None, None], x[:, :self.block], x[:, -self.block:])
+            return o, self.replace(k=keep(k_new), v=keep(v_new))
+        o = ring_attention_shard(q, k_new, v_new, n=self.devices, axis=self.axis, scale=scale, impl=impl)
+        return o, self.replace(k=k_new, v=v_new)
+
+
+def _check_full_attention(window, sinks):
+    if window is not None or sinks is not None:
+        raise ValueError(f"context parallelism supports full softmax attention only, got {window=} and sinks")
+
+
+def _run_layers(model, params, tokens, positions, cache):
+    """Embed `tokens [R, L]` and run every decoder layer with a copy of `cache`; returns the per-layer caches.
+    (The last layer's MLP and the head are unused and removed by XLA.)"""
+    m = model.bind({"params": params})
+    x = m.embed(tokens)
+    out = []
+    for layer in m.layers:
+        x, c = layer(x, positions, cache)
+        out.append(c)
+    return out
+
+
+def encode_context(model, params, ctx_tokens, ctx_positions, *, mode: str, mesh: Mesh, block_size: int,
+                   anchor_size: int, local: int = 0, axis: str = AXIS) -> tuple[ShardedKVCache, ...]:
+    """Phase 1: encode a right-padded context and return one `ShardedKVCache` per layer.
+
+    ctx_tokens / ctx_positions `[B, C]`: token ids and global positions (0..n_i-1 then -1 padding per row);
+    C must be a multiple of block_size x (devices on `axis`). mode "star": blocks of `block_size` with the first
+    `anchor_size` tokens as anchor (0 = no anchor); mode "ring": exact causal attention by ring attention (the
+    cache then holds the context in zigzag order; positions say where each token is). Every shard gets `local`
+    empty slots at its end for the query host."""
+    if axis not in mesh.axis_names:
+        raise ValueError(f"context parallelism needs a mesh with a {axis!r} axis; got axes {mesh.axis_names}")
+    n = mesh.shape[axis]
+    b, c = ctx_tokens.shape
+    if ctx_positions.shape != ctx_tokens.shape:
+        raise ValueError(f"{ctx_positions.shape=} must equal {ctx_tokens.shape=}")
+    if c % (block_size * n):
+        raise ValueError(f"context length {c} is not a multiple of block_size x devices = {block_size} x {n}")
+    if not 0 <= anchor_size <= block_size:
+        raise ValueError(f"anchor_size={anchor_size} must be in [0, block_size={block_size}]")
+    cfg = model.cfg
+    shard, rep = P(None, axis), P()
+
+    def add_local(x):  # [B, S, ...] -> [B, S + local, ...] with empty (zero / -1) slots
+        widths = [(0, 0), (0, local)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=-1 if x.dtype == jnp.int32 else 0)
+
+    if mode == "star":
+        per_dev = c // (block_size * n)  # blocks per device
+
+        def body(params, anchor_tok, anchor_pos, tok, pos):
+            first = jax.lax.axis_index(axis) * per_dev + jnp.arange(per_dev) == 0  # [per_dev]
+            tok = tok.reshape(b, per_dev, block_size)
+            pos = pos.reshape(b, per_dev, block_size)
+            if anchor_size:  # rows [anchor, block]; block 0's row is [block 0, padding]
+                def row(blk, anc, fill):
+                    anc = jnp.broadcast_to(anc[:, None, :], (b, per_dev, anchor_size))
+                    return jnp.where(first[None, :, None],
+                                     jnp.concatenate([blk, jnp.full_like(anc, fill)], axis=2),
+                                     jnp.concatenate([anc, blk], axis=2))
+                tok, pos = row(tok, anchor_tok, cfg.pad_token_id), row(pos, anchor_pos, -1)
+            rows = b * per_dev
+            cache = _EncodeCache(first=jnp.broadcast_to(first, (b, per_dev)).reshape(rows), mode="star",
+                                 block=block_size)
+            caches = _run_layers(model, params, tok.reshape(rows, -1), pos.reshape(rows, -1), cache)
+            merge_rows = lambda x: add_local(x.reshape(b, per_dev * block_size, *x.shape[2:]))
+            return [(merge_rows(ce.k), merge_rows(ce.v)) for ce in caches]
+
+        fn = shard_map(body, mesh, in_specs=(rep, rep, rep, shard, shard), out_specs=shard)
+        kv = fn(params, ctx_tokens[:, :anchor_size], ctx_positions[:, :anchor_size], ctx_tokens, ctx_positions)
+        pos = _with_local(ctx_positions, n, local)  # kept KV is the context in its own order
+    elif mode == "ring":
+        order = zigzag_order(c, n)
+        tok, pos = ctx_tokens[:, order], ctx_positions[:, order]
+
+        def body(params, tok, pos):
+            caches = _run_layers(model, params, tok, pos, _EncodeCache(mode="ring", devices=n, axis=axis))
+            return [(add_local(ce.k), add_local(ce.v)) for ce in caches]
+
+        kv = shard_map(body, mesh, in_specs=(rep, shard, shard), out_specs=shard)(params, tok, pos)
+        pos = _with_local(pos, n, local)
+    else:
+        raise ValueError(f"mode must be 'star' or 'ring', got {mode!r}")
+    return tuple(ShardedKVCache(k=k, v=v, pos=pos, index=jnp.zeros((), jnp.int32), mesh=mesh, local=local,
+                                axis=axis) for k, v in kv)
+
+
+def _with_local(pos, n: int, local: int):
+    """Positions `[B, C]` in shard order -> `[B, n * (C/n + local)]` with `local` empty (-1) slots per shard."""
+    b, c = pos.shape
+    pos = pos.reshape(b, n, c // n)
+    return jnp.pad(pos, ((0, 0), (0, 0), (0, local)), constant_values=-1).reshape(b, -1)
+
