@@ -17,38 +17,7 @@ import pytest
 
 from lizard_jax import numerics
 from pallas_kernels.chunked_scan import BlockSizes, gla, gla_chunk_reference
-
-
-def oracle(q, k, v, log_g, h0, do, dht):
-    """The plain recurrence and its hand-written backward in float64 numpy.
-
-    q, k [B,T,H,K]; v, do [B,T,H,V]; log_g [B,T,H,K or 1]; h0, dht [B,H,K,V].
-    Returns (o, S_T, {"q", "k", "v", "log_g", "h0"} gradients of sum(o*do) + sum(S_T*dht)).
-    """
-    q, k, v, log_g, h0, do, dht = (np.asarray(x, np.float64) for x in (q, k, v, log_g, h0, do, dht))
-    batch, seq, heads, _ = q.shape
-    a = np.exp(log_g)
-    s = h0.copy()
-    states = [s]
-    o = np.zeros(v.shape)
-    for t in range(seq):
-        s = a[:, t, :, :, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
-        states.append(s)
-        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
-    grads = {name: np.zeros_like(x) for name, x in (("q", q), ("k", k), ("v", v), ("log_g", log_g))}
-    ds = dht.copy()
-    for t in reversed(range(seq)):
-        ds = ds + q[:, t, :, :, None] * do[:, t, :, None, :]  # ds: gradient of S_t
-        grads["q"][:, t] = np.einsum("bhv,bhkv->bhk", do[:, t], states[t + 1])
-        grads["k"][:, t] = np.einsum("bhkv,bhv->bhk", ds, v[:, t])
-        grads["v"][:, t] = np.einsum("bhk,bhkv->bhv", k[:, t], ds)
-        dgate = (states[t] * ds).sum(-1)
-        if log_g.shape[-1] == 1:
-            dgate = dgate.sum(-1, keepdims=True)
-        grads["log_g"][:, t] = a[:, t] * dgate
-        ds = a[:, t, :, :, None] * ds
-    grads["h0"] = ds
-    return o, s, grads
+from pallas_kernels.chunked_scan.reference import recurrence_f64 as oracle
 
 
 @dataclasses.dataclass(frozen=True)

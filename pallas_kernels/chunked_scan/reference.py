@@ -1,13 +1,19 @@
-"""A small pure-jnp oracle in the kernels' own chunk formulation (float32, differentiable by autodiff).
+"""Oracles for the kernels.
+
+``gla_chunk_reference``: a small pure-jnp oracle in the kernels' own chunk formulation (float32,
+differentiable by autodiff).
 
 It computes the intra-chunk scores with the explicit decay tensor ``exp(b_i - b_j)`` of shape
 ``[C, C, dk]`` (no feature folding, so it checks the folding), and carries the state between chunks with
 ``lax.scan``. Memory is O(batch * heads * C^2 * dk) per chunk: for tests and documentation, not for speed.
+
+``recurrence_f64``: the plain recurrence with its hand-written backward in float64 numpy.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _HI = lax.Precision.HIGHEST
@@ -48,3 +54,47 @@ def gla_chunk_reference(q, k, v, log_g, *, initial_state=None, chunk: int = 64):
     ht, o = lax.scan(step, h0, (qc, kc, vc, b))
     o = o.transpose(1, 0, 3, 2, 4).reshape(batch, n * chunk, heads, dv)[:, :seq]
     return o, ht
+
+
+def recurrence_f64(q, k, v, log_g, h0, do, dht):
+    """The plain token-by-token recurrence and its hand-written backward, in float64 numpy (the oracle
+    of the tests and of check.py; it shares nothing with the kernels).
+
+    q, k [B,T,H,K]; v, do [B,T,H,V]; log_g [B,T,H,K or 1]; h0, dht [B,H,K,V].
+    Returns (o, S_T, {"q", "k", "v", "log_g", "h0"} gradients of sum(o*do) + sum(S_T*dht)).
+    States are kept every ~sqrt(T) tokens and recomputed segment by segment in the backward pass.
+    """
+    q, k, v, log_g, h0, do, dht = (np.asarray(x, np.float64) for x in (q, k, v, log_g, h0, do, dht))
+    seq = q.shape[1]
+    a = np.exp(log_g)
+    stride = max(1, int(np.sqrt(seq)))
+
+    def step(s, t):
+        return a[:, t, :, :, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+
+    o = np.zeros(v.shape)
+    checkpoints = {}
+    s = h0
+    for t in range(seq):
+        if t % stride == 0:
+            checkpoints[t] = s
+        s = step(s, t)
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
+    grads = {name: np.zeros_like(x) for name, x in (("q", q), ("k", k), ("v", v), ("log_g", log_g))}
+    ds = dht.copy()
+    for start in reversed(range(0, seq, stride)):
+        states = [checkpoints[start]]  # states[i] = S_{start + i - 1}, the state before token start + i
+        for t in range(start, min(start + stride, seq)):
+            states.append(step(states[-1], t))
+        for t in reversed(range(start, min(start + stride, seq))):
+            ds = ds + q[:, t, :, :, None] * do[:, t, :, None, :]  # ds: gradient of S_t
+            grads["q"][:, t] = np.einsum("bhv,bhkv->bhk", do[:, t], states[t - start + 1])
+            grads["k"][:, t] = np.einsum("bhkv,bhv->bhk", ds, v[:, t])
+            grads["v"][:, t] = np.einsum("bhk,bhkv->bhv", k[:, t], ds)
+            dgate = (states[t - start] * ds).sum(-1)
+            if log_g.shape[-1] == 1:
+                dgate = dgate.sum(-1, keepdims=True)
+            grads["log_g"][:, t] = a[:, t] * dgate
+            ds = a[:, t, :, :, None] * ds
+    grads["h0"] = ds
+    return o, s, grads
