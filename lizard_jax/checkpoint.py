@@ -121,12 +121,17 @@ def restore_params(path: str | Path, cfg: ModelConfig, *, mesh=None, rules=None,
     else:
         shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(jax.devices()[0]), nn.unbox(boxed))
     abstract = nn.unbox(boxed)
+    if not path.is_dir():
+        raise CheckpointError(f"no parameters at {path}")
     ckptr = _checkpointer()
     try:
         meta = ckptr.metadata(path)
-        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None) or meta.item_metadata
+        item = getattr(meta, "item_metadata", meta)
+        tree = getattr(item, "tree", item)
     except Exception as e:  # orbax raises several types for missing/corrupt metadata
         raise CheckpointError(f"cannot read checkpoint metadata at {path}: {type(e).__name__}: {e}") from None
+    if not tree:
+        raise CheckpointError(f"cannot read checkpoint metadata at {path}: empty or missing")
     check_params(cfg, tree, what=f"checkpoint {path}")
     target = jax.tree_util.tree_map(
         lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else m.dtype, sharding=s),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lizard_jax.numerics import FORMS_RTOL, assert_close
-from lizard_jax.ops.gla import gla, gla_reference, gla_step, resolve_impl
+from lizard_jax.ops.gated_linear import gla, gla_reference, gla_step, resolve_impl
 from lizard_jax.ops.lightning import lightning_attention, lightning_slopes, lightning_step
 
 # jitted once per shape: eager op-by-op dispatch would dominate the test time

@@ -24,8 +24,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from lizard_jax.ops.gla import gla, gla_step
-from lizard_jax.ops.gla.chunk import DEFAULT_CHUNK_SIZE
+from lizard_jax.ops.gated_linear import gla, gla_step
+from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE
 
 
 def lightning_slopes(num_heads: int):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lizard_jax.ops.gla import gla, gla_step, resolve_impl
-from lizard_jax.ops.gla._checks import check_floating, check_inputs
-from lizard_jax.ops.gla.chunk import DEFAULT_CHUNK_SIZE
+from lizard_jax.ops.gated_linear import gla, gla_step, resolve_impl
+from lizard_jax.ops.gated_linear._checks import check_floating, check_inputs
+from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE
 from lizard_jax.ops.linear.feature_maps import (
     FEATURE_MAPS,
     elu_plus_one,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lizard_jax.ops.gla.reference import PRECISION
+from lizard_jax.ops.gated_linear.reference import PRECISION
 
 
 def _check_x(x):

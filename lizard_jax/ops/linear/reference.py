@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from lizard_jax.ops.gla.reference import PRECISION
+from lizard_jax.ops.gated_linear.reference import PRECISION
 
 # LoLCATs' value (its linear attention divides by ``sum + 1e-12``); only guards an all-zero denominator
 DEFAULT_EPS = 1e-12

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lizard_jax.ops.gla.reference import PRECISION
+from lizard_jax.ops.gated_linear.reference import PRECISION
 
 DEFAULT_CHUNK_SIZE = 64
 # sub-chunk length for per-dimension gates (the diagonal blocks hold a [c, c, dk] decay tensor)

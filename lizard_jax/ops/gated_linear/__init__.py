@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jax
 
-from lizard_jax.ops.gla._checks import check_inputs
-from lizard_jax.ops.gla.chunk import DEFAULT_CHUNK_SIZE, gla_chunk
-from lizard_jax.ops.gla.recurrent import gla_step
-from lizard_jax.ops.gla.reference import gla_reference
+from lizard_jax.ops.gated_linear._checks import check_inputs
+from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE, gla_chunk
+from lizard_jax.ops.gated_linear.recurrent import gla_step
+from lizard_jax.ops.gated_linear.reference import gla_reference
 
 IMPLS = ("auto", "xla", "pallas")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lizard_jax.ops.gla._checks import check_inputs
-from lizard_jax.ops.gla.reference import recurrence_step
+from lizard_jax.ops.gated_linear._checks import check_inputs
+from lizard_jax.ops.gated_linear.reference import recurrence_step
 
 
 def gla_step(q, k, v, log_g, state):

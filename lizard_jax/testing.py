@@ -1,0 +1,42 @@
+"""Tiny models for tests and examples: random lizard_jax configs and random transformers teachers."""
+
+from __future__ import annotations
+
+from lizard_jax.config import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 2-layer GQA decoder small enough for CPU tests."""
+    base = dict(vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=128,
+                max_seq_len=512, eos_token_ids=(1,))
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, kv_heads: int = 2, layers: int = 2,
+                  **config_overrides):
+    """A random transformers Llama/Mistral/Qwen2 causal LM (float32, eval mode) with non-trivial weights."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"unknown arch {arch!r}; known: {sorted(classes)}")
+    cfg_cls, model_cls = classes[arch]
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+              tie_word_embeddings=tie, rms_norm_eps=1e-5)
+    if arch == "mistral":
+        kw["sliding_window"] = None
+    kw.update(config_overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():  # random norms and biases too, so a wrong mapping cannot hide behind ones/zeros
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model

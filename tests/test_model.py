@@ -1,0 +1,163 @@
+"""The teacher in JAX: logits parity with transformers, caches, padding, causality, jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lizard_jax
+from lizard_jax.convert import convert_model, from_hf_model
+from lizard_jax.generate import left_pad
+from lizard_jax.models import Transformer, init_caches, init_params
+from lizard_jax.numerics import assert_close, rel_err
+from lizard_jax.testing import tiny_config, tiny_hf_model
+
+
+def hf_logits(model, toks):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(toks))).logits.numpy()
+
+
+@pytest.mark.parametrize(
+    "arch,tie,kv,extra",
+    [
+        ("llama", True, 2, {}),
+        ("llama", False, 4, {}),  # MHA
+        ("llama", False, 1, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+        ("llama", True, 2, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        ("mistral", False, 2, {}),
+        ("qwen2", False, 2, {}),
+        ("qwen2", True, 1, {}),
+    ],
+    ids=["llama-tied-gqa", "llama-untied-mha", "llama-llama3rope-mqa", "llama-linearrope", "mistral", "qwen2",
+         "qwen2-tied-mqa"],
+)
+def test_logits_match_transformers(arch, tie, kv, extra):
+    hf = tiny_hf_model(arch, tie=tie, kv_heads=kv, **extra)
+    cfg, params = from_hf_model(hf)
+    assert cfg.tie_embeddings == tie and cfg.num_kv_heads == kv
+    toks = np.random.default_rng(0).integers(0, 128, (2, 90))
+    out = Transformer(cfg).apply({"params": params}, jnp.asarray(toks))
+    ref = hf_logits(hf, toks)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_mistral_sliding_window_matches_transformers():
+    hf = tiny_hf_model("mistral", sliding_window=16)
+    cfg, params = from_hf_model(hf)
+    assert cfg.attention[0].window == 16
+    toks = np.random.default_rng(1).integers(0, 128, (1, 70))
+    hf.config._attn_implementation = "eager"
+    assert rel_err(Transformer(cfg).apply({"params": params}, jnp.asarray(toks)), hf_logits(hf, toks)) < 1e-4
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_cache_decoding_equals_full_forward(window):
+    from lizard_jax.layers.softmax import SoftmaxSpec
+
+    cfg = tiny_config(attention=SoftmaxSpec(window=window))
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    toks = jax.random.randint(jax.random.key(1), (2, 23), 0, cfg.vocab_size)
+    full = model.apply({"params": params}, toks)
+    pos = jnp.broadcast_to(jnp.arange(23), (2, 23))
+    step = jax.jit(lambda t, p, c: model.apply({"params": params}, t, p, c))
+    # prefill 5, a chunk of 11 (longer than the window), then token by token
+    caches = init_caches(cfg, 2, 32)
+    outs = []
+    for a, b in [(0, 5), (5, 16)] + [(i, i + 1) for i in range(16, 23)]:
+        o, caches = step(toks[:, a:b], pos[:, a:b], caches)
+        outs.append(o)
+    assert_close(jnp.concatenate(outs, axis=1), full, rtol=1e-5)
+
+
+def test_left_padded_batch_equals_single_prompts():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(2, cfg.vocab_size, n)) for n in (3, 17, 9)]
+    batch = lizard_jax.generate(model, params, prompts, max_new_tokens=12, stop_at_eos=False)
+    for p, got in zip(prompts, batch.tokens):
+        single = lizard_jax.generate(model, params, [p], max_new_tokens=12, stop_at_eos=False)
+        assert got == single.tokens[0]
+    # padded logits of the real tokens equal unpadded ones
+    toks, pos = left_pad(prompts, cfg.pad_token_id, bucket=8)
+    out = model.apply({"params": params}, toks, pos, init_caches(cfg, 3, toks.shape[1]))[0]
+    for i, p in enumerate(prompts):
+        ref = model.apply({"params": params}, jnp.asarray([p]))
+        assert_close(out[i, -len(p):], ref[0], rtol=1e-5)
+
+
+def test_generation_stops_at_eos_and_samples_reproducibly():
+    cfg = tiny_config(eos_token_ids=(5,))
+    params = init_params(cfg, jax.random.key(3))
+    model = Transformer(cfg)
+    prompts = [[7, 8, 9], [10, 11]]
+    a = lizard_jax.generate(model, params, prompts, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=1)
+    b = lizard_jax.generate(model, params, prompts, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=1)
+    assert a.tokens == b.tokens
+    assert all(5 not in t for t in a.tokens)
+    greedy = lizard_jax.generate(model, params, prompts, max_new_tokens=30, stop_at_eos=False)
+    for row in greedy.tokens:  # without EOS stopping, all tokens are produced
+        assert len(row) == 30
+
+
+def test_top_p_keeps_smallest_nucleus():
+    from lizard_jax.generate import SamplingConfig, sample
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(sample(logits, jax.random.key(i), SamplingConfig(1.0, 0.7))[0]) for i in range(200)}
+    assert draws == {0, 1}
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(1.0, 0.0)
+
+
+def test_causality_through_gradients():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    x = jax.random.normal(jax.random.key(1), (1, 12, cfg.d_model))
+
+    def loss(x, t):
+        m = model.bind({"params": params})
+        h = x
+        for layer in m.layers:
+            h, _ = layer(h, None, None)
+        return jnp.sum(m.head(h)[0, t])
+
+    for t in (0, 5, 11):
+        g = jax.grad(loss)(x, t)
+        after = np.abs(np.asarray(g[0, t + 1:])).max(initial=0.0)
+        before = np.abs(np.asarray(g[0, : t + 1])).max()
+        assert after == 0.0 and before > 0
+
+
+def test_jit_equals_no_jit():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    toks = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    f = lambda p, t: model.apply({"params": p}, t)
+    assert_close(jax.jit(f)(params, toks), f(params, toks), rtol=1e-6)
+
+
+def test_bf16_compute_close_to_fp32():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    ref = Transformer(cfg).apply({"params": params}, toks)
+    out = Transformer(cfg.replace(dtype="bfloat16")).apply({"params": params}, toks)
+    assert out.dtype == jnp.float32
+    assert_close(out, ref, dtype="bfloat16")
+
+
+def test_convert_model_then_load(tmp_path):
+    hf = tiny_hf_model("qwen2")
+    convert_model(hf, tmp_path / "ck")
+    model, params, tok = lizard_jax.load(tmp_path / "ck")
+    assert tok is None
+    toks = np.random.default_rng(2).integers(0, 128, (1, 40))
+    assert rel_err(model.apply({"params": params}, jnp.asarray(toks)), hf_logits(hf, toks)) < 1e-4
