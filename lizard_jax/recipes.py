@@ -1,0 +1,74 @@
+"""Recipes: a student config from a teacher config, and the student's parameters from the teacher's.
+
+A recipe's `attention` section says which attention each layer gets:
+
+    attention:
+      default: {kind: lizard, window: 64}       # every layer, unless...
+      pattern: [sparse, lightning, lightning, lightning]   # ...a repeating pattern is given
+      layers: {0: softmax, 29: {kind: softmax}}  # explicit per-layer overrides (win over both)
+
+Student layers keep the teacher's projection names (q_proj/k_proj/v_proj/o_proj) and MLPs, so their weights
+are copied unchanged; only the new parameters (feature maps, gates, meta tokens, norms) come from the student's
+own initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.config import ConfigError, ModelConfig, spec_from_any
+
+_KEYS = {"default", "pattern", "layers"}
+
+
+def student_config(teacher: ModelConfig, attention: Mapping[str, Any], **overrides) -> ModelConfig:
+    """The teacher's config with the recipe's per-layer attention schedule (and any field overrides)."""
+    if not isinstance(attention, Mapping):
+        raise ConfigError(f"recipe attention must be a mapping with keys {sorted(_KEYS)}, got {attention!r}")
+    unknown = set(attention) - _KEYS
+    if unknown:
+        raise ConfigError(f"recipe attention: unknown key(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    n = teacher.num_layers
+    specs = list(teacher.attention)
+    if "default" in attention:
+        specs = [spec_from_any(attention["default"], "attention.default")] * n
+    if "pattern" in attention:
+        pattern = [spec_from_any(s, f"attention.pattern[{i}]") for i, s in enumerate(attention["pattern"])]
+        if not pattern:
+            raise ConfigError("recipe attention.pattern is empty")
+        specs = [pattern[i % len(pattern)] for i in range(n)]
+    for key, s in (attention.get("layers") or {}).items():
+        i = int(key)
+        if not -n <= i < n:
+            raise ConfigError(f"recipe attention.layers: layer {key} out of range for {n} layers")
+        specs[i] = spec_from_any(s, f"attention.layers[{key}]")
+    return teacher.replace(attention=tuple(specs), **overrides)
+
+
+def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | None = None):
+    """Student parameters: every teacher parameter the student also has (same path and shape) is copied;
+    the rest are initialised by the student's modules. Teacher parameters the student lacks are dropped."""
+    from lizard_jax.models import Transformer
+
+    init = nn.unbox(Transformer(student).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+    flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+
+    def pick(path, new):
+        old = flat_t.get(jax.tree_util.keystr(path))
+        if old is not None and old.shape == new.shape:
+            new = old
+        return new.astype(dtype) if dtype else new
+
+    return jax.tree_util.tree_map_with_path(pick, init)
+
+
+def new_param_mask(student_params_tree, teacher_params) -> Any:
+    """Boolean tree: True where a student parameter is not a (same-shaped) teacher parameter."""
+    flat_t = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: flat_t.get(jax.tree_util.keystr(p)) != x.shape, student_params_tree
+    )
