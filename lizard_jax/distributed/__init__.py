@@ -45,6 +45,7 @@ from lizard_jax.distributed.star import ShardedKVCache, context_attention, encod
 from lizard_jax.generate import SamplingConfig, decode_loop
 
 __all__ = ["ContextParallel", "validate_context_parallel", "prefill_context_parallel", "generate_context_parallel",
+           "place_params",
            "encode_context", "context_attention", "ring_attention", "ShardedKVCache", "zigzag_order", "AXIS"]
 
 MODES = ("star", "ring")
@@ -161,15 +162,25 @@ def _replicated(mesh: Mesh, x):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.asarray(x))
 
 
+def place_params(params, mesh: Mesh):
+    """Leaves of `params` that live on devices other than `mesh`'s are replicated onto the mesh (a copy; place
+    params on the mesh once, e.g. `lizard_jax.load(ckpt, mesh)`, to avoid it); leaves on the mesh stay."""
+    devices = set(mesh.devices.flat)
+    on_mesh = lambda x: isinstance(x, jax.Array) and set(x.sharding.device_set) == devices
+    return jax.tree_util.tree_map(lambda x: x if on_mesh(x) else jax.device_put(x, NamedSharding(mesh, P())),
+                                  params)
+
+
 def prefill_context_parallel(model, params, tokens, positions, *, mode: str, mesh: Mesh, block_size: int | None = None,
                              anchor_size: int | None = None, anchor: str = "first", query_size: int = 64,
                              local: int = 0) -> tuple[tuple[ShardedKVCache, ...], Any]:
     """Context-parallel prefill of left-padded `tokens`/`positions [B, P]`: (per-layer sharded caches with
-    `query_size + local` free slots on the query host, last-token logits `[B, vocab]` float32)."""
+    `query_size + local` free slots on the query host, last-token logits `[B, vocab]` float32). Params off the
+    mesh are replicated onto it (`place_params`)."""
     opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
                                      anchor_size=anchor_size, query_size=query_size)
-    return _prefill(model, params, _replicated(mesh, tokens), _replicated(mesh, positions), opts=opts, mesh=mesh,
-                    local=local)
+    return _prefill(model, place_params(params, mesh), _replicated(mesh, tokens), _replicated(mesh, positions),
+                    opts=opts, mesh=mesh, local=local)
 
 
 def generate_context_parallel(model, params, tokens, positions, key, *, mode: str, mesh: Mesh,
@@ -178,10 +189,11 @@ def generate_context_parallel(model, params, tokens, positions, key, *, mode: st
                               eos_ids: tuple[int, ...] = ()):
     """Generate from left-padded `tokens`/`positions [B, P]` (as `generate.left_pad` makes) with context
     parallelism over `mesh`'s "context" axis. Returns tokens `[B, max_new_tokens]` int32, -1 after a row's EOS
-    (the convention of `generate._generate`). See `ContextParallel` for the options."""
+    (the convention of `generate._generate`). See `ContextParallel` for the options; params off the mesh are
+    replicated onto it (`place_params`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
                                      anchor_size=anchor_size, query_size=query_size)
-    return _generate(model, params, _replicated(mesh, tokens), _replicated(mesh, positions), key, opts=opts,
-                     mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))
+    return _generate(model, place_params(params, mesh), _replicated(mesh, tokens), _replicated(mesh, positions), key,
+                     opts=opts, mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))
