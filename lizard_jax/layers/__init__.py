@@ -4,10 +4,18 @@ Every layer is called as `layer(x [batch, seq, d_model], positions [batch, seq] 
 -> (y, cache)` and provides `init_cache(cfg, spec, batch, max_len)`; see `layers/common.py`.
 """
 
+from lizard_jax.layers.gla import GatedLinearAttention, GLASpec
+from lizard_jax.layers.linear import LinearAttention, LinearSpec
+from lizard_jax.layers.lizard import LizardAttention, LizardSpec
+from lizard_jax.layers.sliding_window import SlidingWindowAttention, SlidingWindowSpec
 from lizard_jax.layers.softmax import SoftmaxAttention, SoftmaxSpec
 
 LAYERS = {
     SoftmaxSpec.kind: SoftmaxAttention,
+    SlidingWindowSpec.kind: SlidingWindowAttention,
+    LinearSpec.kind: LinearAttention,
+    GLASpec.kind: GatedLinearAttention,
+    LizardSpec.kind: LizardAttention,
 }
 
 
