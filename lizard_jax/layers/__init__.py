@@ -5,10 +5,12 @@ Every layer is called as `layer(x [batch, seq, d_model], positions [batch, seq] 
 """
 
 from lizard_jax.layers.gla import GatedLinearAttention, GLASpec
+from lizard_jax.layers.lightning import LightningAttention, LightningSpec
 from lizard_jax.layers.linear import LinearAttention, LinearSpec
 from lizard_jax.layers.lizard import LizardAttention, LizardSpec
 from lizard_jax.layers.sliding_window import SlidingWindowAttention, SlidingWindowSpec
 from lizard_jax.layers.softmax import SoftmaxAttention, SoftmaxSpec
+from lizard_jax.layers.sparse import SparseAttention, SparseSpec
 
 LAYERS = {
     SoftmaxSpec.kind: SoftmaxAttention,
@@ -16,6 +18,8 @@ LAYERS = {
     LinearSpec.kind: LinearAttention,
     GLASpec.kind: GatedLinearAttention,
     LizardSpec.kind: LizardAttention,
+    LightningSpec.kind: LightningAttention,
+    SparseSpec.kind: SparseAttention,
 }
 
 

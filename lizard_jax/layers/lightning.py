@@ -1,0 +1,186 @@
+"""Lightning attention layer: the linear layers of MiniCPM-SALA (arXiv 2602.11761; Lightning Attention-2,
+arXiv 2401.04658), built so a softmax teacher layer's q/k/v/o projections load unchanged.
+
+    q, k, v = teacher projections of x            (q [B,T,H,d], k/v [B,T,KVH,d])
+    q, k    = RMSNorm_head(q), RMSNorm_head(k)     (qk_norm, per head over head_dim, before RoPE)
+    q, k    = RoPE(q), RoPE(k)                     (rope; HyPE keeps RoPE in the linear layers)
+    S_t     = exp(-s_h) S_{t-1} + k_t^T v_t,  o_t = (q_t / sqrt(d)) S_t      (no softmax, no denominator)
+    y       = o_proj(RMSNorm_head(o) * sigmoid(z_proj x))                    (output_norm, output_gate)
+
+Choices where the paper is silent (SALA's Lightning layers are MHA with 32 heads; ours follow the teacher):
+  * GQA teachers (SmolLM2: 9 query / 3 kv heads): k and v keep the teacher's k_proj/v_proj shapes and each kv
+    head is repeated for the `heads // kv_heads` query heads of its group (the GQA convention: kv head
+    `h // group` serves query head h). Every query head then has its own state `[d, d]` and its own decay, so
+    the decode state is `[batch, heads, d, d]` float32 (SmolLM2-135M: 9 x 64 x 64 x 4 B = 147 KiB per layer
+    and sequence).
+  * Decay: `s_h = 2**(-8 (h+1) / heads)` with the layer's own query-head count (`lightning_slopes(heads)`),
+    the same in every layer. SALA's code uses 32 in the exponent because it has 32 heads; with the teacher's
+    head count the slopes span the same range (2**(-8/H) ... 2**-8), whereas the first H of SALA's 32 slopes
+    would give every head of a small model a short memory.
+  * Scale 1/sqrt(head_dim) on q (papers.md: "Lightning layers ... scale 1/sqrt(d)").
+  * The per-head RMSNorms (q_norm, k_norm, o_norm) each have one `[head_dim]` scale shared by all heads
+    (Qwen3 / fla convention), eps = the model's rms_eps.
+  * Initialisation, so the converted layer starts close to the teacher: teacher q/k/v/o copied unchanged (the
+    recipe copies them); norm scales 1 (q/k keep the teacher's directions); z_proj kernel 0 and bias
+    `gate_bias_init` (default 4: sigmoid = 0.982 for every input), so the gate starts as a near-identity
+    that still receives gradient. No parameter can make a linear layer equal a softmax layer at init: the
+    remaining gap (attention pattern and per-head output scale) is what stage-1 attention transfer trains.
+  * Padding (negative positions, left-padded prompts): padding tokens get k = v = 0, so they add nothing to
+    the state; since they precede every real token the decay they apply acts on a zero state and real tokens
+    see exactly what the unpadded sequence gives. (Padding after real tokens would decay the state: the
+    convention of `layers/common.py` has none.) Padding rows output 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
+from lizard_jax.layers.common import (RMSNorm, apply_rope, default_positions, dtype_of, out_projection,
+                                      qkv_projection)
+from lizard_jax.ops.lightning import lightning_attention, lightning_slopes, lightning_step
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def check_layer_inputs(cfg: ModelConfig, x, positions, cache, cache_type, layer: str) -> None:
+    """Clear errors at a layer's boundary: x `[batch, seq, d_model]` floating, positions `[batch, seq]` int,
+    a cache of the layer's own type with the batch of x, and explicit positions whenever a cache is given."""
+    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"{layer}: x must be [batch, seq, d_model={cfg.d_model}], got {x.shape=}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{layer}: x must be floating, got {x.dtype=}")
+    if positions is not None:
+        if positions.shape != x.shape[:2]:
+            raise ValueError(f"{layer}: {positions.shape=} must be [batch, seq] = {x.shape[:2]}")
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise TypeError(f"{layer}: positions must be integers, got {positions.dtype=}")
+    if cache is not None:
+        if not isinstance(cache, cache_type):
+            raise TypeError(f"{layer}: cache must be a {cache_type.__name__}, got {type(cache).__name__}")
+        if positions is None:
+            raise ValueError(f"{layer}: decoding with a cache needs explicit positions")
+        if cache.batch != x.shape[0]:
+            raise ValueError(f"{layer}: cache batch {cache.batch} != {x.shape[0]=}")
+
+
+def project_qkv(cfg: ModelConfig, x, positions, *, qk_norm: bool, rope: bool):
+    """Teacher q/k/v projections, optional per-head QK RMSNorm (before RoPE), optional RoPE.
+    Creates q_proj/k_proj/v_proj (and q_norm/k_norm) inside the calling compact method."""
+    q, k, v = qkv_projection(cfg, x)
+    if qk_norm:
+        norm = lambda name: RMSNorm(cfg.rms_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
+        q, k = norm("q_norm")(q), norm("k_norm")(k)
+    if rope:
+        pos = positions if positions is not None else default_positions(*x.shape[:2])
+        q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
+    return q, k, v
+
+
+def output_gate(cfg: ModelConfig, x, bias_init: float, name: str):
+    """sigmoid(x W + b) `[batch, seq, heads, head_dim]` in cfg.dtype; W starts at 0 and b at `bias_init`, so
+    the gate starts as the constant sigmoid(bias_init) (create inside a compact method)."""
+    proj = nn.DenseGeneral(
+        features=(cfg.num_heads, cfg.head_dim),
+        use_bias=True,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "heads", "head_dim")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.constant(bias_init), ("heads", "head_dim")),
+        name=name,
+    )
+    return jax.nn.sigmoid(proj(x).astype(jnp.float32)).astype(dtype_of(cfg.dtype))
+
+
+def _check_spec_common(kind: str, impl: str, gate_bias_init: float) -> None:
+    if impl not in IMPLS:
+        raise ConfigError(f"{kind}.impl must be one of {IMPLS}, got {impl!r}")
+    if not math.isfinite(gate_bias_init):
+        raise ConfigError(f"{kind}.gate_bias_init must be finite, got {gate_bias_init}")
+
+
+@register_attention
+@dataclasses.dataclass(frozen=True)
+class LightningSpec(AttentionSpec):
+    """Options of a Lightning layer (defaults: MiniCPM-SALA's linear layers).
+
+    rope: RoPE on q and k (HyPE: linear layers keep it).
+    qk_norm: per-head RMSNorm on q and k before RoPE.
+    output_norm: per-head RMSNorm on the attention output (the op has no denominator; this fixes its scale).
+    output_gate: multiply by sigmoid(z_proj x) before o_proj.
+    gate_bias_init: initial bias of z_proj (its kernel starts at 0), sigmoid(4) = 0.982.
+    impl: the op's implementation, "auto" (Pallas on GPU/TPU, XLA on CPU), "xla" or "pallas".
+    chunk_size: chunk length of the XLA chunked form.
+    """
+
+    kind: ClassVar[str] = "lightning"
+    rope: bool = True
+    qk_norm: bool = True
+    output_norm: bool = True
+    output_gate: bool = True
+    gate_bias_init: float = 4.0
+    impl: str = "auto"
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _check_spec_common(self.kind, self.impl, self.gate_bias_init)
+        if self.chunk_size < 1:
+            raise ConfigError(f"lightning.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@flax.struct.dataclass
+class LightningCache:
+    """The O(1) decode state of a Lightning layer: `state [batch, heads, head_dim, head_dim]` float32."""
+
+    state: jax.Array
+
+    @property
+    def batch(self) -> int:
+        return self.state.shape[0]
+
+
+class LightningAttention(nn.Module):
+    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache)."""
+
+    cfg: ModelConfig
+    spec: LightningSpec = LightningSpec()
+
+    @nn.compact
+    def __call__(self, x, positions=None, cache: LightningCache | None = None):
+        cfg, spec = self.cfg, self.spec
+        check_layer_inputs(cfg, x, positions, cache, LightningCache, "LightningAttention")
+        q, k, v = project_qkv(cfg, x, positions, qk_norm=spec.qk_norm, rope=spec.rope)
+        group = cfg.num_heads // cfg.num_kv_heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # kv head h // group -> query head h
+        q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
+        if positions is not None:  # padding adds nothing to the state
+            real = (positions >= 0)[:, :, None, None]
+            k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)
+        slopes = lightning_slopes(cfg.num_heads)
+        if cache is None:
+            o = lightning_attention(q, k, v, slopes, impl=spec.impl, chunk_size=spec.chunk_size)
+        elif x.shape[1] == 1:
+            o, state = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, cache.state)
+            o, cache = o[:, None], cache.replace(state=state)
+        else:
+            o, state = lightning_attention(q, k, v, slopes, initial_state=cache.state, return_final_state=True,
+                                           impl=spec.impl, chunk_size=spec.chunk_size)
+            cache = cache.replace(state=state)
+        if spec.output_norm:
+            o = RMSNorm(cfg.rms_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="o_norm")(o)
+        if spec.output_gate:
+            o = o * output_gate(cfg, x, spec.gate_bias_init, "z_proj")
+        return out_projection(cfg)(o.astype(dtype_of(cfg.dtype))), cache
+
+    @classmethod
+    def init_cache(cls, cfg: ModelConfig, spec: LightningSpec, batch: int, max_len: int) -> LightningCache:
+        """A zero state; its size does not depend on `max_len`."""
+        del spec, max_len
+        return LightningCache(jnp.zeros((batch, cfg.num_heads, cfg.head_dim, cfg.head_dim), jnp.float32))
