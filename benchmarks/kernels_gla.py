@@ -46,10 +46,10 @@ ANCHORS = {("per-dim", "fwd"): 1.59, ("per-dim", "fwd+bwd"): 7.41, ("per-head", 
            ("per-head", "fwd+bwd"): 3.02}
 # tile variants tried at T=4096 (full run only); the default is BlockSizes.get_default(128, 128)
 VARIANTS = {
-    "out-v128-w8": dict(block_v_out=128, num_warps=8),
-    "grads-v128": dict(block_v_grads=128),
-    "grads-w4": dict(num_warps_bwd=4),
-    "states-k128": dict(block_k=128, block_k_bwd=128),
+    "out-v128": dict(block_v_out=128),
+    "fwd-w4-bwd-w4": dict(num_warps=4, num_warps_bwd=4),
+    "dv-v128-dqk-k128": dict(block_v_dv=128, block_k_dqk=128),
+    "states-k128-w8": dict(block_k=128, block_k_bwd=128, num_warps_states=8),
 }
 
 

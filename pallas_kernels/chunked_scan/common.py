@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +54,15 @@ def _is_pow2(x: int) -> bool:
 class BlockSizes:
     """Tiles of the chunked GLA kernels (one static object; forward and backward tiles separate).
 
-    chunk: time chunk C (forward and backward). GPU only, the rest: ``block_k``/``block_v`` tile the state
-    [dk, dv] of the forward sequential state pass, ``block_v_out`` the dv axis of the forward output pass,
-    ``block_k_bwd``/``block_v_bwd`` the state-gradient pass, ``block_v_grads`` is the dv step of the loop in
-    the backward gradient pass; ``num_warps``/``num_warps_bwd``/``num_stages`` are Triton launch knobs.
-    The TPU kernels take whole [dk, dv] states per chunk and read only ``chunk``.
+    ``chunk``: the time chunk C (forward and backward). The rest is for the GPU kernels (the TPU kernels
+    take whole [dk, dv] states per chunk and read only ``chunk``):
+      forward: ``block_k`` x ``block_v`` tiles the state in the sequential state pass; ``block_v_out`` the
+        dv axis of the output pass.
+      backward: ``block_k_bwd`` x ``block_v_bwd`` tiles the state gradient in the reverse-time pass;
+        ``block_v_dv`` the dv axis of the dv pass and ``block_k_dv`` its step over dk (A^T adds up over dk
+        tiles), ``block_k_dqk`` the dk axis of the dq/dk/dlog_g pass.
+      Triton launch: ``num_warps_states`` (both sequential passes), ``num_warps`` (output pass),
+        ``num_warps_bwd`` (dv and dq/dk passes), ``num_stages`` (software pipelining of the sequential loops).
     """
 
     chunk: int = 64
@@ -67,17 +71,23 @@ class BlockSizes:
     block_v_out: int = 64
     block_k_bwd: int = 64
     block_v_bwd: int = 64
-    block_v_grads: int = 64
+    block_v_dv: int = 64
+    block_k_dv: int = 64
+    block_k_dqk: int = 32
+    num_warps_states: int = 4
     num_warps: int = 4
     num_warps_bwd: int = 4
     num_stages: int = 2
 
+    _TILES = ("chunk", "block_k", "block_v", "block_v_out", "block_k_bwd", "block_v_bwd", "block_v_dv",
+              "block_k_dv", "block_k_dqk")
+
     def __post_init__(self):
-        for name in ("chunk", "block_k", "block_v", "block_v_out", "block_k_bwd", "block_v_bwd", "block_v_grads"):
+        for name in self._TILES:
             val = getattr(self, name)
             if not (isinstance(val, int) and _is_pow2(val) and val >= 16):
                 raise ValueError(f"BlockSizes.{name}={val!r} must be a power of two >= 16")
-        for name in ("num_warps", "num_warps_bwd"):
+        for name in ("num_warps_states", "num_warps", "num_warps_bwd"):
             val = getattr(self, name)
             if not (isinstance(val, int) and _is_pow2(val) and val <= 16):
                 raise ValueError(f"BlockSizes.{name}={val!r} must be a power of two <= 16")
@@ -86,24 +96,19 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, dk: int, dv: int, *, chunk: int = 64) -> "BlockSizes":
-        """Defaults for padded head dims ``dk``, ``dv`` (tiles never exceed the dims)."""
+        """Defaults for padded head dims ``dk``, ``dv`` (tiles never exceed the dims). The warp counts keep
+        the output and gradient passes off local memory at dk = dv = 128 (Triton 3.6 resource report)."""
         bk, bv = min(64, dk), min(64, dv)
-        return cls(
-            chunk=chunk,
-            block_k=bk,
-            block_v=bv,
-            block_v_out=bv,
-            block_k_bwd=bk,
-            block_v_bwd=bv,
-            block_v_grads=bv,
-            num_warps=4,
-            num_warps_bwd=8 if dk * dv >= 128 * 128 else 4,
-        )
+        wide = 8 if max(dk, dv) >= 128 else 4
+        return cls(chunk=chunk, block_k=bk, block_v=bv, block_v_out=bv, block_k_bwd=bk, block_v_bwd=bv,
+                   block_v_dv=bv, block_k_dv=bk, block_k_dqk=min(32, dk), num_warps_states=4, num_warps=wide,
+                   num_warps_bwd=wide)
 
     def check_dims(self, dk: int, dv: int) -> None:
         """GPU tiles must divide the padded head dims."""
-        for name, dim in (("block_k", dk), ("block_k_bwd", dk), ("block_v", dv), ("block_v_out", dv),
-                          ("block_v_bwd", dv), ("block_v_grads", dv)):
+        dims = {"k": dk, "v": dv}
+        for name in self._TILES[1:]:
+            dim = dims[name.split("_")[1]]
             if dim % getattr(self, name):
                 raise ValueError(f"BlockSizes.{name}={getattr(self, name)} does not divide the padded head dim {dim}")
 
@@ -144,17 +149,20 @@ class MatOps:
 
     dtype: Any
     precision: Any  # for products in ``dtype``
-    precise: Any  # for float32 products whatever ``dtype`` is
+    precise: Any  # for the float32 segment-sum products
     tpu: bool
 
     @classmethod
     def for_config(cls, cfg: Config) -> "MatOps":
         dtype = jnp.dtype(cfg.dtype)
         if cfg.backend == "gpu" and not cfg.interpret:
-            precise = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+            full = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         else:
-            precise = lax.Precision.HIGHEST
-        return cls(dtype=dtype, precision=precise if dtype == jnp.float32 else None, precise=precise,
+            full = lax.Precision.HIGHEST
+        # 16-bit inputs: one TF32 pass suffices for the segment sums (a bf16 gate is exact in TF32; the
+        # dlog_g terms need ~5e-4 per term against a 2e-2 tolerance) and saves registers on the GPU
+        return cls(dtype=dtype, precision=full if dtype == jnp.float32 else None,
+                   precise=full if dtype == jnp.float32 or cfg.backend == "tpu" else None,
                    tpu=cfg.backend == "tpu")
 
     def _dot(self, a, b, dims):
@@ -175,12 +183,25 @@ class MatOps:
             return self.mm(a.T, b)
         return self._dot(a, b, ((0,), (0,)))
 
+    def row_to_col(self, row, tile):
+        """[1, n] -> [n, 1]. Triton transposes the vector; Mosaic, which tiles (8, 128), gets it as a row-sum
+        of the transposed [C, n] ``tile`` whose column sums ``row`` is."""
+        if self.tpu:
+            return jnp.sum(tile.T, axis=1, keepdims=True)
+        return row.T
+
+    def col_to_row(self, col, tile):
+        """[n, 1] -> [1, n], likewise (``col`` is the row-sum of the [n, m] ``tile``)."""
+        if self.tpu:
+            return jnp.sum(tile.T, axis=0, keepdims=True)
+        return col.T
+
     def seg_sum(self, x, rel: str):
         """out[s] = sum_{t: t rel s} x[t] over axis 0 of [C, G] float32, each sum formed directly (never as a
         difference of two long sums, which would cancel): a Triton scan for the inclusive prefix on the GPU,
         else a full-precision product with a 0/1 mask, or for G = 1 a masked row-sum of [C, C]."""
         c, g = x.shape
-        if rel == "<=" and not self.tpu:
+        if rel == "<=" and not self.tpu and g > 1:  # Triton's scan lowering asserts on a [C, 1] scan
             return jnp.cumsum(x, axis=0)
         keep = _RELATIONS[rel](_iota((c, c), 1), _iota((c, c), 0))  # keep[s, t]
         if g == 1:  # no N = 1 product and no [C, 1] transpose
@@ -202,7 +223,7 @@ class Gates(NamedTuple):
 
 def chunk_gates(g, ops: MatOps) -> Gates:
     last = jnp.sum(g, axis=0, keepdims=True)
-    last_col = jnp.sum(g.T, axis=1, keepdims=True) if g.shape[1] > 1 else last
+    last_col = ops.row_to_col(last, g) if g.shape[1] > 1 else last
     return Gates(g=g, b=ops.seg_sum(g, "<="), bt=ops.seg_sum(g, ">"), last=last, last_col=last_col)
 
 
@@ -334,11 +355,24 @@ def dstate_update(dh, q, do, gates: Gates, ops: MatOps):
     return jnp.exp(gates.last_col) * dh + ops.mm_tn(qd, do)
 
 
-def chunk_grads(q, k, gates: Gates, n_tiles: int, load_tile: Callable, store_dv: Callable, ops: MatOps):
-    """dq, dk [C, dk] and dlog_g [C, G] of one chunk; dv is written tile by tile through ``store_dv``.
+def dv_parts(q, k, gates: Gates, dh, ops: MatOps):
+    """The two terms of dv that contract over key dimensions, for a tile of them: (A^T [C, C] from this
+    tile's dims, (k * exp(B - b)) dh [C, bv]). Both add up over tiles; dv = A^T do + the second."""
+    kd = k.astype(F32) * jnp.exp(gates.bt)
+    return intra_scores(q, k, gates.g, gates.b, ops, transpose=True), ops.mm(kd, dh)
 
-    ``load_tile(j)`` gives (v, do, h, dh) for the j-th dv tile, h the state entering the chunk and dh the
-    gradient of the state leaving it; ``store_dv(j, dv_tile)``.
+
+def chunk_dv(q, k, gates: Gates, do, dh, ops: MatOps):
+    """dv = A^T do + (k * exp(B - b)) dh for one chunk and a dv tile of do [C, bv], dh [dk, bv]."""
+    a_t, state_part = dv_parts(q, k, gates, dh, ops)
+    return ops.mm(a_t, do) + state_part
+
+
+def chunk_dqk(q, k, gates: Gates, v, do, h, dh, ops: MatOps):
+    """dq, dk [C, bk] and dlog_g [C, bk or 1] of one chunk for a tile of key dimensions: q, k [C, bk],
+    gates of that tile (per dimension) or of the head; v, do [C, dv] whole; h, dh [bk, dv] the rows of the
+    state entering the chunk and of the gradient of the state leaving it. Per head, dlog_g is this tile's
+    share (the tiles' shares add up).
 
     dlog_g without cancellation: with P_ij = da_ij q_i k_j exp(b_i - b_j) (per dimension), the intra-chunk
     part of dL/dg_s is the sum of P_ij over the pairs i >= s > j that the decay g_s sits between. It is
@@ -347,40 +381,24 @@ def chunk_grads(q, k, gates: Gates, n_tiles: int, load_tile: Callable, store_dv:
     does not leave an O(1) cancellation to resolve an O(exp(g)) result. Likewise the state path gives
     sum_{j < s} k_j*dk_inter_j, an exclusive prefix sum formed directly.
     """
-    c, dk = q.shape
+    c = q.shape[0]
     b = gates.b
-    a_t = intra_scores(q, k, gates.g, b, ops, transpose=True)
-    decay_out = jnp.exp(gates.bt)
-    kd = k.astype(F32) * decay_out
-    da = jnp.zeros((c, c), F32)
-    da_t = jnp.zeros((c, c), F32)
-    dq_inter = jnp.zeros((c, dk), F32)
-    dk_inter = jnp.zeros((c, dk), F32)
-    hdh = jnp.zeros((1, dk), F32)
-    for j in range(n_tiles):
-        v, do, h, dh = load_tile(j)
-        da = da + ops.mm_nt(do, v)
-        da_t = da_t + ops.mm_nt(v, do)
-        dq_inter = dq_inter + ops.mm_nt(do, h)
-        dk_inter = dk_inter + ops.mm_nt(v, dh)
-        hdh = hdh + jnp.sum((h.astype(F32) * dh.astype(F32)).T, axis=0, keepdims=True)
-        store_dv(j, ops.mm(a_t, do) + ops.mm(kd, dh))
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    dq_strict, dk_strict = intra_grads(jnp.where(rows > cols, da, 0.0), jnp.where(rows < cols, da_t, 0.0),
-                                       q, k, gates.g, b, ops)
+    da = ops.mm_nt(do, v)
+    dq_strict, dk_strict = intra_grads(jnp.where(rows > cols, da, 0.0),
+                                       jnp.where(rows < cols, ops.mm_nt(v, do), 0.0), q, k, gates.g, b, ops)
     da_diag = jnp.sum(jnp.where(rows == cols, da, 0.0), axis=1, keepdims=True)  # [C, 1]
     qf, kf = q.astype(F32), k.astype(F32)
-    dq_inter = dq_inter * jnp.exp(b)
-    dk_inter = dk_inter * decay_out
+    dq_inter = ops.mm_nt(do, h) * jnp.exp(b)
+    dk_inter = ops.mm_nt(v, dh) * jnp.exp(gates.bt)
     x = qf * (dq_inter + dq_strict) - kf * dk_strict
     y = kf * dk_inter
-    extra = jnp.exp(gates.last) * hdh
+    hdh = h.astype(F32) * dh.astype(F32)
+    extra = jnp.exp(gates.last) * ops.col_to_row(jnp.sum(hdh, axis=1, keepdims=True), hdh)
     if b.shape[1] == 1:
         x, y, extra = (jnp.sum(t, axis=1, keepdims=True) for t in (x, y, extra))
     dg = ops.seg_sum(x, ">=") + ops.seg_sum(y, "<") + extra
-    dq = dq_inter + dq_strict + da_diag * kf
-    dk = dk_inter + dk_strict + da_diag * qf
-    return dq, dk, dg
+    return dq_inter + dq_strict + da_diag * kf, dk_inter + dk_strict + da_diag * qf, dg
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ Forward, two launches (the structure of flash-linear-attention's chunk kernels):
   1. ``gla_states``: one program per (batch, head, dk tile, dv tile) walks the chunks in order, stores the
      state entering each chunk ``states[b, h, n]`` (operand dtype) and the final state (float32).
   2. ``gla_output``: one program per (dv tile, chunk, batch*head), all chunks in parallel, from ``states``.
-Backward, three launches: ``gla_states`` again (recomputed, not saved), ``gla_dstates`` (the reverse-time
-pass: the gradient of the state leaving each chunk, and dh0), and ``gla_grads`` (all chunks in parallel:
-dq, dk, dv, dlog_g, looping over dv tiles inside the program).
+Backward, four launches: ``gla_states`` again (recomputed, not saved), ``gla_dstates`` (the reverse-time
+pass: the gradient of the state leaving each chunk, and dh0), then all chunks in parallel: ``gla_dv``
+(whole dk, dv tiles) and ``gla_dqk`` (dq, dk, dlog_g; dk tiles, whole dv). Splitting dv from dq/dk keeps
+each program's live tiles within the register file at dk = dv = 128 (fused, it spilled ~3.5 KB a thread).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pallas_kernels.chunked_scan.common import (
     Config,
     MatOps,
     chunk_gates,
-    chunk_grads,
+    chunk_dqk,
+    dv_parts,
     chunk_output,
     dstate_update,
     state_update,
@@ -61,19 +63,23 @@ def _output_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, ops):
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, ops,
-                  block_v):
+def _dv_kernel(q_ref, k_ref, g_ref, do_ref, dh_ref, dv_ref, *, ops, block_k):
+    # q, k, g [C, dk] whole (g [C, 1] per head); do [C, bv], dh [dk, bv]; A^T and the state term summed
+    # over dk tiles of block_k, which keeps the live tiles small
+    a_t, state_part = 0.0, 0.0
+    for t in range(q_ref.shape[1] // block_k):
+        cols = pl.ds(t * block_k, block_k)
+        g = g_ref[:, cols] if g_ref.shape[1] > 1 else g_ref[...]
+        a_t_part, state_t = dv_parts(q_ref[:, cols], k_ref[:, cols], chunk_gates(g.astype(F32), ops),
+                                     dh_ref[cols, :], ops)
+        a_t, state_part = a_t + a_t_part, state_part + state_t
+    dv_ref[...] = (ops.mm(a_t, do_ref[...]) + state_part).astype(dv_ref.dtype)
+
+
+def _dqk_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, h_ref, dh_ref, dq_ref, dk_ref, dg_ref, *, ops):
+    # q, k, g [C, bk] (g [C, 1] per head); v, do [C, dv] whole; h, dh [bk, dv]
     gates = chunk_gates(g_ref[...].astype(F32), ops)
-
-    def load_tile(j):
-        cols = pl.ds(j * block_v, block_v)
-        return v_ref[:, cols], do_ref[:, cols], h_ref[:, cols], dh_ref[:, cols]
-
-    def store_dv(j, dv):
-        dv_ref[:, pl.ds(j * block_v, block_v)] = dv.astype(dv_ref.dtype)
-
-    n_tiles = v_ref.shape[1] // block_v
-    dq, dk, dg = chunk_grads(q_ref[...], k_ref[...], gates, n_tiles, load_tile, store_dv, ops)
+    dq, dk, dg = chunk_dqk(q_ref[...], k_ref[...], gates, v_ref[...], do_ref[...], h_ref[...], dh_ref[...], ops)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dg.astype(dg_ref.dtype)
@@ -121,7 +127,8 @@ def _sequential_pass(kernel, name, cfg, a, bb, g, s0, block_k, block_v, num_warp
 
 def _states(cfg: Config, k, v, g, h0):
     bs = cfg.block_sizes
-    return _sequential_pass(_states_kernel, "gla_states", cfg, k, v, g, h0, bs.block_k, bs.block_v, bs.num_warps)
+    return _sequential_pass(_states_kernel, "gla_states", cfg, k, v, g, h0, bs.block_k, bs.block_v,
+                            bs.num_warps_states)
 
 
 def _outputs(cfg: Config, q, k, v, g, states):
@@ -164,35 +171,56 @@ def forward(cfg: Config, q, k, v, g, h0):
 def backward(cfg: Config, q, k, v, g, h0, do, dht):
     """(dq, dk, dv, dlog_g float32, dh0 float32)."""
     bs = cfg.block_sizes
+    ops = MatOps.for_config(cfg)
+    do = do.astype(v.dtype)
     states, _ = _states(cfg, k, v, g, h0)
     dstates, dh0 = _sequential_pass(_dstates_kernel, "gla_dstates", cfg, q, do, g, dht, bs.block_k_bwd,
-                                    bs.block_v_bwd, bs.num_warps_bwd)
+                                    bs.block_v_bwd, bs.num_warps_states)
     batch, seq, heads, dk = q.shape
     dv, ng, chunk = v.shape[-1], g.shape[-1], cfg.chunk
+    per_dim = ng > 1
+    params = plgpu.CompilerParams(num_warps=bs.num_warps_bwd, num_stages=1)
 
-    def row_map(n, b, h):
-        return b, n, h, 0
+    # both passes: grid (tile, chunk, batch*head), the tiles of one chunk (which share reads) adjacent
+    def rows(width, tiled):
+        return pl.BlockSpec((None, chunk, None, width),
+                            lambda j, n, bh: (bh // heads, n, bh % heads, j if tiled else 0))
 
-    def state_map(n, b, h):
-        return b, h, n, 0, 0
+    def state_rows(bk, bv, k_tiled):
+        return pl.BlockSpec((None, None, None, bk, bv),
+                            lambda j, n, bh: (bh // heads, bh % heads, n, j if k_tiled else 0, 0 if k_tiled else j))
 
-    qk_spec = pl.BlockSpec((None, chunk, None, dk), row_map)
-    v_spec = pl.BlockSpec((None, chunk, None, dv), row_map)
-    g_spec = pl.BlockSpec((None, chunk, None, ng), row_map)
-    s_spec = pl.BlockSpec((None, None, None, dk, dv), state_map)
-    dq, dk_, dv_, dg = pl.pallas_call(
-        functools.partial(_grads_kernel, ops=MatOps.for_config(cfg), block_v=bs.block_v_grads),
-        grid=(seq // chunk, batch, heads),
-        in_specs=[qk_spec, qk_spec, v_spec, g_spec, v_spec, s_spec, s_spec],
-        out_specs=[qk_spec, qk_spec, v_spec, g_spec],
+    bv = bs.block_v_dv
+    dv_ = pl.pallas_call(
+        functools.partial(_dv_kernel, ops=ops, block_k=bs.block_k_dv),
+        grid=(dv // bv, seq // chunk, batch * heads),
+        in_specs=[rows(dk, False), rows(dk, False), rows(ng, False), rows(bv, True), state_rows(dk, bv, False)],
+        out_specs=rows(bv, True),
+        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="gla_dv",
+    )(q, k, g, do, dstates)
+
+    bk = bs.block_k_dqk
+    nk = dk // bk
+    # per head, each dk tile writes its share of dlog_g into its own column; the columns are summed below
+    dg_width, dg_cols = (bk, dk) if per_dim else (1, nk)
+    dq, dk_, dg = pl.pallas_call(
+        functools.partial(_dqk_kernel, ops=ops),
+        grid=(nk, seq // chunk, batch * heads),
+        in_specs=[rows(bk, True), rows(bk, True), rows(bk, True) if per_dim else rows(1, False),
+                  rows(dv, False), rows(dv, False), state_rows(bk, dv, True), state_rows(bk, dv, True)],
+        out_specs=[rows(bk, True), rows(bk, True), rows(dg_width, True)],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
-            jax.ShapeDtypeStruct(g.shape, F32),
+            jax.ShapeDtypeStruct((batch, seq, heads, dg_cols), F32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_bwd, num_stages=1),
+        compiler_params=params,
         interpret=cfg.interpret,
-        name="gla_grads",
-    )(q, k, v, g, do.astype(v.dtype), states, dstates)
+        name="gla_dqk",
+    )(q, k, g, v, do, states, dstates)
+    if not per_dim:
+        dg = jnp.sum(dg, axis=-1, keepdims=True)
     return dq, dk_, dv_, dg, dh0

@@ -24,7 +24,8 @@ from pallas_kernels.chunked_scan.common import (
     Config,
     MatOps,
     chunk_gates,
-    chunk_grads,
+    chunk_dqk,
+    chunk_dv,
     chunk_output,
     dstate_update,
     state_update,
@@ -77,13 +78,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dht_ref, dq_ref,
         dh_scr[...] = dht_ref[...]
 
     dh = dh_scr[...]  # gradient of the state leaving this chunk
-    q, do = q_ref[...], do_ref[...]
+    do = do_ref[...]
     gates = chunk_gates(g_ref[...].astype(F32), ops)
 
-    def store_dv(j, dv):
-        dv_ref[...] = dv.astype(dv_ref.dtype)
-
-    dq, dk, dg = chunk_grads(q, k_ref[...], gates, 1, lambda j: (v_ref[...], do, h_ref[...], dh), store_dv, ops)
+    q, k, v, h = q_ref[...], k_ref[...], v_ref[...], h_ref[...]
+    dv_ref[...] = chunk_dv(q, k, gates, do, dh, ops).astype(dv_ref.dtype)
+    dq, dk, dg = chunk_dqk(q, k, gates, v, do, h, dh, ops)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dg_ref[...] = dg.astype(dg_ref.dtype)
