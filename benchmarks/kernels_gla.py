@@ -13,7 +13,8 @@ gradients); that row is timed with ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 =
 "timed past the refusal", with its gradient's relative difference from ours in the notes.
 
 fla-core is pure Python: if ``import fla`` fails, the wheel in ``<repo>/.whl/`` is unpacked to a temporary
-folder (run with ``carry=[".whl"]`` on the device machine). Run: ``python -m benchmarks.kernels_gla [--quick]``.
+folder (run with ``carry=[".whl"]`` on the device machine).
+Run: ``python -m benchmarks.kernels_gla [--quick | --sweep]``.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ CHUNK = 64
 # fla on this H100, from the user: ms at T=4096
 ANCHORS = {("per-dim", "fwd"): 1.59, ("per-dim", "fwd+bwd"): 7.41, ("per-head", "fwd"): 0.50,
            ("per-head", "fwd+bwd"): 3.02}
-# tile variants tried at T=4096 (full run only); the default is BlockSizes.get_default(128, 128)
-VARIANTS = {
-    "out-v128": dict(block_v_out=128),
-    "fwd-w4-bwd-w4": dict(num_warps=4, num_warps_bwd=4),
-    "dv-v128-dqk-k128": dict(block_v_dv=128, block_k_dqk=128),
-    "states-k128-w8": dict(block_k=128, block_k_bwd=128, num_warps_states=8),
-}
+# tile variants tried at T=4096 with --sweep (each spill-free in bf16 under Triton 3.6's resource report);
+# the default is BlockSizes.get_default(128, 128). (name, overrides, gates it applies to)
+VARIANTS = [
+    ("out-v128", dict(block_v_out=128), ("per-dim", "per-head")),
+    ("dv-v128", dict(block_v_dv=128), ("per-dim", "per-head")),
+    ("seq-32x32", dict(block_k=32, block_v=32, block_k_bwd=32, block_v_bwd=32), ("per-dim", "per-head")),
+    ("seq-k128", dict(block_k=128, block_k_bwd=128), ("per-dim", "per-head")),
+    ("stages3", dict(num_stages=3), ("per-dim", "per-head")),
+    ("warps4", dict(num_warps=4, num_warps_bwd=4), ("per-head",)),  # per-dim spills at 4 warps
+]
 
 
 def _import_fla():
@@ -174,13 +178,15 @@ def _row(impl, gate, seq, kind, ms, ref_ms=None, note=""):
     }
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Rows of {impl, gate, T, pass, ms, fla/ours (throughput ratio), TFLOP/s, GB/s, note}."""
+def run(quick: bool = False, sweep: bool = False) -> list[dict]:
+    """Rows of {impl, gate, T, pass, ms, fla/ours (throughput ratio), TFLOP/s, GB/s, note}.
+
+    quick: T=4096 only. sweep: T=4096 only, plus the tile variants of ours."""
     chunk_gla, chunk_simple_gla, chunk_o = _import_fla()
     import triton
 
     rows = []
-    for seq in ((4096,) if quick else SEQS):
+    for seq in ((4096,) if quick or sweep else SEQS):
         q, k, v, do, g_dim, g_head = _inputs(seq, seed=seq)
         for gate, g, fla_fn, fla_name in (("per-dim", g_dim, chunk_gla, "fla chunk_gla"),
                                            ("per-head", g_head, chunk_simple_gla, "fla chunk_simple_gla")):
@@ -201,9 +207,9 @@ def run(quick: bool = False) -> list[dict]:
                 ours_err = f"{type(e).__name__}: {str(e)[:200]}"
             cmp_note = ""
             if f_o is not None and not ours_err:
-                cmp_note = (f"vs ours: o {_rel(f_o, o):.1e}, dq {_rel(f_grads[0], grads[0]):.1e}, "
-                            f"dk {_rel(f_grads[1], grads[1]):.1e}, dv {_rel(f_grads[2], grads[2]):.1e}, "
-                            f"dg {_rel(f_grads[3], grads[3]):.1e}")
+                diffs = [float(_rel(a, b)) for a, b in zip((f_o, *f_grads), (o, *grads))]
+                cmp_note = "rel. diff. from ours: " + ", ".join(
+                    f"{n} {d:.1e}" for n, d in zip(("o", "dq", "dk", "dv", "dg"), diffs))
             label = fla_name + (f" (timed past the refusal, triton {triton.__version__})" if refused else "")
             anchor = f"anchor {ANCHORS[(gate, 'fwd')]} / {ANCHORS[(gate, 'fwd+bwd')]} ms" if seq == 4096 else ""
             if f_o is None:
@@ -213,8 +219,10 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append(_row(label, gate, seq, "fwd+bwd", f_bwd, note=cmp_note))
             rows.append(_row("ours", gate, seq, "fwd", o_fwd, f_fwd, note=ours_err))
             rows.append(_row("ours", gate, seq, "fwd+bwd", o_bwd, f_bwd))
-            if seq == 4096 and not quick and not ours_err:
-                for name, kw in VARIANTS.items():
+            if sweep and not ours_err:
+                for name, kw, gates in VARIANTS:
+                    if gate not in gates:
+                        continue
                     bs = BlockSizes(**{**vars(BlockSizes.get_default(DIM, DIM)), **kw})
                     try:
                         vf, vb, _, _ = _ours(q, k, v, g, do, bs)
@@ -230,13 +238,14 @@ def run(quick: bool = False) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="T=4096 only, no tile variants")
+    parser.add_argument("--quick", action="store_true", help="T=4096 only")
+    parser.add_argument("--sweep", action="store_true", help="T=4096 only, with ours' tile variants")
     args = parser.parse_args()
     print(f"device {device_name()}; jax {jax.__version__}", flush=True)
     ceilings = measure_ceilings()
     print(f"measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceilings['copy_gbs']:.0f} GB/s (read + write)", flush=True)
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, sweep=args.sweep)
     print()
     print(format_table(list(rows[0].keys()), [list(r.values()) for r in rows]))
 
