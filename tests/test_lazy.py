@@ -12,13 +12,13 @@ from lizard_jax.generate import SamplingConfig, _generate, left_pad
 from lizard_jax.layers.common import KVCache
 from lizard_jax.layers.softmax import SoftmaxSpec
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
-from lizard_jax.lazy.prune import _step
+from lizard_jax.lazy.prune import _step, stack_layers
 from lizard_jax.models import Transformer, init_params
 from lizard_jax.numerics import FORMS_RTOL, assert_close
 from lizard_jax.sharding import make_mesh
 
 GREEDY = SamplingConfig()
-STEP = jax.jit(_step, static_argnums=(0, 2))  # one decode step: (model, params, lazy, tok, pos, state)
+STEP = jax.jit(_step, static_argnums=(0, 3))  # one decode step: (model, params, stacked, lazy, tok, pos, state)
 
 
 def tiny(layers=4, dtype="float32", window=None, kv=2):
@@ -129,8 +129,8 @@ def test_prefill_matches_masked_spec(name):
         np.testing.assert_array_equal(counts[layer + 1].sum(-1), np.minimum(budget, real.sum(-1)))
     for i in range(model.cfg.num_layers):
         m = active[i][..., None, None]
-        assert_close(np.where(m, st.k[i][:, :p], 0), ref["k"][i], rtol=FORMS_RTOL, name=f"k{i}")
-        assert_close(np.where(m, st.v[i][:, :p], 0), ref["v"][i], rtol=FORMS_RTOL, name=f"v{i}")
+        assert_close(np.where(m, st.kv(i)[0][:, :p], 0), ref["k"][i], rtol=FORMS_RTOL, name=f"k{i}")
+        assert_close(np.where(m, st.kv(i)[1][:, :p], 0), ref["v"][i], rtol=FORMS_RTOL, name=f"v{i}")
     pruned = (np.asarray(st.depth[:, :p]) < model.cfg.num_layers) & real
     assert pruned.any()
     assert_close(np.where(pruned[..., None], st.aux, 0), np.where(pruned[..., None], ref["hidden"], 0),
@@ -177,7 +177,7 @@ def test_generation_is_teacher_forcing(run):
     last = jnp.max(pos, axis=1)
     for s in range(NEW):
         np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(out[:, s]))
-        lg, st = STEP(model, params, LAZY, out[:, s:s + 1], (last + 1 + s)[:, None], st)
+        lg, st = STEP(model, params, stack_layers(model, params, LAZY), LAZY, out[:, s:s + 1], (last + 1 + s)[:, None], st)
         logits = lg[:, -1]
 
 
@@ -185,7 +185,7 @@ def test_revived_kv_is_recomputation_from_aux(run):
     model, params, toks, pos, out, st0 = run
     cfg = model.cfg
     p = toks.shape[1]
-    _, st1 = STEP(model, params, LAZY, out[:, :1], jnp.max(pos, 1)[:, None] + 1, st0)
+    _, st1 = STEP(model, params, stack_layers(model, params, LAZY), LAZY, out[:, :1], jnp.max(pos, 1)[:, None] + 1, st0)
     d0, d1 = np.asarray(st0.depth), np.asarray(st1.depth)
     revived = np.argwhere(d1[:, :p] > d0[:, :p])
     assert len(revived) > 0, "the first decode step revived nothing"
@@ -196,14 +196,14 @@ def test_revived_kv_is_recomputation_from_aux(run):
         tpos = st1.slot_pos[b:b + 1, t:t + 1]
         for i in range(d0[b, t], d1[b, t]):
             # the layer's own cache after the step, without token t, plus a free slot: the plain layer appends t
-            cache = KVCache(k=pad(st1.k[i][b:b + 1]), v=pad(st1.v[i][b:b + 1]),
-                            pos=jnp.concatenate([st1.pos[i][b:b + 1].at[:, t].set(-1), -jnp.ones((1, 1), jnp.int32)],
+            cache = KVCache(k=pad(st1.kv(i)[0][b:b + 1]), v=pad(st1.kv(i)[1][b:b + 1]),
+                            pos=jnp.concatenate([st1.kv(i)[2][b:b + 1].at[:, t].set(-1), -jnp.ones((1, 1), jnp.int32)],
                                                 axis=1),
                             index=jnp.int32(s))
             h, cache = model.apply({"params": params}, h, tpos, cache, method=lambda m, *a, i=i: m.layers[i](*a))
-            assert_close(st1.k[i][b, t], cache.k[0, s], rtol=FORMS_RTOL, name=f"revived k layer {i}")
-            assert_close(st1.v[i][b, t], cache.v[0, s], rtol=FORMS_RTOL, name=f"revived v layer {i}")
-            assert int(st1.pos[i][b, t]) == int(tpos[0, 0])
+            assert_close(st1.kv(i)[0][b, t], cache.k[0, s], rtol=FORMS_RTOL, name=f"revived k layer {i}")
+            assert_close(st1.kv(i)[1][b, t], cache.v[0, s], rtol=FORMS_RTOL, name=f"revived v layer {i}")
+            assert int(st1.kv(i)[2][b, t]) == int(tpos[0, 0])
         if d1[b, t] < cfg.num_layers:
             assert_close(st1.aux[b, t], h[0, 0], rtol=FORMS_RTOL, name="aux after revival")
     # tokens that were not revived keep their Aux Cache entry

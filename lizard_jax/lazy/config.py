@@ -8,6 +8,12 @@ import math
 from lizard_jax.config import ConfigError
 
 
+# The default schedule, chosen by measurement (SmolLM2-135M, CPU, 2K-token prompts; see lizard_jax/lazy/__init__.py):
+# prune after the layers at these fractions of the depth, keeping these fractions of the prompt.
+DEFAULT_DEPTHS = (0.15, 0.4, 0.7)
+DEFAULT_KEEP = (0.5, 0.25, 0.15)
+
+
 @dataclasses.dataclass(frozen=True)
 class LazyConfig:
     """A progressive pruning schedule (static: one hashable object, a jit argument).
@@ -24,12 +30,11 @@ class LazyConfig:
       next of these sizes (0 and the stage's budget are always added), so a decode step holds one compiled
       branch per size and a step that revives nothing costs what a plain decode step costs.
 
-    Default schedule (measured on SmolLM2-135M at 2K tokens, see the package docstring): prune at layers
-    4, 12 and 20 of 30 keeping 50%, 25% and 15% of the prompt.
+    `LazyConfig.default(num_layers)` is the measured default schedule (see `DEFAULT_DEPTHS`).
     """
 
-    layers: tuple[int, ...] = (4, 12, 20)
-    keep: tuple[float, ...] = (0.5, 0.25, 0.15)
+    layers: tuple[int, ...]
+    keep: tuple[float, ...] = ()
     top_k: tuple[int, ...] = ()
     bucket: int = 64
     revive_buckets: tuple[int, ...] = (16, 128, 1024)
@@ -63,6 +68,18 @@ class LazyConfig:
                 b <= a for a, b in zip(self.revive_buckets, self.revive_buckets[1:])):
             raise ConfigError(f"LazyConfig.revive_buckets must be positive and strictly increasing, got "
                               f"{self.revive_buckets}")
+
+    @classmethod
+    def default(cls, num_layers: int, **overrides) -> "LazyConfig":
+        """The default schedule for a model of `num_layers` layers: `DEFAULT_KEEP` after the layers at the relative
+        depths `DEFAULT_DEPTHS` (rounded; repeats merged)."""
+        layers, keep = [], []
+        for depth, f in zip(DEFAULT_DEPTHS, DEFAULT_KEEP):
+            layer = min(round(depth * num_layers), num_layers - 2)
+            if layer >= 0 and (not layers or layer > layers[-1]):
+                layers.append(layer)
+                keep.append(f)
+        return cls(layers=tuple(layers), keep=tuple(keep), **overrides)
 
     def check(self, num_layers: int) -> None:
         """Raise if a pruning layer does not exist in a model of `num_layers` layers (the last layer cannot prune:

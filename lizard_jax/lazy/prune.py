@@ -44,11 +44,12 @@ Array = jax.Array
 class LazyState:
     """What a lazy generation carries. `S` slots = prompt width `P` + generated tokens; `L` layers.
 
-    k, v: per layer `[B, S, kv_heads, head_dim]`; pos: per layer `[B, S]` int32, the token's position if it was
-    computed at that layer, else -1. aux `[B, P, d_model]`: a prompt token's hidden state after its last
-    computed layer (the Aux Cache; meaningful where depth < L). depth `[B, S]` int32: layers computed. slot_pos
-    `[B, S]`: the true position of each slot's token (-1: padding or not generated yet). counts `[L, B, S]`
-    int32: how often each token was computed at each layer (never above 1). step: tokens generated so far.
+    Caches are stacked per segment (a run of layers of one stage with one attention spec, see `segments`):
+    k, v `[layers, B, S, kv_heads, head_dim]`; pos `[layers, B, S]` int32, the token's position if it was computed
+    at that layer, else -1 (`kv(i)` gives layer i's). aux `[B, P, d_model]`: a prompt token's hidden state after
+    its last computed layer (the Aux Cache; meaningful where depth < L). depth `[B, S]` int32: layers computed.
+    slot_pos `[B, S]`: the true position of each slot's token (-1: padding or not generated yet). counts
+    `[L, B, S]` int32: how often each token was computed at each layer (never above 1). step: tokens generated.
     """
 
     k: tuple[Array, ...]
@@ -59,6 +60,14 @@ class LazyState:
     slot_pos: Array
     counts: Array
     step: Array
+    segments: tuple[tuple[int, int], ...] = flax.struct.field(pytree_node=False, default=())
+
+    def kv(self, layer: int) -> tuple[Array, Array, Array]:
+        """(k, v, pos) of one layer."""
+        for s, (first, last) in enumerate(self.segments):
+            if first <= layer <= last:
+                return self.k[s][layer - first], self.v[s][layer - first], self.pos[s][layer - first]
+        raise ValueError(f"no layer {layer} in segments {self.segments}")
 
     def computed_fraction(self) -> Array:
         """Fraction of (real prompt token, layer) pairs computed so far, float32 scalar."""
@@ -72,14 +81,16 @@ class LazyState:
 class _View:
     """One layer's cache as the layer sees it during a lazy chunk (see `KVCache.attend` for the protocol).
 
-    slots `[B, T]`: where the chunk's tokens are written (an out-of-range slot, `S`, writes nothing). local:
-    attend within the chunk only (a pruned prefill chunk: the cache holds nothing else yet). want_score: also
-    return `score [B, keys]`, the mean over query heads of the last query's attention probabilities.
+    k, v, pos: the segment's stacked caches and `layer`, this layer's index in them. slots `[B, T]`: where the
+    chunk's tokens are written (an out-of-range slot, `S`, writes nothing). local: attend within the chunk only (a
+    pruned prefill chunk: the cache holds nothing else yet). want_score: also return `score [B, keys]`, the mean
+    over query heads of the last query's attention probabilities.
     """
 
     k: Array
     v: Array
     pos: Array
+    layer: Array | int
     slots: Array
     score: Array | None = None
     local: bool = flax.struct.field(pytree_node=False, default=False)
@@ -90,10 +101,14 @@ class _View:
         k_new = k_new.astype(self.k.dtype)
         v_new = v_new.astype(self.v.dtype)
         positions = positions.astype(jnp.int32)
-        k = self.k.at[b, self.slots].set(k_new, mode="drop")
-        v = self.v.at[b, self.slots].set(v_new, mode="drop")
-        pos = self.pos.at[b, self.slots].set(positions, mode="drop")
-        keys = (k_new, v_new, positions) if self.local else (k, v, pos)
+        at = (self.layer, b, self.slots)
+        k = self.k.at[at].set(k_new, mode="drop")
+        v = self.v.at[at].set(v_new, mode="drop")
+        pos = self.pos.at[at].set(positions, mode="drop")
+        if self.local:
+            keys = (k_new, v_new, positions)
+        else:
+            keys = tuple(jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False) for a in (k, v, pos))
         o = attention(q, keys[0], keys[1], q_positions=positions, k_positions=keys[2], window=window, sinks=sinks,
                       scale=scale, impl=impl)
         score = self.score
@@ -136,20 +151,64 @@ def _head(model, params, x):
     return _apply(model, params, lambda m, h: m.head(h), x)
 
 
-def _run(model, params, state: LazyState, first: int, last: int, x, positions, slots, *, local: bool,
+def _segments(model: Transformer, lazy: LazyConfig) -> tuple[tuple[int, int], ...]:
+    """[first, last] runs of layers inside one stage that share one attention spec (one scan body each)."""
+    specs = model.cfg.attention
+    out = []
+    for first, last in lazy.stages(model.cfg.num_layers):
+        start = first
+        for i in range(first + 1, last + 2):
+            if i > last or specs[i] != specs[start]:
+                out.append((start, i - 1))
+                start = i
+    return tuple(out)
+
+
+def stack_layers(model: Transformer, params, lazy: LazyConfig) -> tuple:
+    """Per segment, its layers' parameters stacked on a leading axis: what decoding scans over."""
+    return tuple(jax.tree.map(lambda *a: jnp.stack(a), *(params[f"layers_{i}"] for i in range(first, last + 1)))
+                 for first, last in _segments(model, lazy))
+
+
+def _run(model, params, stacked, state: LazyState, first: int, last: int, x, positions, slots, *, local: bool,
          score: bool):
     """Layers first..last on the chunk x `[B, T, D]` (tokens at `positions`, written to `slots`) -> (x, the
-    last layer's scores if `score` else None, state)."""
+    last layer's scores if `score` else None, state). With `stacked` (see `stack_layers`) each segment is one
+    `lax.scan` (decoding: small programs), else the layers are unrolled (prefill: no stacked copy of the weights)."""
     b = jnp.arange(x.shape[0])[:, None]
     real = (positions >= 0).astype(jnp.int32)
-    k, v, pos, counts = list(state.k), list(state.v), list(state.pos), state.counts
-    out = None
-    for i in range(first, last + 1):
-        view = _View(k[i], v[i], pos[i], slots, local=local, want_score=score and i == last)
-        x, view = _apply(model, params, lambda m, *a, i=i: m.layers[i](*a), x, positions, view)
-        k[i], v[i], pos[i], out = view.k, view.v, view.pos, view.score
-        counts = counts.at[i, b, slots].add(real, mode="drop")
-    return x, out, state.replace(k=tuple(k), v=tuple(v), pos=tuple(pos), counts=counts)
+    k, v, pos = list(state.k), list(state.v), list(state.pos)
+    counts, sc = state.counts, None
+    for s, (a, e) in enumerate(state.segments):
+        if e < first or a > last:
+            continue
+
+        def layer(carry, j, lp, want, a=a):
+            x, k, v, pos, counts, sc = carry
+            view = _View(k, v, pos, j, slots, local=local, want_score=want)
+            x, view = _apply_layer(model, a, lp, x, positions, view)
+            counts = counts.at[a + j, b, slots].add(real, mode="drop")
+            return x, view.k, view.v, view.pos, counts, view.score if want else sc
+
+        carry = (x, k[s], v[s], pos[s], counts, sc)
+        if stacked is None:
+            for j in range(e - a + 1):
+                carry = layer(carry, j, params[f"layers_{a + j}"], score and a + j == last)
+        else:
+            if score and e == last:  # the scan carries the score: start from an array of its shape
+                keys = x.shape[1] if local else state.depth.shape[1]
+                carry = carry[:5] + (jnp.zeros((x.shape[0], keys), jnp.float32),)
+            want = score and e == last  # every layer scores (one query row: cheap); the last one's is kept
+            carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs, want), None), carry,
+                                    (jnp.arange(e - a + 1), stacked[s]))
+        x, k[s], v[s], pos[s], counts, sc = carry
+    return x, sc, state.replace(k=tuple(k), v=tuple(v), pos=tuple(pos), counts=counts)
+
+
+def _apply_layer(model, index: int, layer_params, x, positions, view):
+    """Layer `index`'s module (any layer of its segment: same spec) with the given parameters."""
+    return model.apply({"params": {f"layers_{index}": layer_params}}, x, positions, view,
+                       method=lambda m, *a: m.layers[index](*a))
 
 
 def _check(model: Transformer, tokens, positions, lazy: LazyConfig):
@@ -164,22 +223,24 @@ def _check(model: Transformer, tokens, positions, lazy: LazyConfig):
         raise ValueError(f"tokens and positions must both be [batch, prompt]: {tokens.shape=} {positions.shape=}")
 
 
-def _init_state(model: Transformer, positions, cache_len: int) -> LazyState:
+def _init_state(model: Transformer, lazy: LazyConfig, positions, cache_len: int) -> LazyState:
     cfg = model.cfg
     bsz, p = positions.shape
     if cache_len < p:
         raise ValueError(f"{cache_len=} is shorter than the prompt ({p} tokens)")
     dtype = jnp.dtype(cfg.dtype)
-    kv = jnp.zeros((bsz, cache_len, cfg.num_kv_heads, cfg.head_dim), dtype)
     empty = jnp.full((bsz, cache_len), -1, jnp.int32)
+    segments = _segments(model, lazy)
+    kv = tuple(jnp.zeros((e - a + 1, bsz, cache_len, cfg.num_kv_heads, cfg.head_dim), dtype) for a, e in segments)
     n = cfg.num_layers
     return LazyState(
-        k=(kv,) * n, v=(kv,) * n, pos=(empty,) * n,
+        k=kv, v=kv, pos=tuple(jnp.full((e - a + 1, bsz, cache_len), -1, jnp.int32) for a, e in segments),
         aux=jnp.zeros((bsz, p, cfg.d_model), dtype),
         depth=jnp.zeros((bsz, cache_len), jnp.int32),
         slot_pos=empty.at[:, :p].set(positions.astype(jnp.int32)),
         counts=jnp.zeros((n, bsz, cache_len), jnp.int32),
         step=jnp.zeros((), jnp.int32),
+        segments=segments,
     )
 
 
@@ -189,7 +250,7 @@ def _prefill(model: Transformer, params, tokens, positions, lazy: LazyConfig, ca
     n_layers = model.cfg.num_layers
     bsz, p = tokens.shape
     stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
-    state = _init_state(model, positions, cache_len)
+    state = _init_state(model, lazy, positions, cache_len)
     b = jnp.arange(bsz)[:, None]
     x = _embed(model, params, tokens)
     slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (bsz, p))
@@ -197,7 +258,8 @@ def _prefill(model: Transformer, params, tokens, positions, lazy: LazyConfig, ca
     for j, (first, last) in enumerate(stages):
         prune = j < len(budgets) and budgets[j] < x.shape[1]
         # the whole prompt attends through the cache exactly like a plain prefill; a pruned chunk only within itself
-        x, score, state = _run(model, params, state, first, last, x, pos, slots, local=x.shape[1] < p, score=prune)
+        x, score, state = _run(model, params, None, state, first, last, x, pos, slots, local=x.shape[1] < p,
+                               score=prune)
         if not prune:
             continue
         state = state.replace(aux=state.aux.at[b, slots].set(x), depth=state.depth.at[b, slots].set(last + 1))
@@ -216,8 +278,8 @@ def _revive_sizes(lazy: LazyConfig, budget: int) -> tuple[int, ...]:
     return (0, *(r for r in lazy.revive_buckets if r < budget), budget)
 
 
-def _stage_step(model, params, first: int, last: int, n_revive: int, score_next: bool, x, pos, slots, score,
-                need, state: LazyState):
+def _stage_step(model, params, stacked, first: int, last: int, n_revive: int, score_next: bool, x, pos, slots,
+                score, need, state: LazyState):
     """One decode stage: the new token x `[B, 1, D]` plus the `n_revive` best-scored tokens of `need [B, S]`
     (fewer are real if fewer need it) -> (new token's x, next scores, state)."""
     b = jnp.arange(x.shape[0])[:, None]
@@ -231,7 +293,8 @@ def _stage_step(model, params, first: int, last: int, n_revive: int, score_next:
         x = jnp.concatenate([r_x.astype(x.dtype), x], axis=1)
         pos = jnp.concatenate([r_pos, pos], axis=1)
         slots = jnp.concatenate([r_slots, slots], axis=1)
-    x, new_score, state = _run(model, params, state, first, last, x, pos, slots, local=False, score=score_next)
+    x, new_score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
+                               score=score_next)
     if n_revive:
         r_x = x[:, :n_revive]
         state = state.replace(aux=state.aux.at[b, r_slots].set(r_x.astype(state.aux.dtype), mode="drop"),
@@ -239,8 +302,8 @@ def _stage_step(model, params, first: int, last: int, n_revive: int, score_next:
     return x[:, -1:], score if new_score is None else new_score, state
 
 
-def _step(model: Transformer, params, lazy: LazyConfig, tok, pos, state: LazyState):
-    """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state)."""
+def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
+    """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state). `stacked`: `stack_layers(...)`."""
     n_layers = model.cfg.num_layers
     p = state.aux.shape[1]
     stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
@@ -253,20 +316,22 @@ def _step(model: Transformer, params, lazy: LazyConfig, tok, pos, state: LazySta
                           depth=state.depth.at[:, slot].set(n_layers), step=state.step + 1)
     x = _embed(model, params, tok)
     first, last = stages[0]
-    x, score, state = _run(model, params, state, first, last, x, pos, slots, local=False, score=len(stages) > 1)
+    x, score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
+                           score=len(stages) > 1)
     for j, (first, last) in enumerate(stages[1:]):
         score_next = j + 2 < len(stages)
         if budgets[j] == p:  # nothing was ever pruned before this stage: nothing to revive
-            x, new_score, state = _run(model, params, state, first, last, x, pos, slots, local=False,
+            x, new_score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
                                        score=score_next)
             score = score if new_score is None else new_score
             continue
-        score = jnp.where(state.pos[first - 1] >= 0, score, -jnp.inf)
+        score = jnp.where(state.kv(first - 1)[2] >= 0, score, -jnp.inf)
         chosen = jnp.zeros(score.shape, bool).at[b, jax.lax.top_k(score, budgets[j])[1]].set(True)
         need = chosen & (state.depth == first)  # selected, and stopped right before this stage
         sizes = _revive_sizes(lazy, budgets[j])
         branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(need, axis=1)))
-        branches = [functools.partial(_stage_step, model, params, first, last, r, score_next) for r in sizes]
+        branches = [functools.partial(_stage_step, model, params, stacked, first, last, r, score_next)
+                    for r in sizes]
         x, score, state = jax.lax.switch(branch, branches, x, pos, slots, score, need, state)
     return _head(model, params, x), state
 
@@ -288,7 +353,7 @@ def generate_lazy(model: Transformer, params, tokens, positions, key, *, lazy: L
     """`generate._generate` with LazyLLM prefill and decoding: tokens, positions `[B, P]` (left-padded,
     positions -1 on padding) -> generated tokens `[B, max_new_tokens]` int32, -1 after a row's EOS."""
     logits, state = _prefill(model, params, tokens, positions, lazy, tokens.shape[1] + max_new_tokens)
-    step = functools.partial(_step, model, params, lazy)
+    step = functools.partial(_step, model, params, stack_layers(model, params, lazy), lazy)
     return decode_loop(step, state, logits, jnp.max(positions, axis=1), key, max_new_tokens=max_new_tokens,
                        sampling=sampling, eos_ids=eos_ids)
 
@@ -301,12 +366,13 @@ def lazy_logprobs(model: Transformer, params, tokens, positions, targets, *, laz
     if targets.ndim != 2 or targets.shape[0] != tokens.shape[0]:
         raise ValueError(f"targets must be [batch, N] with the prompt's batch: {targets.shape=} {tokens.shape=}")
     logits, state = _prefill(model, params, tokens, positions, lazy, tokens.shape[1] + targets.shape[1])
+    stacked = stack_layers(model, params, lazy)
 
     def body(carry, tgt):  # tgt [B]
         logits, state, pos = carry
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[:, None], axis=1)[:, 0]
         pos = pos + 1
-        logits, state = _step(model, params, lazy, tgt[:, None], pos[:, None], state)
+        logits, state = _step(model, params, stacked, lazy, tgt[:, None], pos[:, None], state)
         return (logits[:, -1], state, pos), lp
 
     carry = (logits, state, jnp.max(positions, axis=1).astype(jnp.int32))
