@@ -4,30 +4,36 @@ The recurrence (per batch and head, t = 0..T-1, state S is [dk, dv], float32)::
 
     S_0 = initial_state or 0,    S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t
 
-Chunk form (C tokens per chunk, h = state entering the chunk, b = inclusive cumsum of the log-gates inside the
-chunk, B = b[C-1], everything per key dimension d)::
+Chunk form (C tokens per chunk, h = state entering the chunk, b = inclusive prefix sums of the log-gates
+inside the chunk, B their total, everything per key dimension d)::
 
     o_i    = (q_i * exp(b_i)) h + sum_{j <= i} A_ij v_j,      A_ij = sum_d q_id k_jd exp(b_id - b_jd)
     h_next = exp(B) * h + sum_j (k_j * exp(B - b_j))^T v_j
 
-``exp(b_i)`` and ``exp(B - b_j)`` are <= 1, so the inter-chunk terms cannot overflow. The intra-chunk scores
-``A`` are computed as one matrix product of folded features (the Lizard paper's trick)::
+Why nothing overflows, and why what underflows does not matter (log_g <= 0 is the contract):
+- ``exp(b_i)`` and ``exp(B - b_j)`` are <= 1, so the inter-chunk terms cannot overflow; ``B - b_j`` is
+  summed directly (an exclusive suffix sum), not as a difference of two long sums.
+- The intra-chunk scores ``A`` are one matrix product of folded features (the Lizard paper's trick)::
 
-    q~_i = q_i * exp(b_i - r),   k~_j = k_j * exp(r - b_j),   A = tril(q~ k~^T)
+      q~_i = q_i * exp(b_i - r),   k~_j = k_j * exp(r - b_j),   A = tril(q~ k~^T)
 
-with ``r`` the per-dimension midpoint of ``b`` over the chunk, so every exponent lies in ``[-s/2, s/2]``
-where ``s`` is the chunk's largest per-dimension decay span ``max_i b - min_i b``. When ``s/2 <= FOLD_LIMIT``
-(40: exp(40) ~ 2.4e17, finite in float32 and bfloat16 with room for any sum of products) the fast path is
-exact: each product q~_id k~_jd equals q_id k_jd exp(b_id - b_jd) up to rounding of the two factors, and the
-masked (j > i) entries, which may be large, are removed by a select, never by a multiply. A chunk whose span
-is larger (log-gates below about -1.25 per token on average) takes an exact elementwise path instead:
-column by column with ``exp(min(b_i - b_j, 0))``, which never overflows, and whose underflows only drop
-terms below exp(-87) relative to the diagonal term. One decay per head (log_g ``[..., 1]``) needs no
-folding: ``exp(b_i - b_j)`` is a [C, C] matrix with non-positive exponents on the kept entries.
+  with ``r`` the per-dimension midpoint of ``b`` over the chunk, so every exponent lies in ``[-s/2, s/2]``
+  where ``s`` is the chunk's largest per-dimension decay span ``max_i b - min_i b``. When
+  ``s/2 <= FOLD_LIMIT`` (40: exp(40) ~ 2.4e17, finite in float32 and bfloat16 with room for any sum of
+  products) this fast path is exact: each product q~_id k~_jd equals q_id k_jd exp(b_id - b_jd) up to the
+  rounding of the two factors, and the masked (j > i) entries, which may be large, are removed by a select,
+  never by a multiply. Realistic gates (logsigmoid(x)/16: s ~ 3) always take it.
+- A chunk whose span is larger (log-gates below about -1.25 per token on average) takes an exact path
+  key by key instead (``lax.cond``, per chunk and per dk tile): ``exp(sum_{j<t<=i} g_t)`` with the sum formed
+  afresh from token j, which is <= 1 and accurate to float32 rounding even at -20 per token; what
+  underflows there is below exp(-87) of the undecayed diagonal term.
+- One decay per head (log_g ``[..., 1]``) needs no folding: the [C, C] matrix ``exp(sum_{j<t<=i} g_t)``
+  is formed directly (the fast path).
 
-Gradients (chunk-local, exact): with dq, dk the full gradients of q and k,
-``dL/db_t = q_t*dq_t - k_t*dk_t`` plus, at t = C-1, ``exp(B) * sum_v(h * dh_next) + sum_j k_j * dk_inter_j``
-(the gradient through the chunk's total decay), and ``dlog_g`` is the suffix sum of that inside the chunk.
+Gradients are chunk-local and exact; ``chunk_dqk`` writes dlog_g without the catastrophic cancellation of
+the textbook ``suffix_sum(q*dq - k*dk)`` form (see its docstring). No product's result is transposed into
+another product (Triton 3.4 to 3.7.0 miscompile that on Hopper, flash-linear-attention issue 640): A^T and
+dA^T are their own products.
 """
 
 from __future__ import annotations

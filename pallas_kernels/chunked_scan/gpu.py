@@ -95,18 +95,20 @@ def _sequential_pass(kernel, name, cfg, a, bb, g, s0, block_k, block_v, num_warp
     per_dim = g.shape[-1] > 1
     ops = MatOps.for_config(cfg)
 
-    def kv_map(b, h, i):
+    # grid (dk tile * dv tile, batch, head): the tiles of one head, which re-read the same k (or q), g
+    # and v (or do), are adjacent (grid axis 0 is CUDA's fastest) so the re-reads come from L2
+    def kv_map(i, b, h):
         return b, h, i // nv, i % nv
 
     in_specs = [
-        pl.BlockSpec((None, seq, None, block_k), lambda b, h, i: (b, 0, h, i // nv)),
-        pl.BlockSpec((None, seq, None, block_v), lambda b, h, i: (b, 0, h, i % nv)),
+        pl.BlockSpec((None, seq, None, block_k), lambda i, b, h: (b, 0, h, i // nv)),
+        pl.BlockSpec((None, seq, None, block_v), lambda i, b, h: (b, 0, h, i % nv)),
         pl.BlockSpec((None, seq, None, block_k if per_dim else 1),
-                     lambda b, h, i: (b, 0, h, i // nv if per_dim else 0)),
+                     lambda i, b, h: (b, 0, h, i // nv if per_dim else 0)),
         pl.BlockSpec((None, None, block_k, block_v), kv_map),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, n_chunks, block_k, block_v), lambda b, h, i: (b, h, 0, i // nv, i % nv)),
+        pl.BlockSpec((None, None, n_chunks, block_k, block_v), lambda i, b, h: (b, h, 0, i // nv, i % nv)),
         pl.BlockSpec((None, None, block_k, block_v), kv_map),
     ]
     out_shape = [
@@ -115,7 +117,7 @@ def _sequential_pass(kernel, name, cfg, a, bb, g, s0, block_k, block_v, num_warp
     ]
     return pl.pallas_call(
         functools.partial(kernel, ops=ops, chunk=chunk, n_chunks=n_chunks),
-        grid=(batch, heads, (dk // block_k) * nv),
+        grid=((dk // block_k) * nv, batch, heads),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
