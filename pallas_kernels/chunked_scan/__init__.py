@@ -7,7 +7,8 @@ interpret=False, block_sizes=None)``; log_g ``[..., dk]`` per dimension or ``[..
 
 Files: ``common.py`` (BlockSizes, validation, padding, custom_vjp glue, the per-chunk math and its
 overflow argument), ``gpu.py`` (Pallas Triton), ``tpu.py`` (Mosaic), ``reference.py`` (a pure-jnp oracle
-in the same chunk form), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``: compiled GPU check).
+in the same chunk form, and the float64 recurrence), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``:
+compiled GPU check), ``triton_report.py`` (compile the GPU kernels for sm_90 without a GPU: registers, spills).
 """
 
 from pallas_kernels.chunked_scan.common import BlockSizes, gla

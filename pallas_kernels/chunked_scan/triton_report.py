@@ -77,7 +77,8 @@ def compile_report(folder: str) -> int:
         launch = json.load(f)
     failed = 0
     print(f"triton {triton.__version__}, sm_90")
-    print("| kernel | warps | stages | regs | stack B | shared KB | HGMMA | LDL/STL |\n|---|---|---|---|---|---|---|---|")
+    print("| kernel | warps | stages | regs | stack B | shared KB | HGMMA | LDL/STL |")
+    print("|---|---|---|---|---|---|---|---|")
     for path, opts in sorted(launch.items()):
         try:
             kernel = triton.compile(os.path.join(folder, path), target=GPUTarget("cuda", 90, 32), options=opts)
