@@ -256,6 +256,7 @@ def test_speed_isolated_subprocess(ckpt):
                            progress=False)
     (r,) = out["models"]["teacher"]["rows"]
     assert out["isolate"] and r["status"] == "ok" and r["context"] == 32 and r["decode_tokens"] == 2
+    assert out["device"].startswith("cpu") and "device" not in r
 
 
 @pytest.mark.parametrize("args,match", [

@@ -9,8 +9,8 @@ queried key's value as its next (greedy) token. In text, with the default templa
 Keys and values are single tokens, by construction: the prompt is built in token space from a fixed pool of
 tokenizer tokens (`token_pool`): every token whose text is a lowercase word of 3-10 letters (word-initial ones,
 " word", where the tokenizer has them, as byte-level BPE does) and that the tokenizer encodes back to exactly that
-one token; tokens of the template itself are left out. As in Zoology the key and value vocabularies are disjoint: the pool, in token-id order, is split
-alternately into keys and values. Per prompt the keys are distinct (drawn without replacement), values are drawn
+one token; tokens of the template itself are left out. As in Zoology the key and value vocabularies are
+disjoint: the pool, in token-id order, is split alternately into keys and values. Per prompt the keys are distinct (drawn without replacement), values are drawn
 with replacement, and the Q queried keys are distinct and in random order. Template pieces (intro, ":", ",",
 bridge) are tokenized once and spliced in.
 

@@ -279,7 +279,7 @@ def _measure_in_subprocess(src: ModelSource, dtype: str | None, context: int, op
                        text=True, env=env)
     lines = p.stdout.strip().splitlines()
     if p.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        return json.loads(lines[-1])  # the row, with the worker's "device"
     err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
     # a worker killed by the kernel's OOM killer (SIGKILL) ran out of host memory
     status = "oom" if is_oom(p.stderr) or p.returncode == -9 else "failed"
@@ -296,14 +296,15 @@ def speed_sources(sources: Sequence[ModelSource], contexts: Sequence[int], opts:
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be distinct, got {labels}; name them with LABEL=PATH")
     contexts = check_contexts(contexts)
-    models = {}
+    models, devices = {}, set()
     for src in sources:
-        if isolate:
+        if isolate:  # this process never touches a device: the workers get all of its memory
             cfg = source_config(src, dtype)
             rows = []
             for c in contexts:
                 r = _measure_in_subprocess(src, dtype, c, opts)
-                r.setdefault("cache_bytes", cache_bytes(cfg, opts.batch, c))
+                devices.add(r.pop("device", None))
+                r.setdefault("cache_bytes", cache_bytes(cfg, opts.batch, c))  # shapes only: no device needed
                 rows.append(r)
                 if progress:
                     print(f"[speed] {src.label}: {format_row(r)}", file=sys.stderr, flush=True)
@@ -315,7 +316,9 @@ def speed_sources(sources: Sequence[ModelSource], contexts: Sequence[int], opts:
             del model, params
         out.update(kind=src.kind, path=src.path)
         models[src.label] = out
-    return {"task": "speed", "device": device_name(), "jax": jax.__version__, "isolate": isolate,
+    devices.discard(None)
+    device = (" / ".join(sorted(devices)) or "unknown: every worker failed") if isolate else device_name()
+    return {"task": "speed", "device": device, "jax": jax.__version__, "isolate": isolate,
             "options": dataclasses.asdict(opts), "contexts": contexts, "models": models}
 
 
@@ -331,7 +334,7 @@ def device_name() -> str:
 def plot_speed(models: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
     """PNG of prefill ms, decode tokens/s and memory vs context, one line per model (`speed_sources`'s
     "models"). Memory: solid = peak_bytes where every row has it, else program_bytes; dashed = cache bytes.
-    Out-of-memory contexts are marked with an x at the bottom of the prefill panel."""
+    Contexts that ran out of memory (or failed) are marked with an x at the bottom of the prefill panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +350,7 @@ def plot_speed(models: dict[str, dict], path: str | Path, title: str | None = No
         axes[0].plot(x, [r["prefill_ms"] for r in ok], "o-", color=color, label=label)
         if bad:
             axes[0].plot(bad, [0] * len(bad), "x", color=color, ms=10, transform=axes[0].get_xaxis_transform(),
-                         clip_on=False, label=f"{label}: out of memory")
+                         clip_on=False, label=f"{label}: out of memory / failed")
         axes[1].plot(x, [r["decode_tok_s"] for r in ok], "o-", color=color, label=label)
         mem = "peak_bytes" if ok and all(r.get("peak_bytes") is not None for r in ok) else "program_bytes"
         mem_names.add(mem)
@@ -381,7 +384,7 @@ def _worker(spec_json: str) -> None:
     src = ModelSource(**spec["source"])
     model, params = load_source(src, spec["dtype"])
     row = measure_or_oom(model, params, spec["context"], SpeedOptions(**spec["options"]))
-    print(json.dumps(row), flush=True)
+    print(json.dumps({**row, "device": device_name()}), flush=True)
 
 
 if __name__ == "__main__":
