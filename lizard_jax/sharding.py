@@ -36,7 +36,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
     """A mesh over all devices (of all processes) with axes data/fsdp/tensor; one axis may be -1 (the rest).
 
-    `make_mesh({"data": 2, "tensor": 4})`; missing axes have size 1; by default everything goes to fsdp.
+    `make_mesh({"data": 2, "tensor": 4})`; missing axes have size 1; by default everything goes to fsdp. A mesh
+    without -1 that needs fewer devices than there are takes the first ones (e.g. `{"data": 1}`: one device).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"fsdp": -1})
@@ -52,6 +53,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in shape.values() and int(np.prod(sizes)) < len(devices):
+        devices = devices[: int(np.prod(sizes))]
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), tuple(names))

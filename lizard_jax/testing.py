@@ -40,3 +40,29 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, kv_h
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model
+
+
+def char_tokenizer(vocab_size: int = 97):
+    """An offline character-level tokenizer: [UNK], [EOS], then printable ASCII (ids < vocab_size)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(" \n" + string.digits + string.ascii_letters + string.punctuation)[: vocab_size - 2]
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def save_tiny_teacher(path, *, seed: int = 0, **config_overrides):
+    """A random tiny teacher checkpoint with a character tokenizer (EOS id 1) at `path`; returns its config."""
+    import jax
+
+    from lizard_jax import checkpoint
+    from lizard_jax.models import init_params
+
+    cfg = tiny_config(**config_overrides)
+    checkpoint.save(path, cfg, init_params(cfg, jax.random.key(seed)), char_tokenizer(cfg.vocab_size), overwrite=True)
+    return cfg

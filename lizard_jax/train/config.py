@@ -1,0 +1,137 @@
+"""Training configuration: one YAML file (`train.py --config`), every section a frozen dataclass, unknown keys
+rejected with their name. `--set a.b=value` overrides any field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lizard_jax.config import ConfigError, from_dict, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """source: "text" (plain files; documents split at blank lines), "jsonl" (one JSON object a line; `text_key`
+    or a `template` like "{instruction}\\n{output}"), or "tfds" (a TensorFlow Datasets name, streamed in order).
+    Documents are tokenized, joined with EOS and packed into sequences of `seq_len` (+1 for the target)."""
+
+    source: str = "text"
+    paths: tuple[str, ...] = ()
+    tfds_name: str | None = None
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+    text_key: str = "text"
+    template: str | None = None
+    seq_len: int = 512
+    batch_size: int = 8
+    shuffle: bool = True
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.source not in ("text", "jsonl", "tfds"):
+            raise ConfigError(f"data.source must be text, jsonl or tfds, got {self.source!r}")
+        if self.source in ("text", "jsonl") and not self.paths:
+            raise ConfigError(f"data.paths is empty for source {self.source!r}")
+        if self.source == "tfds" and not self.tfds_name:
+            raise ConfigError("data.tfds_name is required for source 'tfds'")
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ConfigError(f"data.seq_len must be >= 2 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        bad = set(self.targets) - allowed
+        if bad:
+            raise ConfigError(f"lora.targets: unknown {sorted(bad)}; allowed: {sorted(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage. stage 1 (attention transfer): `loss` "mse" between student and teacher attention
+    outputs per layer, only new attention parameters train. stage 2 (fine-tuning): next-token cross-entropy
+    (+ `kd_weight` x KL to the teacher's logits), LoRA on `lora.targets` of the student's attention layers plus
+    the new parameters."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    warmup: float = 0.1
+    end_lr_factor: float = 0.0
+    loss: str = "mse"
+    lora: LoraConfig | None = None
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    seq_len: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError(f"stage: need steps >= 0, lr > 0, 0 <= warmup <= 1 (got {self})")
+        if self.loss not in ("mse", "smooth_l1"):
+            raise ConfigError(f"stage.loss must be mse or smooth_l1, got {self.loss!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """The recipe: `attention` in `lizard_jax.recipes.student_config` format."""
+
+    attention: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    teacher: str = "smollm2"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    dtype: str = "bfloat16"
+    remat: bool = False
+    student: StudentConfig = StudentConfig()
+    data: DataConfig | None = None
+    mesh: Any = None
+    stage1: StageConfig = StageConfig()
+    stage2: StageConfig = StageConfig(lr=5e-4, loss="mse")
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = 10
+    export: str | None = None
+    distributed: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.data is None:
+            raise ConfigError("the data section is required")
+        if self.student.attention is None:
+            raise ConfigError("student.attention (the recipe's attention schedule) is required")
+        if self.mesh is not None and not isinstance(self.mesh, dict):
+            raise ConfigError(f"mesh must be a mapping of axis -> size, got {self.mesh!r}")
+
+    @classmethod
+    def from_dict(cls, data) -> "TrainConfig":
+        return from_dict(cls, data)
+
+    def to_dict(self):
+        return to_dict(self)

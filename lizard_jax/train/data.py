@@ -1,0 +1,164 @@
+"""Training data: documents -> tokens -> packed fixed-length sequences, deterministic and resumable.
+
+Local sources (text, jsonl) are tokenized once (cached as .npy in the run folder, keyed by the files' contents
+and the tokenizer) and cut into `seq_len + 1`-token sequences; each epoch visits them in a seeded permutation.
+TFDS sources stream documents in the dataset's fixed order (no file shuffling) and pack on the fly. In both
+cases the data position is one integer, the number of sequences consumed, so a resumed run sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lizard_jax.train.config import DataConfig
+
+
+def read_documents(cfg: DataConfig) -> Iterator[str]:
+    """Raw documents in a fixed order."""
+    if cfg.source == "text":
+        for p in cfg.paths:
+            text = _read(p)
+            for doc in text.split("\n\n"):
+                if doc.strip():
+                    yield doc.strip("\n")
+    elif cfg.source == "jsonl":
+        for p in cfg.paths:
+            for n, line in enumerate(_read(p).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid JSON: {e}") from None
+                yield _format(obj, cfg, f"{p}:{n}")
+    else:
+        import tensorflow_datasets as tfds
+
+        ds = tfds.load(cfg.tfds_name, split=cfg.tfds_split, shuffle_files=False, data_dir=cfg.tfds_data_dir)
+        for ex in tfds.as_numpy(ds):
+            yield _format({k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in ex.items()}, cfg,
+                          cfg.tfds_name)
+
+
+def _read(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}")
+    return p.read_text(encoding="utf-8")
+
+
+def _format(obj: dict, cfg: DataConfig, where: str) -> str:
+    if cfg.template is not None:
+        try:
+            return cfg.template.format(**obj)
+        except KeyError as e:
+            raise ValueError(f"{where}: template field {e} missing; record has {sorted(obj)}") from None
+    if cfg.text_key not in obj:
+        raise ValueError(f"{where}: no {cfg.text_key!r} field; record has {sorted(obj)}")
+    return str(obj[cfg.text_key])
+
+
+def tokenize_documents(docs, tokenizer, eos_id: int) -> Iterator[list[int]]:
+    for doc in docs:
+        yield tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos_id]
+
+
+class PackedData:
+    """Batches of `[batch, seq_len + 1]` int32 token windows; `position` counts sequences consumed."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, eos_id: int, *, seed: int = 0, cache_dir: str | Path | None = None,
+                 seq_len: int | None = None, batch_size: int | None = None):
+        self.cfg = cfg
+        self.seq_len = seq_len or cfg.seq_len
+        self.batch_size = batch_size or cfg.batch_size
+        self.seed = seed
+        self.position = 0
+        self._tokenizer, self._eos = tokenizer, eos_id
+        self._tokens = None
+        self._stream = None
+        if cfg.source in ("text", "jsonl"):
+            self._tokens = self._local_tokens(cache_dir)
+            self.num_sequences = (len(self._tokens) - 1) // self.seq_len
+            if self.num_sequences < self.batch_size:
+                raise ValueError(
+                    f"data has {len(self._tokens)} tokens: fewer than one batch of {self.batch_size} x "
+                    f"{self.seq_len + 1}"
+                )
+        else:
+            self.num_sequences = None
+
+    @property
+    def num_tokens(self) -> int | None:
+        return None if self._tokens is None else len(self._tokens)
+
+    def _local_tokens(self, cache_dir) -> np.ndarray:
+        h = hashlib.sha256()
+        for p in self.cfg.paths:
+            h.update(Path(p).read_bytes() if Path(p).is_file() else p.encode())
+        h.update(json.dumps([self.cfg.source, self.cfg.text_key, self.cfg.template, self.cfg.max_tokens]).encode())
+        h.update(repr(sorted(self._tokenizer.get_vocab().items())[:64]).encode())
+        h.update(str(len(self._tokenizer)).encode())
+        path = Path(cache_dir) / f"tokens-{h.hexdigest()[:16]}.npy" if cache_dir else None
+        if path is not None and path.is_file():
+            return np.load(path)
+        ids: list[int] = []
+        for doc in tokenize_documents(read_documents(self.cfg), self._tokenizer, self._eos):
+            ids.extend(doc)
+            if self.cfg.max_tokens and len(ids) >= self.cfg.max_tokens:
+                break
+        toks = np.asarray(ids[: self.cfg.max_tokens] if self.cfg.max_tokens else ids, np.int32)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, toks)
+            tmp.replace(path)
+        return toks
+
+    def _sequence(self, index: int) -> np.ndarray:
+        n = self.num_sequences
+        epoch, i = divmod(index, n)
+        if self.cfg.shuffle:
+            i = int(np.random.default_rng([self.seed, epoch]).permutation(n)[i])
+        return self._tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+
+    def _stream_sequences(self) -> Iterator[np.ndarray]:
+        buf: list[int] = []
+        for doc in tokenize_documents(read_documents(self.cfg), self._tokenizer, self._eos):
+            buf.extend(doc)
+            while len(buf) >= self.seq_len + 1:
+                yield np.asarray(buf[: self.seq_len + 1], np.int32)
+                buf = buf[self.seq_len:]
+
+    def next_batch(self) -> np.ndarray:
+        """The next `[batch, seq_len + 1]` batch; advances `position`."""
+        b = self.batch_size
+        if self._tokens is not None:
+            out = np.stack([self._sequence(self.position + j) for j in range(b)])
+        else:
+            if self._stream is None:  # resume: replay the stream up to the saved position
+                self._stream = self._stream_sequences()
+                for _ in range(self.position):
+                    next(self._stream)
+            try:
+                out = np.stack([next(self._stream) for _ in range(b)])
+            except StopIteration:  # a finished stream starts over: one more epoch in the same order
+                self._stream = None
+                self.position = 0
+                return self.next_batch()
+        self.position += b
+        return out
+
+    def state(self) -> dict:
+        return {"position": int(self.position), "seq_len": self.seq_len, "batch_size": self.batch_size}
+
+    def restore(self, state: dict) -> None:
+        if state.get("seq_len") != self.seq_len:
+            raise ValueError(f"checkpoint data seq_len {state.get('seq_len')} != configured {self.seq_len}")
+        self.position = int(state["position"])
+        self._stream = None

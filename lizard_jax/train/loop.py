@@ -1,0 +1,377 @@
+"""The two-stage distillation loop behind `train.py`.
+
+Stage 1 (attention transfer): the teacher runs frozen; every converted student attention layer (kind other
+than "softmax") gets the teacher's own input to that layer and is trained to reproduce the teacher layer's
+output. Only the new attention parameters train; the layers' losses are independent (each layer's input is the
+teacher's), so they train in parallel in one step.
+Stage 2 (fine-tuning): LoRA on the converted layers' projections plus the new parameters, next-token
+cross-entropy (+ optional KL to the teacher's logits).
+
+Parameters are fp32 master copies; the model computes in `dtype` (bf16). Steps are jitted with NamedShardings
+from the sharding rules over the configured mesh, so one command runs on a CPU, a GPU or a TPU slice.
+Checkpoints (Orbax CheckpointManager, async) hold the trainable parameters, optimizer state, step, stage and data
+position; the frozen teacher weights are not duplicated there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from lizard_jax import checkpoint as ckpt_lib
+from lizard_jax.layers import layer_class
+from lizard_jax.models import Transformer, abstract_params
+from lizard_jax.recipes import new_param_mask, student_config, student_params
+from lizard_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings
+from lizard_jax.train import losses
+from lizard_jax.train.config import StageConfig, TrainConfig
+from lizard_jax.train.data import PackedData
+from lizard_jax.train.lora import init_lora, merge_lora
+from lizard_jax.train.trees import join, split
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# teacher
+
+
+def resolve_teacher(spec: str, run_dir: Path) -> Path:
+    """A lizard_jax checkpoint folder for `spec`: "smollm2" (the shipped GGUF), a checkpoint folder, or a HF
+    folder / .gguf file (converted once into run_dir/teacher)."""
+    from lizard_jax.convert import convert, shipped_smollm2
+
+    p = Path(spec)
+    if p.is_dir() and (p / ckpt_lib.MARKER).is_file():
+        return p
+    out = run_dir / "teacher"
+    if (out / ckpt_lib.MARKER).is_file():
+        return out
+    src = shipped_smollm2() if spec == "smollm2" else p
+    log(f"converting teacher {src} -> {out}")
+    convert(src, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state and steps
+
+
+@dataclasses.dataclass
+class Stage:
+    """Everything one stage's jitted step needs."""
+
+    index: int
+    cfg: StageConfig
+    step_fn: Any
+    tx: optax.GradientTransformation
+    state_sharding: Any
+
+
+def _converted_layers(cfg) -> list[int]:
+    return [i for i, s in enumerate(cfg.attention) if s.kind != "softmax"]
+
+
+def _schedule(sc: StageConfig):
+    warm = int(round(sc.warmup * sc.steps))
+    return optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(warm, 1), max(sc.steps, warm + 1),
+                                              end_value=sc.lr * sc.end_lr_factor)
+
+
+def _optimizer(tc: TrainConfig, sc: StageConfig):
+    o = tc.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip),
+        optax.adamw(_schedule(sc), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
+
+
+class Trainer:
+    def __init__(self, tc: TrainConfig, *, config_dict: dict | None = None):
+        self.tc = tc
+        self.run_dir = Path(tc.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if tc.distributed:
+            jax.distributed.initialize()
+        self.mesh = make_mesh(tc.mesh or {"data": -1})
+        teacher_dir = resolve_teacher(tc.teacher, self.run_dir)
+        tmodel, tparams, self.tokenizer = ckpt_lib.load(teacher_dir, mesh=self.mesh)
+        if self.tokenizer is None:
+            raise ValueError(f"teacher {teacher_dir} has no tokenizer: needed to tokenize the training data")
+        self.teacher_cfg_stored = tmodel.cfg
+        self.teacher_cfg = tmodel.cfg.replace(dtype=tc.dtype)
+        self.teacher = Transformer(self.teacher_cfg, remat=tc.remat)
+        self.teacher_params = tparams
+        self.student_cfg = student_config(self.teacher_cfg, tc.student.attention)
+        self.student = Transformer(self.student_cfg, remat=tc.remat)
+        self.converted = _converted_layers(self.student_cfg)
+        if not self.converted:
+            raise ValueError("the recipe converts no layer: every student layer is softmax")
+        init = student_params(self.student_cfg, tparams, jax.random.key(tc.seed))
+        init = jax.device_put(init, param_shardings(abstract_params(self.student_cfg), self.mesh, DEFAULT_RULES))
+        new, self.frozen = split(init, new_param_mask(init, tparams))
+        self.init_new = new
+        eos = (self.teacher_cfg.eos_token_ids or (self.tokenizer.eos_token_id,))[0]
+        self.eos_id = int(eos)
+        self.data_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
+        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axes))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        (self.run_dir / "train_config.json").write_text(json.dumps(config_dict or tc.to_dict(), indent=2) + "\n")
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            (self.run_dir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=tc.checkpoint.keep,
+                                                 enable_async_checkpointing=tc.checkpoint.async_save),
+        )
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in jax.devices()[0].device_kind), None)
+
+    # ---- losses
+    def _stage1_loss(self, trainable, frozen, teacher_params, batch):
+        params = join(trainable["new"], frozen)
+        tokens = batch[:, :-1]
+        _, inter = self.teacher.apply({"params": teacher_params}, tokens, mutable=["intermediates"])
+        inter = inter["intermediates"]
+        total = 0.0
+        for i in self.converted:
+            spec = self.student_cfg.attention[i]
+            h = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_in"][0])
+            a = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_out"][0])
+            y, _ = layer_class(spec.kind)(self.student_cfg, spec).apply(
+                {"params": params[f"layers_{i}"]["attn"]}, h, None)
+            total = total + losses.attention_transfer(y, a, self.tc.stage1.loss)
+        return total / len(self.converted)
+
+    def _stage2_loss(self, trainable, frozen, teacher_params, batch):
+        sc = self.tc.stage2
+        params = merge_lora(join(trainable["new"], frozen), trainable["lora"], sc.lora.alpha)
+        tokens, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.student.apply({"params": params}, tokens)
+        loss = losses.next_token_ce(logits, targets)
+        if sc.kd_weight > 0:
+            t_logits = jax.lax.stop_gradient(self.teacher.apply({"params": teacher_params}, tokens))
+            loss = loss + sc.kd_weight * losses.distill_kl(logits, t_logits, sc.kd_temperature)
+        return loss
+
+    # ---- stage construction
+    def _trainable_init(self, index: int, new):
+        if index == 1:
+            return {"new": new}
+        lora_cfg = self.tc.stage2.lora
+        if lora_cfg is None:
+            return {"new": new, "lora": {}}
+        converted = set(self.converted)
+        lora = init_lora(join(new, self.frozen), lora_cfg.targets, lora_cfg.rank,
+                         jax.random.key(self.tc.seed + 1), layer_filter=lambda i: i in converted)
+        return {"new": new, "lora": jax.device_put(lora, NamedSharding(self.mesh, P()))}
+
+    def _make_stage(self, index: int, trainable) -> tuple[Stage, Any]:
+        """The stage's jitted step and its freshly initialised state (whose shardings the step keeps)."""
+        sc = self.tc.stage1 if index == 1 else self.tc.stage2
+        tx = _optimizer(self.tc, sc)
+        loss_fn = self._stage1_loss if index == 1 else self._stage2_loss
+        repl = NamedSharding(self.mesh, P())
+        # the optimizer moments inherit their parameters' shardings through jit's propagation
+        init = jax.jit(lambda t: {"trainable": t, "opt": tx.init(t), "step": jnp.zeros((), jnp.int32)})
+        state = init(trainable)
+        state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+        def step(state, frozen, teacher_params, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], frozen, teacher_params, batch)
+            updates, opt = tx.update(grads, state["opt"], state["trainable"])
+            new_state = {"trainable": optax.apply_updates(state["trainable"], updates), "opt": opt,
+                         "step": state["step"] + 1}
+            return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+        shardings = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+        step_fn = jax.jit(
+            step, donate_argnums=(0,),
+            in_shardings=(state_sharding, shardings(self.frozen), shardings(self.teacher_params), self.batch_sharding),
+            out_shardings=(state_sharding, repl),
+        )
+        return Stage(index, sc, step_fn, tx, state_sharding), state
+
+    def _data(self, index: int, sc: StageConfig) -> PackedData:
+        data = PackedData(self.tc.data, self.tokenizer, self.eos_id, seed=self.tc.seed + index,
+                          cache_dir=self.run_dir / "data_cache", seq_len=sc.seq_len, batch_size=sc.batch_size)
+        n_dev = math.prod(self.mesh.shape[a] for a in self.data_axes)
+        if data.batch_size % n_dev:
+            raise ValueError(f"batch size {data.batch_size} is not divisible by the {n_dev} data-parallel devices")
+        return data
+
+    def _global_batch(self, batch: np.ndarray):
+        n, k = jax.process_count(), jax.process_index()
+        local = batch[k * len(batch) // n: (k + 1) * len(batch) // n]
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, batch.shape)
+
+    # ---- checkpoints
+    def _save(self, global_step: int, stage: Stage, state, data: PackedData, force: bool = False):
+        meta = {"stage": stage.index, "stage_step": int(state["step"]), "data": data.state()}
+        self.manager.save(global_step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardSave(state), meta=self.ocp.args.JsonSave(meta)), force=force)
+
+    def _restore_latest(self):
+        """(global step, meta, raw restore fn) of the newest readable checkpoint, or None."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+                return step, dict(meta["meta"])
+            except Exception as e:  # an unreadable checkpoint: say so, fall back to an older one
+                log(f"checkpoint step {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+        return None
+
+    def _restore_state(self, step: int, fresh_state):
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        fresh_state)
+        out = self.manager.restore(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardRestore(target)))
+        return out["state"]
+
+    # ---- metrics
+    def _truncate_metrics(self, upto: int):
+        if not self.metrics_path.is_file():
+            return
+        keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= upto]
+        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+
+    def _flops_per_step(self, stage: Stage, state, batch) -> float | None:
+        try:
+            cost = stage.step_fn.lower(state, self._frozen_arg(), self.teacher_params, batch).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            return float(cost.get("flops", 0.0)) or None
+        except Exception:
+            return None
+
+    # ---- main
+    def run(self, resume: bool = False) -> Path:
+        tc = self.tc
+        s1, s2 = tc.stage1.steps, tc.stage2.steps
+        if s2 > 0 and tc.stage2.lora is None:
+            log("stage 2 without lora: only the new attention parameters train")
+        start_stage, start_meta, start_step = 1, None, 0
+        if resume:
+            found = self._restore_latest()
+            if found is None:
+                log("no readable checkpoint: starting from scratch")
+            else:
+                start_step, start_meta = found
+                start_stage = start_meta["stage"]
+                log(f"resuming at global step {start_step} (stage {start_stage})")
+        elif self.manager.all_steps():
+            raise FileExistsError(f"{self.run_dir}/checkpoints has checkpoints: pass --resume, or use a new run_dir")
+        self._truncate_metrics(start_step)
+        new = self.init_new
+        for index, steps in ((1, s1), (2, s2)):
+            if index < start_stage or steps == 0:
+                continue
+            sc = tc.stage1 if index == 1 else tc.stage2
+            trainable = self._trainable_init(index, new)
+            stage, state = self._make_stage(index, trainable)
+            data = self._data(index, sc)
+            if start_meta is not None and index == start_stage:
+                state = self._restore_state(start_step, state)
+                data.restore(start_meta["data"])
+                start_meta = None
+            offset = 0 if index == 1 else s1
+            state = self._train_stage(stage, state, data, offset, steps)
+            new = state["trainable"]["new"]
+            if index == 2:
+                self.final_lora = state["trainable"].get("lora", {})
+        self.manager.wait_until_finished()
+        self.final_new = new
+        out = self.export()
+        self.plot()
+        return out
+
+    def _train_stage(self, stage: Stage, state, data: PackedData, offset: int, steps: int):
+        tc = self.tc
+        done = int(state["step"])
+        bar = tqdm(total=steps, initial=done, desc=f"stage {stage.index}", file=sys.stderr, dynamic_ncols=True)
+        tokens_per_step = data.batch_size * data.seq_len
+        flops = None
+        t_last, n_last = time.perf_counter(), done
+        with self.metrics_path.open("a") as mf:
+            while done < steps:
+                batch = self._global_batch(data.next_batch())
+                if flops is None and self.peak is not None:
+                    flops = self._flops_per_step(stage, state, batch)
+                state, m = stage.step_fn(state, self.frozen, self.teacher_params, batch)
+                done += 1
+                if done % tc.log_every == 0 or done == steps:
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"stage {stage.index} step {done}: loss is {loss}")
+                    now = time.perf_counter()
+                    tps = (done - n_last) * tokens_per_step / (now - t_last)
+                    rec = {"stage": stage.index, "step": offset + done, "stage_step": done, "loss": loss,
+                           "grad_norm": float(m["grad_norm"]), "lr": float(_schedule(stage.cfg)(done - 1)),
+                           "tokens_per_s": tps}
+                    if flops and self.peak:
+                        rec["mfu"] = flops * (done - n_last) / (now - t_last) / self.peak
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                    t_last, n_last = now, done
+                bar.update(1)
+                if done % tc.checkpoint.every == 0 or done == steps:
+                    self._save(offset + done, stage, state, data, force=done == steps)
+        bar.close()
+        return state
+
+    def export(self) -> Path:
+        """Write the trained student as a normal lizard_jax checkpoint (LoRA merged)."""
+        params = join(self.final_new, self.frozen)
+        lora = getattr(self, "final_lora", None)
+        if lora:
+            params = merge_lora(params, lora, self.tc.stage2.lora.alpha)
+        stored = self.teacher_cfg_stored
+        cfg = self.student_cfg.replace(dtype=stored.dtype, param_dtype=stored.param_dtype)
+        params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(cfg.param_dtype), params)
+        out = Path(self.tc.export) if self.tc.export else self.run_dir / "student"
+        ckpt_lib.save(out, cfg, params, self.tokenizer, overwrite=True)
+        log(f"exported student -> {out}")
+        return out
+
+    def plot(self) -> Path | None:
+        if not self.metrics_path.is_file():
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for ax, stage, title in ((axes[0], 1, "stage 1: attention transfer (MSE)"),
+                                 (axes[1], 2, "stage 2: fine-tuning (CE)")):
+            pts = [(r["step"], r["loss"]) for r in recs if r["stage"] == stage]
+            if pts:
+                ax.plot(*zip(*pts))
+                ax.set_yscale("log" if stage == 1 else "linear")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        path = self.run_dir / "loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+

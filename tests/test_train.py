@@ -1,0 +1,175 @@
+"""train.py on a tiny random teacher: both stages, LoRA scope, exact resume, kill -9, bad checkpoints, sharding."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import lizard_jax
+from lizard_jax.config import ConfigError
+from lizard_jax.testing import save_tiny_teacher
+from lizard_jax.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    save_tiny_teacher(d / "ck", num_layers=2)
+    text = d / "train.txt"
+    text.write_text(TEXT.read_text()[:60000])
+    return d / "ck", text
+
+
+def config(teacher, run_dir, **over):
+    ck, text = teacher
+    base = {
+        "teacher": str(ck), "run_dir": str(run_dir), "dtype": "float32", "seed": 0,
+        "student": {"attention": {"default": {"kind": "lizard", "window": 8, "meta_tokens": 2}}},
+        "data": {"source": "text", "paths": [str(text)], "seq_len": 32, "batch_size": 8},
+        "mesh": {"data": 1},
+        "stage1": {"steps": 30, "lr": 3e-2, "warmup": 0.1},
+        "stage2": {"steps": 6, "lr": 1e-3, "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj"]}},
+        "checkpoint": {"every": 3, "keep": 2, "async_save": True},
+        "log_every": 1,
+    }
+    for k, v in over.items():
+        node = base
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return base
+
+
+def curve(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().split("\n")[:-1])]
+
+
+@pytest.fixture(scope="module")
+def full_run(teacher, tmp_path_factory):
+    run = tmp_path_factory.mktemp("full")
+    cfg = config(teacher, run)
+    out = Trainer(TrainConfig.from_dict(cfg)).run()
+    return run, out, cfg
+
+
+def test_stage1_loss_decreases_and_outputs_approach_teacher(full_run):
+    run, _, _ = full_run
+    s1 = [l for s, l in curve(run) if s <= 30]
+    assert len(s1) == 30
+    assert np.mean(s1[-5:]) < 0.5 * np.mean(s1[:3]), s1
+    assert (run / "loss.png").is_file()
+
+
+def test_stage2_changes_only_intended_params(full_run, teacher):
+    run, out, _ = full_run
+    _, tparams, _ = lizard_jax.load(teacher[0])
+    model, sparams, tok = lizard_jax.load(out)
+    assert tok is not None and model.cfg.kinds == ("lizard", "lizard")
+    flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tparams)[0]}
+    for path, v in jax.tree_util.tree_flatten_with_path(sparams)[0]:
+        key = jax.tree_util.keystr(path)
+        if key not in flat_t:
+            continue  # a new Lizard parameter
+        changed = not np.array_equal(np.asarray(v), np.asarray(flat_t[key]))
+        lora_target = any(f"['{t}']" in key for t in ("q_proj", "k_proj", "v_proj")) and "['attn']" in key
+        assert changed == lora_target, key
+    metrics = curve(run)
+    assert [s for s, _ in metrics][-6:] == list(range(31, 37))
+
+
+def test_resume_reproduces_uninterrupted_curve(full_run, teacher, tmp_path, monkeypatch):
+    run_full, _, _ = full_run
+    cfg = config(teacher, tmp_path / "r")
+    trainer = Trainer(TrainConfig.from_dict(cfg))
+    calls = {"n": 0}
+    real = Trainer._save
+
+    def save_then_die(self, step, *a, **k):
+        real(self, step, *a, **k)
+        if step == 33:  # inside stage 2
+            self.manager.wait_until_finished()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.setattr(Trainer, "_save", real)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(TrainConfig.from_dict(cfg)).run()
+    Trainer(TrainConfig.from_dict(cfg)).run(resume=True)
+    a, b = curve(run_full), curve(tmp_path / "r")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-5)
+
+
+def test_kill9_then_resume(teacher, tmp_path):
+    """A process killed at a random moment resumes from the last complete checkpoint."""
+    cfg = config(teacher, tmp_path / "k", **{"stage1.steps": 60, "stage2.steps": 0})
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "c.json")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = tmp_path / "k" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 9
+                                                                  for p in ckdir.iterdir())):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming at global step" in res.stderr
+    steps = [s for s, _ in curve(tmp_path / "k")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_corrupt_checkpoint_is_skipped(full_run, tmp_path):
+    run_full, _, cfg = full_run
+    run = tmp_path / "c"
+    shutil.copytree(run_full, run)
+    cfg = {**cfg, "run_dir": str(run)}
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    newest = run / "checkpoints" / str(steps[-1])
+    for f in newest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+    t = Trainer(TrainConfig.from_dict(cfg))
+    found = t._restore_latest()
+    assert found is not None and found[0] == steps[-2]
+
+
+def test_sharded_training_equals_single_device(teacher, tmp_path):
+    runs = {}
+    for name, mesh in (("one", {"data": 1}), ("eight", {"data": 2, "fsdp": 2, "tensor": 2})):
+        cfg = config(teacher, tmp_path / name, mesh=mesh, **{"stage1.steps": 4, "stage2.steps": 3})
+        Trainer(TrainConfig.from_dict(cfg)).run()
+        runs[name] = curve(tmp_path / name)
+    np.testing.assert_allclose([l for _, l in runs["eight"]], [l for _, l in runs["one"]], rtol=2e-4)
+
+
+def test_config_errors(teacher, tmp_path):
+    cfg = config(teacher, tmp_path)
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig.from_dict({**cfg, "stage3": {}})
+    with pytest.raises(ConfigError, match="lora.targets"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2.lora": {"targets": ["w_q"]}}))
+    with pytest.raises(ConfigError, match="data section"):
+        TrainConfig.from_dict({k: v for k, v in cfg.items() if k != "data"})
+    bad = config(teacher, tmp_path / "b", **{"student.attention": {"default": "softmax"}})
+    with pytest.raises(ValueError, match="converts no layer"):
+        Trainer(TrainConfig.from_dict(bad))
+    bad = config(teacher, tmp_path / "c", mesh={"data": 8})
+    with pytest.raises(ValueError, match="not divisible"):
+        Trainer(TrainConfig.from_dict({**bad, "data": {**bad["data"], "batch_size": 4}})).run()
