@@ -131,9 +131,13 @@ SLOW_CASES = [
 ]
 
 
+# the TPU kernels run in the slower TPU interpret mode: by default a subset covering the fast, exact and
+# per-head paths, bf16 and T=1; every case under -m slow
+TPU_CASES = [CASES[i] for i in (0, 2, 3, 5)]
+
+
 class TestGLAKernelGPU:
     BACKEND = "gpu"  # the Triton kernels, in Pallas interpret mode
-    INTERPRET = True
 
     @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
     def test_against_recurrence(self, case):
@@ -147,12 +151,24 @@ class TestGLAKernelGPU:
     def test_long_strong_decay_is_finite_and_exact(self):
         """Several thousand tokens at log_g down to -20 per token: no NaN/inf, outputs and grads agree."""
         case = Case(1, 3000, 1, 16, 16, "extreme", h0=True, ht=True)
-        errs = run_case(case, self.BACKEND, seed=7)
-        assert_errs(errs, "float32")
+        assert_errs(run_case(case, self.BACKEND, seed=7), "float32")
 
 
 class TestGLAKernelTPU(TestGLAKernelGPU):
     BACKEND = "tpu"  # the Mosaic kernels, in TPU interpret mode
+
+    @pytest.mark.parametrize("case", TPU_CASES, ids=lambda c: c.id)
+    def test_against_recurrence(self, case):
+        super().test_against_recurrence(case)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", [c for c in CASES if c not in TPU_CASES] + SLOW_CASES, ids=lambda c: c.id)
+    def test_against_recurrence_sweep(self, case):
+        super().test_against_recurrence_sweep(case)
+
+    @pytest.mark.slow
+    def test_long_strong_decay_is_finite_and_exact(self):
+        super().test_long_strong_decay_is_finite_and_exact()
 
 
 def test_chunk_reference_against_recurrence():
