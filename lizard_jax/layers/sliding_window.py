@@ -1,6 +1,6 @@
 """Sliding-window softmax attention with meta-memory tokens: the Lizard anchor (arXiv 2507.09025) as a layer.
 
-    y_i = sum_{i - w < j <= i} e^{q_i k_j / sqrt(d)} v_j / (sum_{s=1..m} e^{t_s} + sum_{i - w < j <= i} e^{q_i k_j / sqrt(d)})
+    y_i = sum_{i-w < j <= i} e^{q_i k_j / sqrt(d)} v_j / (sum_{s=1..m} e^{t_s} + sum_{i-w < j <= i} e^{q_i k_j / sqrt(d)})
 
 The m meta tokens are learnable logits t `[heads, m]` added to the denominator only (attention sinks; the paper
 calls them logits, so e^t enters the denominator). The window rule is the one of
