@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -189,11 +190,16 @@ def test_left_padding_does_not_change_real_tokens(name):
 
 @pytest.mark.parametrize("name", ["linear-hedgehog", "lizard-w5-m2", "lizard-exp-f8-w6"])
 def test_quadratic_and_chunk_forms_agree_with_gradients(name):
-    """The chunked scan (chunk 8, 29 tokens: a ragged tail) == the O(T^2) masked form, forward and gradients."""
+    """The chunked scan (chunk 8, 29 tokens: a ragged tail) == the O(T^2) masked form (and, for Lizard, the Pallas
+    kernel), forward and every gradient."""
     layer, params, spec = make_layer(name, seed=2)
     quad = layer_class(spec.kind)(CFG, dataclasses.replace(spec, form="quadratic"))
     x = make_x(4, 2, 29)
-    assert_trees_close(forward_and_grads(layer)(params, x), forward_and_grads(quad)(params, x), name)
+    chunk = forward_and_grads(layer)(params, x)
+    assert_trees_close(chunk, forward_and_grads(quad)(params, x), name)
+    if name == "lizard-w5-m2":  # the chunked-scan Pallas kernel (interpret mode on CPU) == the XLA chunk form
+        pallas = layer_class(spec.kind)(CFG, dataclasses.replace(spec, impl="pallas"))
+        assert_trees_close(forward_and_grads(pallas)(params, x), chunk, f"{name} pallas")
 
 
 def test_bf16_compute_close_to_fp32():
@@ -405,6 +411,19 @@ def test_new_parameters_start_structured():
     np.testing.assert_allclose(jax.nn.sigmoid(p["gate"]["b"]) ** (1 / 16), 0.9, rtol=1e-6)
     w = fresh_params(SPECS["lizard-exp-f8-w6"])["feature_q"]["w"]  # f = 8 < head_dim: truncated identity
     np.testing.assert_array_equal(w, np.broadcast_to(np.eye(16, 8), (4, 16, 8)))
+
+
+def test_smollm2_recipe_parses():
+    """configs/lizard_smollm2.yaml: a Lizard schedule for a SmolLM2-shaped teacher; its train section fits
+    TrainConfig (the full-size load is tests/test_lizard_smollm2.py, slow)."""
+    from lizard_jax.config import load_yaml
+    from lizard_jax.train.config import TrainConfig
+
+    recipe = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "lizard_smollm2.yaml")
+    smollm2 = tiny_config(num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_dim=1536)
+    scfg = student_config(smollm2, recipe["attention"])
+    assert scfg.attention == (LizardSpec(window=128, meta_tokens=4, feature_dim=64),) * 30
+    assert TrainConfig.from_dict({**recipe["train"], "student": {"attention": recipe["attention"]}}).stage1.lr == 1e-3
 
 
 def cache_bytes(cache) -> int:
