@@ -14,6 +14,7 @@ import pytest
 
 from lizard_jax.numerics import RTOL, assert_close
 from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, oracle
+from pallas_kernels.block_sparse.common import dkv_work_items
 
 # (batch, seq_q, seq_k, heads, kv_heads, d, block_size, max_blocks, causal)
 CASES = [
@@ -33,12 +34,13 @@ def case_id(c, dtype="fp32"):
     return f"B{b}-T{tq}x{tk}-H{h}-KV{kv}-D{d}-bs{bs}-M{m}-{'causal' if causal else 'full'}-{dtype}"
 
 
-def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True):
+def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selection=None):
     batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = case
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(s), dtype)
                for s in ((batch, seq_q, heads, d), (batch, seq_k, kv_heads, d), (batch, seq_k, kv_heads, d)))
-    idx, cnt = oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks, causal=causal)
+    idx, cnt = selection or oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks,
+                                                    causal=causal)
     do = jnp.asarray(rng.standard_normal((batch, seq_q, heads, d)), dtype)
     dlse = jnp.asarray(rng.standard_normal((batch, heads, seq_q)), jnp.float32)
 
@@ -90,6 +92,17 @@ class TestGpuInterpret(BlockSparseKernelTest):
         # sub-block rows: several programs per query block in every pass, multi-step dk/dv loops
         run_case(CASES[2], jnp.float32, "gpu", seed=7, block_sizes=BlockSizes(block_q=4, block_q_dq=2, block_q_dkv=8))
 
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+    def test_two_blocks_per_step_and_split_key_blocks(self, dtype):
+        # kv_step 2 (odd counts leave a half-listed last step) in fwd and dq; dkv_split 1 splits every key block
+        # selected by more than max_blocks query blocks into chunks summed afterwards
+        case = (2, 150, 150, 4, 2, 16, 16, 3, True)
+        bsz = BlockSizes(block_q=8, block_q_dq=16, block_q_dkv=8, kv_step=2, kv_step_dq=2, dkv_split=1)
+        idx, cnt = oracle.random_selection(np.random.default_rng(5), 2, 2, 150, 150, 16, 3)
+        _, _, slot_block = dkv_work_items(jnp.asarray(idx), jnp.asarray(cnt), 10, 3)
+        assert np.any(np.asarray(slot_block) < 10), "no key block was split: the case tests nothing"
+        run_case(case, dtype, "gpu", seed=6, block_sizes=bsz, selection=(idx, cnt))
+
 
 class TestTpuInterpret(BlockSparseKernelTest):
     BACKEND = "tpu"
@@ -120,7 +133,36 @@ def test_block_sizes_validated():
         BlockSizes(block_q=3, block_q_dq=16, block_q_dkv=16)
     with pytest.raises(ValueError, match="exceeds"):
         BlockSizes(block_q=64, block_q_dq=16, block_q_dkv=16).validate(32, 1)
-    assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=16, block_q_dkv=16)
+    with pytest.raises(ValueError, match="1 or 2"):
+        BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, kv_step=3)
+    assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32)
+    assert BlockSizes.get_default(64, 4, itemsize=4).block_q == 16
+
+
+def test_dkv_work_items_cover_the_transposed_index():
+    """Every (key block, query block) pair of the selection is in exactly one work item, chunks are at most
+    ``chunk`` long, and split key blocks own distinct slots."""
+    rng = np.random.default_rng(3)
+    n_qb = n_kb = 12
+    idx, cnt = oracle.random_selection(rng, 2, 2, n_qb * 16, n_kb * 16, 16, 4)
+    for chunk in (0, 1, 3, 100):
+        items, q_blocks, slot_block = (np.asarray(x) for x in dkv_work_items(jnp.asarray(idx), jnp.asarray(cnt),
+                                                                               n_kb, chunk))
+        for b in range(2):
+            for h in range(2):
+                want = sorted((int(j), i) for i in range(n_qb) for j in idx[b, h, i, :cnt[b, h, i]])
+                got, slots = [], []
+                for kb, start, num, slot in items[b, h]:
+                    assert slot != -2 or num == 0
+                    assert chunk <= 0 or num <= chunk
+                    got += [(int(kb), int(i)) for i in q_blocks[b, h, start:start + num]]
+                    if slot >= 0:
+                        assert slot_block[b, h, slot] == kb
+                        slots.append(slot)
+                assert sorted(got) == want
+                assert len(set(slots)) == len(slots)
+                unused = np.setdiff1d(np.arange(slot_block.shape[-1]), slots)
+                assert np.all(slot_block[b, h, unused] == n_kb)
 
 
 def test_bad_shapes_raise():

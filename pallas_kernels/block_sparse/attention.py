@@ -99,7 +99,7 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     bs = block_size
     n_qb, n_kb = -(-seq_q // bs), -(-seq_k // bs)
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(bs, heads // kv_heads)
+        block_sizes = BlockSizes.get_default(bs, heads // kv_heads, jnp.dtype(q.dtype).itemsize)
     block_sizes.validate(bs, heads // kv_heads)
     st = Static(
         block_size=bs,

@@ -24,37 +24,64 @@ def _is_pow2(n: int) -> bool:
 class BlockSizes:
     """Tiles of the GPU (Triton) kernels; the TPU kernels always take a whole query block per step.
 
-    A program handles ``block_*`` query positions of one query block for all query heads of one kv head,
-    stacked as ``block_* * next_pow2(group)`` rows, against one selected key block (``block_size`` keys) at
-    a time. ``block_q``: forward; ``block_q_dq``: the dq pass; ``block_q_dkv``: the rows a dk/dv program takes
-    per step. Each must be a power of 2 dividing ``block_size``.
+    A forward or dq program handles ``block_q`` (``block_q_dq``) query positions of one query block for all
+    query heads of one kv head, stacked as ``block_q * next_pow2(group)`` rows, against ``kv_step``
+    (``kv_step_dq``) selected key blocks per loop step (2: two blocks gathered into one key tile, halving the
+    steps). A dk/dv program handles one key block (or one chunk of the query blocks that selected it) and
+    takes ``block_q_dkv`` query positions x group rows per step. ``block_q*`` are powers of 2 dividing
+    ``block_size``.
+
+    ``num_warps_*`` (None: chosen from the tile) and ``num_stages_*`` are Triton's per pass. ``dkv_split``: a
+    key block selected by more than ``dkv_split * max_blocks`` query blocks (the initial block is selected by
+    all) is split into chunks of that many, run by separate programs and summed afterwards, so one key block
+    does not serialise the dk/dv pass; 0 never splits.
     """
 
     block_q: int
     block_q_dq: int
     block_q_dkv: int
-    num_warps: int | None = None  # None: 4, or 8 for tiles of >= 128 x 128 elements
-    num_stages: int = 2
+    kv_step: int = 1
+    kv_step_dq: int = 1
+    num_warps: int | None = None
+    num_warps_dq: int | None = None
+    num_warps_dkv: int | None = None
+    num_stages: int = 3
+    num_stages_dq: int = 3
+    num_stages_dkv: int = 3
+    dkv_split: int = 2
 
     def __post_init__(self):
         for name in ("block_q", "block_q_dq", "block_q_dkv"):
             val = getattr(self, name)
             if not _is_pow2(val):
                 raise ValueError(f"BlockSizes.{name}={val} must be a power of 2")
-        if self.num_warps is not None and not _is_pow2(self.num_warps):
-            raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of 2")
-        if self.num_stages < 1:
-            raise ValueError(f"BlockSizes.num_stages={self.num_stages} must be >= 1")
+        for name in ("kv_step", "kv_step_dq"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be 1 or 2")
+        for name in ("num_warps", "num_warps_dq", "num_warps_dkv"):
+            val = getattr(self, name)
+            if val is not None and not _is_pow2(val):
+                raise ValueError(f"BlockSizes.{name}={val} must be a power of 2")
+        for name in ("num_stages", "num_stages_dq", "num_stages_dkv"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be >= 1")
+        if self.dkv_split < 0:
+            raise ValueError(f"BlockSizes.dkv_split={self.dkv_split} must be >= 0")
 
     @classmethod
-    def get_default(cls, block_size: int, group: int) -> "BlockSizes":
-        """128 stacked rows forward, 64 backward (fewer when the query block is smaller)."""
+    def get_default(cls, block_size: int, group: int, itemsize: int = 2) -> "BlockSizes":
+        """128 stacked rows per program in every pass (fewer when the query block is smaller); 4-byte inputs
+        (no tensor cores: full-precision float32 dots) take 64 rows and 2 stages to fit shared memory."""
         gp = next_pow2(group)
+        rows = 128 if itemsize <= 2 else 64
 
         def fit(rows: int) -> int:
             return max(min(block_size, rows // gp), -(-MIN_ROWS // gp), 1)
 
-        return cls(block_q=fit(128), block_q_dq=fit(64), block_q_dkv=fit(64))
+        if itemsize <= 2:
+            return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows))
+        return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), num_stages=2,
+                   num_stages_dq=2, num_stages_dkv=2)
 
     def validate(self, block_size: int, group: int) -> None:
         gp = next_pow2(group)
@@ -65,10 +92,13 @@ class BlockSizes:
             if val * gp < MIN_ROWS:
                 raise ValueError(f"BlockSizes.{name}={val} x group {gp} gives < {MIN_ROWS} rows")
 
-    def warps(self, rows: int, head_dim: int) -> int:
-        if self.num_warps is not None:
-            return self.num_warps
-        return 8 if rows * head_dim >= 128 * 128 else 4
+    def compiler_params(self, which: str, rows: int, cols: int):
+        """(num_warps, num_stages) of pass ``which`` ("fwd" | "dq" | "dkv") for a [rows, cols] score tile."""
+        suffix = "" if which == "fwd" else f"_{which}"
+        warps = getattr(self, "num_warps" + suffix)
+        if warps is None:
+            warps = 8 if rows * cols >= 128 * 64 else 4
+        return warps, getattr(self, "num_stages" + suffix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +177,52 @@ def kv_major_csr(block_indices, block_counts, n_kv_blocks: int):
     return starts, ends - starts, (key % n_qb).astype(jnp.int32)
 
 
+def dkv_work_items(block_indices, block_counts, n_kv_blocks: int, chunk: int):
+    """Work of the GPU dk/dv pass: one item per key block, popular key blocks split into chunks.
+
+    A key block selected by ``count > chunk`` query blocks is split into ``ceil(count / chunk)`` chunks whose
+    dk/dv partial sums go to float32 slots (summed afterwards); the others write dk/dv directly.
+    ``chunk <= 0`` never splits.
+
+    Returns ``items int32 [batch, kv_heads, n_items, 4]`` rows ``(key block, start in q_blocks, number of query
+    blocks, slot)`` with slot -1: write dk/dv, >= 0: write partial slot, -2: nothing to do (padding);
+    ``q_blocks`` as ``kv_major_csr``; ``slot_block int32 [batch, kv_heads, n_slots]``: the key block of each
+    slot, ``n_kv_blocks`` for unused slots. The first ``n_items - n_kv_blocks`` items are the extra chunks
+    (full, so the heaviest programs start first), then one item per key block.
+    """
+    offsets, counts, q_blocks = kv_major_csr(block_indices, block_counts, n_kv_blocks)
+    total = q_blocks.shape[-1]  # bounds the listed pairs, hence the chunks
+    if chunk <= 0 or chunk >= total:
+        n_extra, n_slots, chunk = 0, 1, total
+    else:
+        n_extra = total // chunk  # sum over split blocks of (chunks - 1) <= pairs / chunk
+        n_slots = -(-2 * total // chunk)  # sum over split blocks of chunks < 2 pairs / chunk
+    split = counts > chunk
+    chunks = jnp.where(split, -(-counts // chunk), 1)
+    extra_end = jnp.cumsum(chunks - 1, axis=-1)
+    slot_end = jnp.cumsum(jnp.where(split, chunks, 0), axis=-1)
+    search = jax.vmap(jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="right")))
+
+    kb_first = jnp.broadcast_to(jnp.arange(n_kv_blocks), counts.shape)
+    kb_extra = search(extra_end, jnp.broadcast_to(jnp.arange(n_extra), counts.shape[:2] + (n_extra,)))
+    used = kb_extra < n_kv_blocks
+    kb_extra = jnp.minimum(kb_extra, n_kv_blocks - 1)
+    take = lambda a, i: jnp.take_along_axis(a, i, axis=-1)
+    # chunk number of each extra item: 1 + its rank among the key block's extra items
+    c_extra = jnp.arange(n_extra) - take(extra_end - (chunks - 1), kb_extra) + 1
+    kb = jnp.concatenate([kb_extra, kb_first], axis=-1)
+    c = jnp.concatenate([c_extra, jnp.zeros_like(kb_first)], axis=-1)
+    live = jnp.concatenate([used, jnp.ones_like(kb_first, bool)], axis=-1)
+    is_split = take(split, kb)
+    start = take(offsets, kb) + c * chunk
+    num = jnp.where(live, jnp.clip(take(counts, kb) - c * chunk, 0, chunk), 0)
+    slot = jnp.where(is_split, take(slot_end - jnp.where(split, chunks, 0), kb) + c, -1)
+    slot = jnp.where(live, slot, -2)
+    items = jnp.stack([kb, start, num, slot], axis=-1).astype(jnp.int32)
+    slot_block = search(slot_end, jnp.broadcast_to(jnp.arange(n_slots), counts.shape[:2] + (n_slots,)))
+    return items, q_blocks, slot_block.astype(jnp.int32)
+
+
 def kv_major_schedule(block_indices, block_counts, n_kv_blocks: int):
     """Transposed index as a flat schedule, for the TPU dk/dv pass (one grid step per entry).
 
@@ -169,3 +245,15 @@ def kv_major_schedule(block_indices, block_counts, n_kv_blocks: int):
     q_block = jnp.where(pad, -2, key % stride - 1)
     k_block = jnp.where(pad, n_kv_blocks - 1, kb)
     return q_block.astype(jnp.int32), k_block.astype(jnp.int32), last.astype(jnp.int32)
+
+
+# Tile variants for B1 H16 KV4 D128 bf16, block 64 (group 4): timed by ``benchmarks/kernels_sparse.py --sweep``
+# and compiled by ``triton_report``. "default" is ``BlockSizes.get_default(64, 4)``.
+VARIANTS = {
+    "default": BlockSizes.get_default(64, 4),
+    "kv2": BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32, kv_step=2, kv_step_dq=2),
+    "rows256": BlockSizes(block_q=64, block_q_dq=32, block_q_dkv=64, num_warps=8, num_warps_dkv=8),
+    "rows64": BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, num_warps=4, num_warps_dq=4, num_warps_dkv=4),
+    "kv2_rows64": BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, kv_step=2, kv_step_dq=2, num_warps=4,
+                             num_warps_dq=4, num_warps_dkv=4),
+}

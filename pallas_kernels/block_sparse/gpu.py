@@ -4,16 +4,25 @@ Layout: q is viewed as ``[batch, seq_q, kv_heads, group, d]`` (a free reshape of
 a program loads ``[block_q, group, d]`` and stacks it as ``block_q * group`` rows, so each selected key block
 is loaded once per GQA group. Triton needs power-of-2 tiles: ``group`` and ``d`` are zero-padded to powers
 of 2 (d >= 16) here when they are not (padded heads have zero q/do and add nothing to dk/dv). k and v are
-passed whole per (batch, kv head) and sliced with ``pl.ds(index * block_size, block_size)``; the indices are
-read as scalars from a ref, as jax's own GPU kernels read their block tables.
+passed whole per (batch, kv head); a step's key rows are gathered from the selected block starts (one or two
+blocks per step, ``BlockSizes.kv_step``), which are read as scalars one step ahead so that the key-tile
+loads do not wait on the index load and Triton's software pipeline can issue them early.
 
-Outputs are written with ``plgpu.store``, as jax's GPU attention does. Masks use -inf; a row whose running max is still -inf uses 0 in its place, so fully masked rows give
-``p = 0`` (never NaN), output 0 and lse -inf.
+Softmax in base 2: logits are scaled by ``scale * log2(e)`` once and exponentiated with ``exp2``; lse is
+stored in natural log. Masks use -inf; a row whose running max is still -inf uses 0 in its place, so fully
+masked rows give ``p = 0`` (never NaN), output 0 and lse -inf.
+
+Backward: ``delta = rowsum(o * do) - dlse`` and the base-2 lse are prepared once in XLA. dq: one program per
+query rows, like the forward. dk/dv: no atomics; one program per key block over the query blocks that
+selected it (``common.dkv_work_items``), computed transposed (keys as rows: ``s^T = k q^T``) so p^T and ds^T
+feed the dv and dk products without a transpose; key blocks selected by many query blocks (the initial
+block: all of them) are split into chunks whose float32 partials are summed in XLA.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,114 +30,158 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse.common import Static, dot, kv_major_csr, next_pow2, visible
+from pallas_kernels.block_sparse.common import Static, dkv_work_items, dot, next_pow2, visible
 
 _NEG_INF = -jnp.inf
+_LOG2E = math.log2(math.e)
 
 
 def _row_positions(st: Static, first_row, rows: int, group: int):
-    """Absolute positions [rows, 1] of stacked rows (row r = query first_row + r // group)."""
-    return st.q_offset + first_row + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
+    """Absolute positions [rows] of stacked rows (row r = query first_row + r // group)."""
+    return st.q_offset + first_row + lax.broadcasted_iota(jnp.int32, (rows,), 0) // group
 
 
-def _key_positions(start, block_size: int):
-    return start + lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
+def _step_blocks(idx_ref, step, kv_step: int):
+    """The ``kv_step`` key-block indices of a step (clamped into the list; entries past the count repeat the
+    last listed block, see ``normalize_indices``)."""
+    last = idx_ref.shape[0] - 1
+    return tuple(idx_ref[jnp.minimum(step * kv_step + j, last)] for j in range(kv_step))
 
 
-def _logits(st: Static, q, k, row_pos, key_pos):
-    s = dot(q, k, trans_b=True) * st.scale
+def _key_rows(blocks, bs: int, step, kv_step: int, count):
+    """Key rows [kv_step * bs] of a step's blocks, and (kv_step > 1) which of them belong to a listed block
+    (the last step of an odd count has one)."""
+    iota = lax.broadcasted_iota(jnp.int32, (kv_step * bs,), 0)
+    if kv_step == 1:
+        return blocks[0] * bs + iota, None
+    which = iota // bs
+    base = blocks[0]
+    for j in range(1, kv_step):
+        base = jnp.where(which == j, blocks[j], base)
+    return base * bs + iota % bs, which + step * kv_step < count
+
+
+def _scores(st: Static, a, b, row_pos, key_pos, listed, *, keys_first: bool = False):
+    """Base-2 logits ``a @ b^T * scale * log2(e)``, -inf where not visible. Rows are queries (``row_pos``
+    [R], ``key_pos`` [K]), or keys with ``keys_first`` (then a is k, b is q)."""
+    s = dot(a, b, trans_b=True) * (st.scale * _LOG2E)
+    if keys_first:
+        row_pos, key_pos = row_pos[None, :], key_pos[:, None]
+    else:
+        row_pos, key_pos = row_pos[:, None], key_pos[None, :]
     mask = visible(st, row_pos, key_pos)
+    if listed is not None:
+        listed = listed[:, None] if keys_first else listed[None, :]
+        mask = listed if mask is None else mask & listed
     return s if mask is None else jnp.where(mask, s, _NEG_INF)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, block_q: int):
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, block_q: int,
+                kv_step: int):
     bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
     row_pos = _row_positions(st, pl.program_id(0) * block_q, rows, group)
+    count = cnt_ref[0]
 
     def body(t, carry):
-        acc, m, l = carry
-        start = pl.multiple_of(idx_ref[t] * bs, bs)
-        k = k_ref[pl.ds(start, bs), :]
-        v = v_ref[pl.ds(start, bs), :]
-        s = _logits(st, q, k, row_pos, _key_positions(start, bs))
+        acc, m, l, blocks = carry
+        key_rows, listed = _key_rows(blocks, bs, t, kv_step, count)
+        k = k_ref[key_rows, :]
+        v = v_ref[key_rows, :]
+        s = _scores(st, q, k, row_pos, key_rows, listed)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = jnp.exp(m - m_use)
-        p = jnp.exp(s - m_use[:, None])
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
         acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, l, _step_blocks(idx_ref, t + 1, kv_step)
 
     init = (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
+            jnp.zeros((rows,), jnp.float32), _step_blocks(idx_ref, 0, kv_step))
+    acc, m, l, _ = lax.fori_loop(0, (count + kv_step - 1) // kv_step, body, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp))
-    lse = jnp.where(empty, _NEG_INF, jnp.where(m == _NEG_INF, 0.0, m) + jnp.log(l_safe))
+    lse = jnp.where(empty, _NEG_INF, (jnp.where(m == _NEG_INF, 0.0, m) + jnp.log2(l_safe)) / _LOG2E)
     plgpu.store(lse_ref, lse.reshape(block_q, group))
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: Static,
-               block_q: int):
+               block_q: int, kv_step: int):
     bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
     do = do_ref[...].reshape(rows, dp)
-    lse = lse_ref[...].reshape(rows)
-    lse = jnp.where(lse == _NEG_INF, 0.0, lse)  # such rows see no key: every logit is -inf, p = 0
+    lse2 = lse_ref[...].reshape(rows)  # base 2, 0 for rows that see no key (all their logits are -inf)
     delta = delta_ref[...].reshape(rows)
     row_pos = _row_positions(st, pl.program_id(0) * block_q, rows, group)
+    count = cnt_ref[0]
 
-    def body(t, dq):
-        start = pl.multiple_of(idx_ref[t] * bs, bs)
-        k = k_ref[pl.ds(start, bs), :]
-        v = v_ref[pl.ds(start, bs), :]
-        p = jnp.exp(_logits(st, q, k, row_pos, _key_positions(start, bs)) - lse[:, None])
+    def body(t, carry):
+        dq, blocks = carry
+        key_rows, listed = _key_rows(blocks, bs, t, kv_step, count)
+        k = k_ref[key_rows, :]
+        v = v_ref[key_rows, :]
+        p = jnp.exp2(_scores(st, q, k, row_pos, key_rows, listed) - lse2[:, None])
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-        return dq + dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k), _step_blocks(idx_ref, t + 1, kv_step)
 
-    dq = lax.fori_loop(0, cnt_ref[0], body, jnp.zeros((rows, dp), jnp.float32))
+    init = (jnp.zeros((rows, dp), jnp.float32), _step_blocks(idx_ref, 0, kv_step))
+    dq, _ = lax.fori_loop(0, (count + kv_step - 1) // kv_step, body, init)
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp))
 
 
-def _dkv_kernel(off_ref, num_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, st: Static, block_q: int):
+def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dk_part_ref, dv_part_ref, *, st: Static, block_q: int):
     bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
     steps = bs // block_q  # row chunks per selecting query block
-    k = k_ref[...]
-    v = v_ref[...]
-    key_pos = _key_positions(pl.program_id(0) * bs, bs)
-    offset = off_ref[0]
+    kblk, first, num, slot = (item_ref[j] for j in range(4))
+    start = pl.multiple_of(kblk * bs, bs)
+    k = k_ref[pl.ds(start, bs), :]
+    v = v_ref[pl.ds(start, bs), :]
+    key_pos = start + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    last = qlist_ref.shape[0] - 1
+
+    def first_row(u):  # first query row of step u (clamped into the list for the look-ahead)
+        qblk = qlist_ref[jnp.minimum(first + lax.div(u, steps), last)]
+        return qblk * bs + lax.rem(u, steps) * block_q
 
     def body(u, carry):
-        dk, dv = carry
-        qblk = qlist_ref[offset + lax.div(u, steps)]
-        r0 = pl.multiple_of(qblk * bs + lax.rem(u, steps) * block_q, block_q)
+        dk, dv, r0 = carry
+        r0 = pl.multiple_of(r0, block_q)
         q = q_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
         do = do_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
-        lse = lse_ref[pl.ds(r0, block_q), :].reshape(rows)
-        lse = jnp.where(lse == _NEG_INF, 0.0, lse)
+        lse2 = lse_ref[pl.ds(r0, block_q), :].reshape(rows)
         delta = delta_ref[pl.ds(r0, block_q), :].reshape(rows)
-        p = jnp.exp(_logits(st, q, k, _row_positions(st, r0, rows, group), key_pos) - lse[:, None])
+        row_pos = _row_positions(st, r0, rows, group)
+        p = jnp.exp2(_scores(st, q, k, row_pos, key_pos, None) - lse2[:, None])
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (dot(do, v, trans_b=True) - delta[:, None])
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
+        return dk, dv, first_row(u + 1)
 
     zeros = jnp.zeros((bs, dp), jnp.float32)
-    dk, dv = lax.fori_loop(0, num_ref[0] * steps, body, (zeros, zeros))
-    plgpu.store(dk_ref, (dk * st.scale).astype(dk_ref.dtype))
-    plgpu.store(dv_ref, dv.astype(dv_ref.dtype))
+    dk, dv, _ = lax.fori_loop(0, num * steps, body, (zeros, zeros, first_row(0)))
+    dk = dk * st.scale
+
+    @pl.when(slot == -1)
+    def _write():
+        plgpu.store(dk_ref.at[pl.ds(start, bs), :], dk.astype(dk_ref.dtype))
+        plgpu.store(dv_ref.at[pl.ds(start, bs), :], dv.astype(dv_ref.dtype))
+
+    @pl.when(slot >= 0)
+    def _write_partial():
+        plgpu.store(dk_part_ref.at[slot], dk)
+        plgpu.store(dv_part_ref.at[slot], dv)
 
 
 # ----------------------------------------------------------------------------------------- pallas_calls
@@ -168,9 +221,21 @@ def _heads_to_rows(x, kv_heads: int, fill: float):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, next_pow2(group) - group)), constant_values=fill)
 
 
-def _params(st: Static, rows: int, dp: int):
-    bsz = st.block_sizes
-    return plgpu.CompilerParams(num_warps=bsz.warps(rows, dp), num_stages=bsz.num_stages)
+def _params(st: Static, which: str, rows: int, cols: int):
+    warps, stages = st.block_sizes.compiler_params(which, rows, cols)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _query_major_specs(bq: int, per_block: int, max_blocks: int, seq_k: int, gp: int, dp: int):
+    """BlockSpecs shared by the forward and dq: indices and count of the program's query block, its q rows
+    (and any other [bq, Gp, dp] / [bq, Gp] row block), whole k/v of the (batch, kv head)."""
+    return dict(
+        idx=pl.BlockSpec((None, None, None, max_blocks), lambda i, b, h: (b, h, lax.div(i, per_block), 0)),
+        cnt=pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, lax.div(i, per_block))),
+        rows=pl.BlockSpec((None, bq, None, gp, dp), lambda i, b, h: (b, i, h, 0, 0)),
+        vec=pl.BlockSpec((None, bq, None, gp), lambda i, b, h: (b, i, h, 0)),
+        kv=pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0)),
+    )
 
 
 def forward(st: Static, q, k, v, idx, cnt):
@@ -179,27 +244,17 @@ def forward(st: Static, q, k, v, idx, cnt):
     seq_k, kv_heads = k.shape[1], k.shape[2]
     q5, k4, v4 = _q_to_rows(q, kv_heads), _pad_d(k), _pad_d(v)
     gp, dp = q5.shape[3], q5.shape[4]
-    block_q = st.block_sizes.block_q
-    per_block = st.block_size // block_q
-    max_blocks = idx.shape[-1]
-    grid = (seq_q // block_q, batch, kv_heads)
+    bsz = st.block_sizes
+    bq = bsz.block_q
+    spec = _query_major_specs(bq, st.block_size // bq, idx.shape[-1], seq_k, gp, dp)
     o5, lse4 = pl.pallas_call(
-        functools.partial(_fwd_kernel, st=st, block_q=block_q),
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((None, None, None, max_blocks), lambda i, b, h: (b, h, lax.div(i, per_block), 0)),
-            pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, lax.div(i, per_block))),
-            pl.BlockSpec((None, block_q, None, gp, dp), lambda i, b, h: (b, i, h, 0, 0)),
-            pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, gp, dp), lambda i, b, h: (b, i, h, 0, 0)),
-            pl.BlockSpec((None, block_q, None, gp), lambda i, b, h: (b, i, h, 0)),
-        ],
+        functools.partial(_fwd_kernel, st=st, block_q=bq, kv_step=bsz.kv_step),
+        grid=(seq_q // bq, batch, kv_heads),
+        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"]],
+        out_specs=[spec["rows"], spec["vec"]],
         out_shape=[jax.ShapeDtypeStruct(q5.shape, q.dtype),
                    jax.ShapeDtypeStruct(q5.shape[:4], jnp.float32)],
-        compiler_params=_params(st, block_q * gp, dp),
+        compiler_params=_params(st, "fwd", bq * gp, bsz.kv_step * st.block_size),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_fwd",
@@ -209,60 +264,74 @@ def forward(st: Static, q, k, v, idx, cnt):
     return o, lse
 
 
+def _sum_partials(main, part, slot_block, n_kb: int, bs: int):
+    """dk (or dv) [B, Tk, KV, dp]: ``main`` where the key block was not split, else its partials summed."""
+    batch, seq_k, kv_heads, dp = main.shape
+    seg_sum = jax.vmap(jax.vmap(lambda x, ids: jax.ops.segment_sum(x, ids, n_kb, indices_are_sorted=True)))
+    summed = seg_sum(part, slot_block)  # [B, KV, n_kb, bs, dp]; unused slots (id n_kb) are dropped
+    summed = summed.transpose(0, 2, 3, 1, 4).reshape(batch, seq_k, kv_heads, dp)
+    split = jnp.zeros((batch, kv_heads, n_kb + 1), bool).at[
+        jnp.arange(batch)[:, None, None], jnp.arange(kv_heads)[None, :, None], slot_block].set(True)[..., :n_kb]
+    split = jnp.repeat(split.transpose(0, 2, 1), bs, axis=1)[..., None]  # [B, Tk, KV, 1]
+    return jnp.where(split, summed.astype(main.dtype), main)
+
+
 def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
     """Cotangents (dq, dk, dv) for cotangents do [B, Tq, H, d] of o and dlse [B, H, Tq] of lse."""
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
-    n_kb = seq_k // st.block_size
+    bs = st.block_size
+    n_kb = seq_k // bs
+    bsz = st.block_sizes
     # d lse_i / d s_ij = p_ij, so an lse cotangent folds into delta: ds = p * (dp - (delta - dlse))
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse.transpose(0, 2, 1)
+    lse2 = jnp.where(lse == _NEG_INF, 0.0, lse * _LOG2E)  # rows that see no key: every logit is -inf, p = 0
     q5, k4, v4 = _q_to_rows(q, kv_heads), _pad_d(k), _pad_d(v)
     do5 = _q_to_rows(do, kv_heads)
     gp, dp = q5.shape[3], q5.shape[4]
-    lse4 = _heads_to_rows(lse.transpose(0, 2, 1), kv_heads, 0.0)
+    lse4 = _heads_to_rows(lse2.transpose(0, 2, 1), kv_heads, 0.0)
     delta4 = _heads_to_rows(delta, kv_heads, 0.0)
     max_blocks = idx.shape[-1]
 
-    bq = st.block_sizes.block_q_dq
-    per_block = st.block_size // bq
-    row_spec = pl.BlockSpec((None, bq, None, gp, dp), lambda i, b, h: (b, i, h, 0, 0))
-    vec_spec = pl.BlockSpec((None, bq, None, gp), lambda i, b, h: (b, i, h, 0))
-    kv_spec = pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0))
+    bq = bsz.block_q_dq
+    spec = _query_major_specs(bq, bs // bq, max_blocks, seq_k, gp, dp)
     dq5 = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, block_q=bq),
+        functools.partial(_dq_kernel, st=st, block_q=bq, kv_step=bsz.kv_step_dq),
         grid=(seq_q // bq, batch, kv_heads),
-        in_specs=[
-            pl.BlockSpec((None, None, None, max_blocks), lambda i, b, h: (b, h, lax.div(i, per_block), 0)),
-            pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, lax.div(i, per_block))),
-            row_spec, kv_spec, kv_spec, row_spec, vec_spec, vec_spec,
-        ],
-        out_specs=row_spec,
+        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"], spec["rows"], spec["vec"],
+                  spec["vec"]],
+        out_specs=spec["rows"],
         out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
-        compiler_params=_params(st, bq * gp, dp),
+        compiler_params=_params(st, "dq", bq * gp, bsz.kv_step_dq * bs),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dq",
     )(idx, cnt, q5, k4, v4, do5, lse4, delta4)
 
-    offsets, nums, qlist = kv_major_csr(idx, cnt, n_kb)
-    bq = st.block_sizes.block_q_dkv
-    full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda j, b, h: (b, 0, h, 0, 0))
-    full_vec = pl.BlockSpec((None, seq_q, None, gp), lambda j, b, h: (b, 0, h, 0))
-    blk_spec = pl.BlockSpec((None, st.block_size, None, dp), lambda j, b, h: (b, j, h, 0))
-    dk4, dv4 = pl.pallas_call(
+    items, qlist, slot_block = dkv_work_items(idx, cnt, n_kb, bsz.dkv_split * max_blocks)
+    n_items, n_slots = items.shape[2], slot_block.shape[2]
+    bq = bsz.block_q_dkv
+    full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda b, h, j: (b, 0, h, 0, 0))
+    full_vec = pl.BlockSpec((None, seq_q, None, gp), lambda b, h, j: (b, 0, h, 0))
+    full_kv = pl.BlockSpec((None, seq_k, None, dp), lambda b, h, j: (b, 0, h, 0))
+    part = pl.BlockSpec((None, None, n_slots, bs, dp), lambda b, h, j: (b, h, 0, 0, 0))
+    dk4, dv4, dk_part, dv_part = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, block_q=bq),
-        grid=(n_kb, batch, kv_heads),
+        grid=(batch, kv_heads, n_items),  # items slowest: concurrent programs share neighbouring key blocks
         in_specs=[
-            pl.BlockSpec((None, None, 1), lambda j, b, h: (b, h, j)),
-            pl.BlockSpec((None, None, 1), lambda j, b, h: (b, h, j)),
-            pl.BlockSpec((None, None, qlist.shape[-1]), lambda j, b, h: (b, h, 0)),
-            full_rows, blk_spec, blk_spec, full_rows, full_vec, full_vec,
+            pl.BlockSpec((None, None, None, 4), lambda b, h, j: (b, h, j, 0)),
+            pl.BlockSpec((None, None, qlist.shape[-1]), lambda b, h, j: (b, h, 0)),
+            full_rows, full_kv, full_kv, full_rows, full_vec, full_vec,
         ],
-        out_specs=[blk_spec, blk_spec],
-        out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype)],
-        compiler_params=_params(st, max(bq * gp, 2 * st.block_size), dp),  # dk and dv accumulators
+        out_specs=[full_kv, full_kv, part, part],
+        out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype),
+                   jax.ShapeDtypeStruct((batch, kv_heads, n_slots, bs, dp), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, kv_heads, n_slots, bs, dp), jnp.float32)],
+        compiler_params=_params(st, "dkv", bq * gp, bs),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dkv",
-    )(offsets, nums, qlist, q5, k4, v4, do5, lse4, delta4)
+    )(items, qlist, q5, k4, v4, do5, lse4, delta4)
+    dk4 = _sum_partials(dk4, dk_part, slot_block, n_kb, bs)
+    dv4 = _sum_partials(dv4, dv_part, slot_block, n_kb, bs)
     return _rows_to_heads(dq5, heads, d), dk4[..., :d], dv4[..., :d]
