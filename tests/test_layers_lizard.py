@@ -37,8 +37,9 @@ SPECS = {
                                              gate_per="head", output_gate=False, chunk_size=8),
     "swa-w5-m3": SlidingWindowSpec(window=5, meta_tokens=3),
     "swa-w4-m0": SlidingWindowSpec(window=4, meta_tokens=0),
-    "lizard-w5-m2": LizardSpec(window=5, meta_tokens=2, gate_init=0.9, chunk_size=8),
-    "lizard-exp-f8-w6": LizardSpec(window=6, feature_map="hedgehog_exp", feature_dim=8, chunk_size=8),
+    "lizard-w5-m2": LizardSpec(window=5, meta_tokens=2, gate_init=0.9, chunk_size=8, gate_scale_init=0.7),
+    "lizard-exp-f8-w6": LizardSpec(window=6, feature_map="hedgehog_exp", feature_dim=8, chunk_size=8,
+                                   gate_scale_init=1.0),
 }
 # every new (non-teacher) parameter of each family
 NEW_PARAMS = {
@@ -49,8 +50,8 @@ NEW_PARAMS = {
     "gla-hedgehog-denominator-head": {"feature_q/w", "feature_k/w", "gate/w1", "gate/w2", "gate/b"},
     "swa-w5-m3": {"meta_logits"},
     "swa-w4-m0": set(),
-    "lizard-w5-m2": {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha"},
-    "lizard-exp-f8-w6": {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha"},
+    "lizard-w5-m2": {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha", "gate_scale"},
+    "lizard-exp-f8-w6": {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha", "gate_scale"},
 }
 
 
@@ -285,7 +286,8 @@ def oracle(spec, params, x, pos):
                     a = np.exp(gate[bi, i, hi])
                     s_mat = a * s_mat + np.outer(fk[bi, i, hi], vv[bi, i, hi])
                     z_vec = a * z_vec + fk[bi, i, hi]
-                    y[bi, i, hi] += fq[bi, i, hi] @ s_mat / (fq[bi, i, hi] @ z_vec + 1e-12)
+                    beta = p["gate_scale"][hi] if spec.kind == "lizard" else 1.0
+                    y[bi, i, hi] += beta * (fq[bi, i, hi] @ s_mat / (fq[bi, i, hi] @ z_vec + 1e-12))
     return np.einsum("bthe,hed->btd", y, p["o_proj"]["kernel"])
 
 
@@ -350,7 +352,8 @@ def randomize_model(params):
 
 
 def test_transformer_with_lizard_schedule_is_causal_and_decodes():
-    cfg = tiny_config(attention=(LizardSpec(window=4, chunk_size=8), SlidingWindowSpec(window=3)))
+    cfg = tiny_config(attention=(LizardSpec(window=4, chunk_size=8, gate_scale_init=0.5),
+                                 SlidingWindowSpec(window=3)))
     params = randomize_model(init_params(cfg, jax.random.key(0)))
     model = Transformer(cfg)
 
