@@ -9,15 +9,17 @@ and training-free sparse prefill/decoding for an unchanged softmax teacher.
 below it the layer makes exactly the teacher's call (same op, same arguments), so it equals the teacher bit for
 bit. SALA's own sparse layers are the defaults: no RoPE (HyPE), QK-norm, output gate.
 
-Paths (chosen by static shapes, except the cache's dense/sparse switch):
+Paths (chosen by static shapes, except the traced switches named):
   * no cache, seq < dense_below: `ops.softmax.attention` with the positions (the teacher's call).
   * no cache, seq >= dense_below, positions None: `ops.sparse.infllm_attention` (selection per query block of
     `block_size` rows, then the block-sparse op: the Pallas kernel on GPU). The training path.
-  * no cache, seq >= dense_below, positions given (left padding): the cached path below on a fresh cache of
-    `seq` slots, so padded rows select exactly as their unpadded sequence would.
+  * no cache, seq >= dense_below, positions given: as with a cache, on a fresh cache of `seq` slots, so
+    left-padded rows select exactly as their unpadded sequence would.
   * with a cache: the new keys are written, compressed keys completed by them are added, then the batch's
-    context (longest row's last position + 1) decides: below `dense_below` exactly dense attention over the
-    cache (the first `dense_below` slots hold every key), else InfLLM-V2 from the cache (`sparse_attention_cached`).
+    context (longest row's last position + 1) decides (`lax.cond`): below `dense_below` exactly dense attention
+    over the cache (the first `dense_below` slots hold every key), else InfLLM-V2 from the cache
+    (`sparse_attention_cached`, XLA). An unpadded prefill (T > 1, positions arange(T) in every row, empty cache
+    before) takes `infllm_attention` instead (`lax.cond`; the kernel on GPU), which chooses the same blocks.
 
 The cache (`SparseCache`) is addressed by position: the key at position p lives in slot p, padding is never
 stored. So left-padded rows hold exactly their unpadded sequence, block J is positions [J*bs, (J+1)*bs) in every
@@ -38,9 +40,10 @@ silent we chose, and this is the rule):
 What is therefore exact (tested):
   * dense regime: full prefill == chunked prefill (any chunks) == token-by-token decode == the teacher layer
     (rope=True, no norm, no gate), up to float32 summation order.
-  * sparse regime: the cached path on a fresh cache == `infllm_attention` (same choices; blocks whose
-    overlapping compressed keys are all incomplete at the group's last row score -inf here but 0 in the op,
-    which changes nothing while those blocks are local ones, i.e. local_window >= kernel); chunked prefill
+  * sparse regime: the cached path on a fresh cache == `infllm_attention` (same choices; a block whose
+    overlapping compressed keys are all incomplete at the group's last row scores -inf here but 0 in the op;
+    with kernel <= block_size and stride <= kernel, as in the paper, only the last row's own block can be one,
+    and it is always kept when local_window >= 1); chunked prefill
     == full prefill when every chunk starts at a multiple of `block_size` (the groups are then the same);
     each decoded token chooses exactly what `infllm_select_decode` chooses for that token alone from
     `compress_keys` of the keys so far. Prefill and decode differ in the sparse regime by design: a prefill
@@ -340,11 +343,11 @@ class SparseAttention(nn.Module):
                 o = infllm_attention(q, k, v, config=spec.infllm, scale=scale, impl=spec.impl)
             else:
                 fresh = SparseCache.create(batch, t, cfg.num_kv_heads, cfg.head_dim, k.dtype, **kw)
-                fresh = fresh.append(k, v, positions, **kw)
-                o = sparse_attention_cached(q, positions, fresh.k, fresh.v, fresh.k_cmp, spec=spec, scale=scale)
+                o = _infllm_from_cache(q, positions, fresh.append(k, v, positions, **kw), spec, scale, True)
         else:
+            empty = jnp.all(cache.length == 0)
             cache = cache.append(k, v, positions, **kw)
-            o = _attend_cache(q, positions, cache, spec, scale)
+            o = _attend_cache(q, positions, cache, spec, scale, empty)
         if spec.output_gate:
             o = o * output_gate(cfg, x, spec.gate_bias_init, "o_gate")
         return out_projection(cfg)(o.astype(dtype_of(cfg.dtype))), cache
@@ -356,7 +359,27 @@ class SparseAttention(nn.Module):
                                   kernel=spec.kernel, stride=spec.stride)
 
 
-def _attend_cache(q, positions, cache: SparseCache, spec: SparseSpec, scale: float):
+def _infllm_from_cache(q, positions, cache: SparseCache, spec: SparseSpec, scale: float, empty):
+    """InfLLM-V2 from the cache (after the append). A call of T > 1 tokens into a cache that was `empty`, with
+    positions arange(T) in every row (an unpadded prefill), takes the op instead (`infllm_attention`: the
+    Pallas kernel on GPU), which chooses the same blocks (tested); a traced switch (`lax.cond`)."""
+    t = q.shape[1]
+
+    def cached():
+        return sparse_attention_cached(q, positions, cache.k, cache.v, cache.k_cmp, spec=spec, scale=scale)
+
+    if t == 1 or t > cache.size:
+        return cached()
+
+    def op():
+        config = dataclasses.replace(spec.infllm, dense_below=0)
+        return infllm_attention(q, cache.k[:, :t], cache.v[:, :t], config=config, scale=scale, q_offset=0,
+                                impl=spec.impl).astype(q.dtype)
+
+    return jax.lax.cond(empty & jnp.all(positions == jnp.arange(t)), op, cached)
+
+
+def _attend_cache(q, positions, cache: SparseCache, spec: SparseSpec, scale: float, empty):
     """Dense over the cache while the batch's context is below `dense_below` (its keys all lie in the first
     `dense_below` slots), else InfLLM-V2 from the cache; a traced switch (`lax.cond`) unless static."""
     dense_slots = min(spec.dense_below, cache.size)
@@ -366,7 +389,7 @@ def _attend_cache(q, positions, cache: SparseCache, spec: SparseSpec, scale: flo
                          k_positions=cache.slot_positions()[:, :dense_slots], scale=scale, impl="xla").astype(q.dtype)
 
     def sparse():
-        return sparse_attention_cached(q, positions, cache.k, cache.v, cache.k_cmp, spec=spec, scale=scale)
+        return _infllm_from_cache(q, positions, cache, spec, scale, empty)
 
     if cache.size < spec.dense_below:  # the context never reaches the threshold
         return dense()
