@@ -92,19 +92,24 @@ def attention(
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, local_window_size=local, implementation="cudnn"
         )
+    banded = default_pos and causal and window is not None and t == s_len and window + chunk_size < s_len
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s_len - t), (b, t))
     if k_positions is None:
         k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
     o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, banded=banded)
     if sinks is not None:
         o, lse = merge_sinks(o, lse, sinks)
     return (o, lse) if return_lse else o
 
 
-def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size):
-    """Dense masked softmax over query chunks, rematerialised in the backward pass (memory O(chunk * seq_k))."""
+def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded=False):
+    """Dense masked softmax over query chunks, rematerialised in the backward pass (memory O(chunk * seq_k)).
+
+    `banded` (aligned causal self-attention with a window): each query chunk scores only the
+    `chunk + window - 1` keys it can see, so the cost is O(seq * (chunk + window)) instead of O(seq^2).
+    """
     b, t, h, d = q.shape
     dense = functools.partial(attention_dense, causal=causal, window=window, scale=scale)
     if t <= chunk_size:
@@ -115,8 +120,26 @@ def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size):
     pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
     qc = jnp.moveaxis(qp.reshape(b, n, chunk_size, h, d), 1, 0)
     pc = jnp.moveaxis(pp.reshape(b, n, chunk_size), 1, 0)
-    body = jax.checkpoint(lambda args: dense(args[0], k, v, args[1], k_pos))
-    o, lse = jax.lax.map(body, (qc, pc))
+    if banded:
+        # keys padded in front by window - 1 invisible slots: chunk i's keys are rows [i*C, i*C + C + w - 1)
+        span = chunk_size + window - 1
+        front, back = window - 1, n * chunk_size - t
+        kb = jnp.pad(k, ((0, 0), (front, back), (0, 0), (0, 0)))
+        vb = jnp.pad(v, ((0, 0), (front, back), (0, 0), (0, 0)))
+        kpb = jnp.pad(k_pos, ((0, 0), (front, back)), constant_values=-1)
+
+        def band(args):
+            qi, pi, i = args
+            at = i * chunk_size
+            ks = jax.lax.dynamic_slice_in_dim(kb, at, span, axis=1)
+            vs = jax.lax.dynamic_slice_in_dim(vb, at, span, axis=1)
+            ps = jax.lax.dynamic_slice_in_dim(kpb, at, span, axis=1)
+            return dense(qi, ks, vs, pi, ps)
+
+        o, lse = jax.lax.map(jax.checkpoint(band), (qc, pc, jnp.arange(n)))
+    else:
+        body = jax.checkpoint(lambda args: dense(args[0], k, v, args[1], k_pos))
+        o, lse = jax.lax.map(body, (qc, pc))
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * chunk_size, h, -1)[:, :t]
     lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, n * chunk_size)[:, :, :t]
     return o, lse
