@@ -417,16 +417,16 @@ def test_new_parameters_start_structured():
 
 
 def test_smollm2_recipe_parses():
-    """configs/lizard_smollm2.yaml: a Lizard schedule for a SmolLM2-shaped teacher; its train section fits
-    TrainConfig (the full-size load is tests/test_lizard_smollm2.py, slow)."""
+    """configs/lizard_smollm2.yaml is a TrainConfig whose recipe gives a Lizard schedule for a SmolLM2-shaped
+    teacher (the full-size load is tests/test_lizard_smollm2.py, slow)."""
     from lizard_jax.config import load_yaml
     from lizard_jax.train.config import TrainConfig
 
     recipe = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "lizard_smollm2.yaml")
     smollm2 = tiny_config(num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_dim=1536)
-    scfg = student_config(smollm2, recipe["attention"])
+    scfg = student_config(smollm2, recipe["student"]["attention"])
     assert scfg.attention == (LizardSpec(window=128, meta_tokens=4, feature_dim=64),) * 30
-    assert TrainConfig.from_dict({**recipe["train"], "student": {"attention": recipe["attention"]}}).stage1.lr == 1e-3
+    assert TrainConfig.from_dict(recipe).stage1.lr == 1e-3
 
 
 def cache_bytes(cache) -> int:

@@ -31,7 +31,7 @@ def student(tmp_path_factory):
     convert(shipped_smollm2(), ck)
     teacher, tparams, tok = lizard_jax.load(ck)
     recipe = load_yaml(ROOT / "configs" / "lizard_smollm2.yaml")
-    scfg = student_config(teacher.cfg, recipe["attention"])
+    scfg = student_config(teacher.cfg, recipe["student"]["attention"])
     sparams = jax.jit(student_params, static_argnums=0)(scfg, tparams, jax.random.key(0))
     return teacher, tparams, tok, scfg, sparams
 
