@@ -25,7 +25,7 @@ from lizard_jax.layers.softmax import SoftmaxAttention, SoftmaxSpec
 from lizard_jax.layers.sparse import (SparseAttention, SparseCache, SparseSpec, select_cached,
                                      sparse_attention_cached)
 from lizard_jax.models import Transformer, init_caches, init_params
-from lizard_jax.numerics import FORMS_RTOL, RTOL, assert_close, rel_err
+from lizard_jax.numerics import FORMS_RTOL, assert_close, rel_err
 from lizard_jax.ops.lightning import lightning_slopes
 from lizard_jax.ops.sparse import (block_sparse_attention, compress_keys, infllm_attention, infllm_select,
                                    infllm_select_decode, num_compressed)

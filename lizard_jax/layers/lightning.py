@@ -99,7 +99,7 @@ def output_gate(cfg: ModelConfig, x, bias_init: float, name: str):
     return jax.nn.sigmoid(proj(x).astype(jnp.float32)).astype(dtype_of(cfg.dtype))
 
 
-def _check_spec_common(kind: str, impl: str, gate_bias_init: float) -> None:
+def check_spec_common(kind: str, impl: str, gate_bias_init: float) -> None:
     if impl not in IMPLS:
         raise ConfigError(f"{kind}.impl must be one of {IMPLS}, got {impl!r}")
     if not math.isfinite(gate_bias_init):
@@ -130,7 +130,7 @@ class LightningSpec(AttentionSpec):
     chunk_size: int = 64
 
     def __post_init__(self):
-        _check_spec_common(self.kind, self.impl, self.gate_bias_init)
+        check_spec_common(self.kind, self.impl, self.gate_bias_init)
         if self.chunk_size < 1:
             raise ConfigError(f"lightning.chunk_size must be >= 1, got {self.chunk_size}")
 

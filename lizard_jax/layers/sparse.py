@@ -65,7 +65,7 @@ import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
 from lizard_jax.layers.common import dtype_of, out_projection
-from lizard_jax.layers.lightning import _check_spec_common, check_layer_inputs, output_gate, project_qkv
+from lizard_jax.layers.lightning import check_spec_common, check_layer_inputs, output_gate, project_qkv
 from lizard_jax.ops.softmax import attention
 from lizard_jax.ops.sparse import InfLLMConfig, infllm_attention, num_compressed
 from lizard_jax.ops.sparse.selection import _overlap_windows
@@ -105,7 +105,7 @@ class SparseSpec(AttentionSpec):
     impl: str = "auto"
 
     def __post_init__(self):
-        _check_spec_common(self.kind, self.impl, self.gate_bias_init)
+        check_spec_common(self.kind, self.impl, self.gate_bias_init)
         try:
             self.infllm
         except ValueError as e:
