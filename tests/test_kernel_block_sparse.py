@@ -141,20 +141,23 @@ def test_block_sizes_validated():
 
 def test_dkv_work_items_cover_the_transposed_index():
     """Every (key block, query block) pair of the selection is in exactly one work item, chunks are at most
-    ``chunk`` long, and split key blocks own distinct slots."""
+    ``chunk`` long, split key blocks own distinct slots, and each item counts its query blocks below the
+    key block's ``first_unmasked``."""
     rng = np.random.default_rng(3)
     n_qb = n_kb = 12
     idx, cnt = oracle.random_selection(rng, 2, 2, n_qb * 16, n_kb * 16, 16, 4)
+    first_unmasked = rng.integers(0, n_qb + 1, n_kb)
     for chunk in (0, 1, 3, 100):
         items, q_blocks, slot_block = (np.asarray(x) for x in dkv_work_items(jnp.asarray(idx), jnp.asarray(cnt),
-                                                                               n_kb, chunk))
+                                                                               n_kb, chunk, first_unmasked))
         for b in range(2):
             for h in range(2):
                 want = sorted((int(j), i) for i in range(n_qb) for j in idx[b, h, i, :cnt[b, h, i]])
                 got, slots = [], []
-                for kb, start, num, slot in items[b, h]:
+                for kb, start, num, slot, masked in items[b, h]:
                     assert slot != -2 or num == 0
                     assert chunk <= 0 or num <= chunk
+                    assert masked == np.sum(q_blocks[b, h, start:start + num] < first_unmasked[kb])
                     got += [(int(kb), int(i)) for i in q_blocks[b, h, start:start + num]]
                     if slot >= 0:
                         assert slot_block[b, h, slot] == kb

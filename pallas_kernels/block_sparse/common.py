@@ -177,15 +177,17 @@ def kv_major_csr(block_indices, block_counts, n_kv_blocks: int):
     return starts, ends - starts, (key % n_qb).astype(jnp.int32)
 
 
-def dkv_work_items(block_indices, block_counts, n_kv_blocks: int, chunk: int):
+def dkv_work_items(block_indices, block_counts, n_kv_blocks: int, chunk: int, first_unmasked=None):
     """Work of the GPU dk/dv pass: one item per key block, popular key blocks split into chunks.
 
     A key block selected by ``count > chunk`` query blocks is split into ``ceil(count / chunk)`` chunks whose
     dk/dv partial sums go to float32 slots (summed afterwards); the others write dk/dv directly.
     ``chunk <= 0`` never splits.
 
-    Returns ``items int32 [batch, kv_heads, n_items, 4]`` rows ``(key block, start in q_blocks, number of query
-    blocks, slot)`` with slot -1: write dk/dv, >= 0: write partial slot, -2: nothing to do (padding);
+    Returns ``items int32 [batch, kv_heads, n_items, 5]`` rows ``(key block, start in q_blocks, number of query
+    blocks, slot, masked)`` with slot -1: write dk/dv, >= 0: write partial slot, -2: nothing to do (padding),
+    and ``masked`` the number of leading query blocks of the item below ``first_unmasked[key block]`` (int
+    ``[n_kv_blocks]``, default: all masked; a key block's query blocks are ascending, so these come first);
     ``q_blocks`` as ``kv_major_csr``; ``slot_block int32 [batch, kv_heads, n_slots]``: the key block of each
     slot, ``n_kv_blocks`` for unused slots. The first ``n_items - n_kv_blocks`` items are the extra chunks
     (full, so the heaviest programs start first), then one item per key block.
@@ -202,6 +204,7 @@ def dkv_work_items(block_indices, block_counts, n_kv_blocks: int, chunk: int):
     extra_end = jnp.cumsum(chunks - 1, axis=-1)
     slot_end = jnp.cumsum(jnp.where(split, chunks, 0), axis=-1)
     search = jax.vmap(jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="right")))
+    search_left = jax.vmap(jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left")))
 
     kb_first = jnp.broadcast_to(jnp.arange(n_kv_blocks), counts.shape)
     kb_extra = search(extra_end, jnp.broadcast_to(jnp.arange(n_extra), counts.shape[:2] + (n_extra,)))
@@ -218,7 +221,15 @@ def dkv_work_items(block_indices, block_counts, n_kv_blocks: int, chunk: int):
     num = jnp.where(live, jnp.clip(take(counts, kb) - c * chunk, 0, chunk), 0)
     slot = jnp.where(is_split, take(slot_end - jnp.where(split, chunks, 0), kb) + c, -1)
     slot = jnp.where(live, slot, -2)
-    items = jnp.stack([kb, start, num, slot], axis=-1).astype(jnp.int32)
+    if first_unmasked is None:
+        masked = num
+    else:  # entries sorted by (key block, query block): count those below the threshold by binary search
+        n_qb = block_indices.shape[2]
+        entry_kb = search(offsets + counts, jnp.broadcast_to(jnp.arange(total), counts.shape[:2] + (total,)))
+        key = entry_kb * n_qb + q_blocks  # ascending; past the listed entries entry_kb is n_kv_blocks
+        below = search_left(key, kb * n_qb + jnp.take(jnp.asarray(first_unmasked), kb))
+        masked = jnp.clip(below - start, 0, num)
+    items = jnp.stack([kb, start, num, slot, masked], axis=-1).astype(jnp.int32)
     slot_block = search(slot_end, jnp.broadcast_to(jnp.arange(n_slots), counts.shape[:2] + (n_slots,)))
     return items, q_blocks, slot_block.astype(jnp.int32)
 

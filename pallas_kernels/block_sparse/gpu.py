@@ -61,19 +61,35 @@ def _key_rows(blocks, bs: int, step, kv_step: int, count):
     return base * bs + iota % bs, which + step * kv_step < count
 
 
-def _scores(st: Static, a, b, row_pos, key_pos, listed, *, keys_first: bool = False):
-    """Base-2 logits ``a @ b^T * scale * log2(e)``, -inf where not visible. Rows are queries (``row_pos``
-    [R], ``key_pos`` [K]), or keys with ``keys_first`` (then a is k, b is q)."""
-    s = dot(a, b, trans_b=True) * (st.scale * _LOG2E)
-    if keys_first:
-        row_pos, key_pos = row_pos[None, :], key_pos[:, None]
-    else:
-        row_pos, key_pos = row_pos[:, None], key_pos[None, :]
-    mask = visible(st, row_pos, key_pos)
+def _keep(st: Static, row_pos, key_pos, listed):
+    """bool [R, K] (or None: all): query rows ``row_pos`` [R] see keys ``key_pos`` [K] of listed blocks."""
+    mask = visible(st, row_pos[:, None], key_pos[None, :])
     if listed is not None:
-        listed = listed[:, None] if keys_first else listed[None, :]
-        mask = listed if mask is None else mask & listed
-    return s if mask is None else jnp.where(mask, s, _NEG_INF)
+        mask = listed[None, :] if mask is None else mask & listed[None, :]
+    return mask
+
+
+def _over_listed_blocks(st: Static, idx_ref, cnt_ref, kv_step: int, step, init):
+    """Runs ``carry = step(carry, key_rows, listed, masked)`` over a query block's listed key blocks,
+    ``kv_step`` blocks at a time: first the blocks that need no mask (``masked`` False: every key is
+    visible to every row; the wrapper lists them first, ``_mask_free_first``), then the rest. Each step's
+    block indices are read one step ahead, so the key-tile loads never wait on the index load."""
+    bs = st.block_size
+    count, n_free = cnt_ref[0], cnt_ref[1]
+    free_steps = n_free // kv_step
+
+    def loop(first, n_steps, masked, carry):
+        def body(t, c):
+            *c, blocks = c
+            key_rows, listed = _key_rows(blocks, bs, first + t, kv_step, count)
+            c = step(tuple(c), key_rows, listed, masked)
+            return (*c, _step_blocks(idx_ref, first + t + 1, kv_step))
+
+        *carry, _ = lax.fori_loop(0, n_steps, body, (*carry, _step_blocks(idx_ref, first, kv_step)))
+        return tuple(carry)
+
+    carry = loop(0, free_steps, False, init)
+    return loop(free_steps, (count - free_steps * kv_step + kv_step - 1) // kv_step, True, carry)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -81,60 +97,61 @@ def _scores(st: Static, a, b, row_pos, key_pos, listed, *, keys_first: bool = Fa
 
 def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, block_q: int,
                 kv_step: int):
-    bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
     row_pos = _row_positions(st, pl.program_id(0) * block_q, rows, group)
-    count = cnt_ref[0]
+    # base-2 softmax; with a positive scale the running max is kept on raw logits and the scale folds into
+    # the exponent's multiply-add
+    c = st.scale * _LOG2E
+    prescale = c <= 0
 
-    def body(t, carry):
-        acc, m, l, blocks = carry
-        key_rows, listed = _key_rows(blocks, bs, t, kv_step, count)
-        k = k_ref[key_rows, :]
-        v = v_ref[key_rows, :]
-        s = _scores(st, q, k, row_pos, key_rows, listed)
+    def step(carry, key_rows, listed, masked):
+        acc, m, l = carry
+        s = dot(q, k_ref[key_rows, :], trans_b=True)
+        if prescale:
+            s = s * c
+        if masked:
+            s = jnp.where(_keep(st, row_pos, key_rows, listed), s, _NEG_INF)
+        cs = 1.0 if prescale else c
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - m_use[:, None])
+        m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
+        alpha = jnp.exp2(m * cs - m_use)
+        p = jnp.exp2(s * cs - m_use[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
-        return acc, m_new, l, _step_blocks(idx_ref, t + 1, kv_step)
+        return alpha[:, None] * acc + dot(p.astype(v_ref.dtype), v_ref[key_rows, :]), m_new, l
 
     init = (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
-            jnp.zeros((rows,), jnp.float32), _step_blocks(idx_ref, 0, kv_step))
-    acc, m, l, _ = lax.fori_loop(0, (count + kv_step - 1) // kv_step, body, init)
+            jnp.zeros((rows,), jnp.float32))
+    acc, m, l = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, init)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp))
-    lse = jnp.where(empty, _NEG_INF, (jnp.where(m == _NEG_INF, 0.0, m) + jnp.log2(l_safe)) / _LOG2E)
+    m2 = jnp.where(m == _NEG_INF, 0.0, m) * (1.0 if prescale else c)
+    lse = jnp.where(empty, _NEG_INF, (m2 + jnp.log2(l_safe)) / _LOG2E)
     plgpu.store(lse_ref, lse.reshape(block_q, group))
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: Static,
                block_q: int, kv_step: int):
-    bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
     do = do_ref[...].reshape(rows, dp)
-    lse2 = lse_ref[...].reshape(rows)  # base 2, 0 for rows that see no key (all their logits are -inf)
+    lse2 = lse_ref[...].reshape(rows)  # base 2, 0 for rows that see no key (all their p are 0)
     delta = delta_ref[...].reshape(rows)
     row_pos = _row_positions(st, pl.program_id(0) * block_q, rows, group)
-    count = cnt_ref[0]
 
-    def body(t, carry):
-        dq, blocks = carry
-        key_rows, listed = _key_rows(blocks, bs, t, kv_step, count)
+    def step(carry, key_rows, listed, masked):
+        (dq,) = carry
         k = k_ref[key_rows, :]
-        v = v_ref[key_rows, :]
-        p = jnp.exp2(_scores(st, q, k, row_pos, key_rows, listed) - lse2[:, None])
-        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-        return dq + dot(ds.astype(k.dtype), k), _step_blocks(idx_ref, t + 1, kv_step)
+        p = jnp.exp2(dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
+        if masked:
+            p = jnp.where(_keep(st, row_pos, key_rows, listed), p, 0.0)
+        ds = p * (dot(do, v_ref[key_rows, :], trans_b=True) - delta[:, None])
+        return (dq + dot(ds.astype(k.dtype), k),)
 
-    init = (jnp.zeros((rows, dp), jnp.float32), _step_blocks(idx_ref, 0, kv_step))
-    dq, _ = lax.fori_loop(0, (count + kv_step - 1) // kv_step, body, init)
+    (dq,) = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, (jnp.zeros((rows, dp), jnp.float32),))
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp))
 
 
@@ -144,7 +161,7 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     _, group, dp = q_ref.shape
     rows = block_q * group
     steps = bs // block_q  # row chunks per selecting query block
-    kblk, first, num, slot = (item_ref[j] for j in range(4))
+    kblk, first, num, slot, masked = (item_ref[j] for j in range(5))
     start = pl.multiple_of(kblk * bs, bs)
     k = k_ref[pl.ds(start, bs), :]
     v = v_ref[pl.ds(start, bs), :]
@@ -155,22 +172,31 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         qblk = qlist_ref[jnp.minimum(first + lax.div(u, steps), last)]
         return qblk * bs + lax.rem(u, steps) * block_q
 
-    def body(u, carry):
-        dk, dv, r0 = carry
-        r0 = pl.multiple_of(r0, block_q)
-        q = q_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
-        do = do_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
-        lse2 = lse_ref[pl.ds(r0, block_q), :].reshape(rows)
-        delta = delta_ref[pl.ds(r0, block_q), :].reshape(rows)
-        row_pos = _row_positions(st, r0, rows, group)
-        p = jnp.exp2(_scores(st, q, k, row_pos, key_pos, None) - lse2[:, None])
-        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv, first_row(u + 1)
+    def loop(u0, u1, mask: bool, carry):
+        """Steps [u0, u1): each a block_q-row chunk of a selecting query block; ``mask`` for those that see
+        only part of the key block (causal diagonal, keys past seq_k)."""
+
+        def body(u, carry):
+            dk, dv, r0 = carry
+            r0 = pl.multiple_of(r0, block_q)
+            q = q_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
+            do = do_ref[pl.ds(r0, block_q), :, :].reshape(rows, dp)
+            lse2 = lse_ref[pl.ds(r0, block_q), :].reshape(rows)
+            delta = delta_ref[pl.ds(r0, block_q), :].reshape(rows)
+            p = jnp.exp2(dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
+            if mask:
+                p = jnp.where(_keep(st, _row_positions(st, r0, rows, group), key_pos, None), p, 0.0)
+            dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+            dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv, first_row(u + 1)
+
+        dk, dv, _ = lax.fori_loop(u0, u1, body, (*carry, first_row(u0)))
+        return dk, dv
 
     zeros = jnp.zeros((bs, dp), jnp.float32)
-    dk, dv, _ = lax.fori_loop(0, num * steps, body, (zeros, zeros, first_row(0)))
+    carry = loop(0, masked * steps, True, (zeros, zeros))
+    dk, dv = loop(masked * steps, num * steps, False, carry)
     dk = dk * st.scale
 
     @pl.when(slot == -1)
@@ -221,6 +247,21 @@ def _heads_to_rows(x, kv_heads: int, fill: float):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, next_pow2(group) - group)), constant_values=fill)
 
 
+def _mask_free_first(st: Static, idx, cnt):
+    """Reorder each query block's listed key blocks so those that need no mask come first (every key visible
+    to every row of the query block: before its first row causally, and inside ``seq_k``); returns the
+    indices and ``[batch, kv_heads, n_q_blocks, 2]`` (count, number of mask-free blocks)."""
+    bs = st.block_size
+    first_row = st.q_offset + jnp.arange(idx.shape[2])[:, None] * bs  # [n_qb, 1]
+    need = (idx + 1) * bs > st.seq_k
+    if st.causal:
+        need |= idx * bs + bs - 1 > first_row
+    listed = jnp.arange(idx.shape[-1]) < cnt[..., None]
+    order = jnp.argsort(jnp.where(listed, need.astype(jnp.int32), 2), axis=-1, stable=True)
+    n_free = jnp.sum(listed & ~need, axis=-1).astype(jnp.int32)
+    return jnp.take_along_axis(idx, order, axis=-1), jnp.stack([cnt, n_free], axis=-1)
+
+
 def _params(st: Static, which: str, rows: int, cols: int):
     warps, stages = st.block_sizes.compiler_params(which, rows, cols)
     return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
@@ -231,7 +272,7 @@ def _query_major_specs(bq: int, per_block: int, max_blocks: int, seq_k: int, gp:
     (and any other [bq, Gp, dp] / [bq, Gp] row block), whole k/v of the (batch, kv head)."""
     return dict(
         idx=pl.BlockSpec((None, None, None, max_blocks), lambda i, b, h: (b, h, lax.div(i, per_block), 0)),
-        cnt=pl.BlockSpec((None, None, 1), lambda i, b, h: (b, h, lax.div(i, per_block))),
+        cnt=pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h, lax.div(i, per_block), 0)),
         rows=pl.BlockSpec((None, bq, None, gp, dp), lambda i, b, h: (b, i, h, 0, 0)),
         vec=pl.BlockSpec((None, bq, None, gp), lambda i, b, h: (b, i, h, 0)),
         kv=pl.BlockSpec((None, seq_k, None, dp), lambda i, b, h: (b, 0, h, 0)),
@@ -247,6 +288,7 @@ def forward(st: Static, q, k, v, idx, cnt):
     bsz = st.block_sizes
     bq = bsz.block_q
     spec = _query_major_specs(bq, st.block_size // bq, idx.shape[-1], seq_k, gp, dp)
+    idx, cnt = _mask_free_first(st, idx, cnt)
     o5, lse4 = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, block_q=bq, kv_step=bsz.kv_step),
         grid=(seq_q // bq, batch, kv_heads),
@@ -295,6 +337,7 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
 
     bq = bsz.block_q_dq
     spec = _query_major_specs(bq, bs // bq, max_blocks, seq_k, gp, dp)
+    idx_free, cnt_free = _mask_free_first(st, idx, cnt)
     dq5 = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, kv_step=bsz.kv_step_dq),
         grid=(seq_q // bq, batch, kv_heads),
@@ -306,21 +349,27 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dq",
-    )(idx, cnt, q5, k4, v4, do5, lse4, delta4)
+    )(idx_free, cnt_free, q5, k4, v4, do5, lse4, delta4)
 
-    items, qlist, slot_block = dkv_work_items(idx, cnt, n_kb, bsz.dkv_split * max_blocks)
+    # query blocks from which on every row sees the whole key block (all for the last, ragged key block)
+    first_unmasked = jnp.full((n_kb,), 0, jnp.int32)
+    if st.causal:
+        first_unmasked = jnp.maximum(-(-(jnp.arange(n_kb) * bs + bs - 1 - st.q_offset) // bs), 0)
+    if st.key_mask_needed():
+        first_unmasked = first_unmasked.at[-1].set(seq_q // bs + 1)
+    items, qlist, slot_block = dkv_work_items(idx, cnt, n_kb, bsz.dkv_split * max_blocks, first_unmasked)
     n_items, n_slots = items.shape[2], slot_block.shape[2]
     bq = bsz.block_q_dkv
-    full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda b, h, j: (b, 0, h, 0, 0))
-    full_vec = pl.BlockSpec((None, seq_q, None, gp), lambda b, h, j: (b, 0, h, 0))
-    full_kv = pl.BlockSpec((None, seq_k, None, dp), lambda b, h, j: (b, 0, h, 0))
-    part = pl.BlockSpec((None, None, n_slots, bs, dp), lambda b, h, j: (b, h, 0, 0, 0))
+    full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda j, b, h: (b, 0, h, 0, 0))
+    full_vec = pl.BlockSpec((None, seq_q, None, gp), lambda j, b, h: (b, 0, h, 0))
+    full_kv = pl.BlockSpec((None, seq_k, None, dp), lambda j, b, h: (b, 0, h, 0))
+    part = pl.BlockSpec((None, None, n_slots, bs, dp), lambda j, b, h: (b, h, 0, 0, 0))
     dk4, dv4, dk_part, dv_part = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, block_q=bq),
-        grid=(batch, kv_heads, n_items),  # items slowest: concurrent programs share neighbouring key blocks
+        grid=(n_items, batch, kv_heads),  # one head at a time: its q/do are what concurrent programs share
         in_specs=[
-            pl.BlockSpec((None, None, None, 4), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, qlist.shape[-1]), lambda b, h, j: (b, h, 0)),
+            pl.BlockSpec((None, None, None, 5), lambda j, b, h: (b, h, j, 0)),
+            pl.BlockSpec((None, None, qlist.shape[-1]), lambda j, b, h: (b, h, 0)),
             full_rows, full_kv, full_kv, full_rows, full_vec, full_vec,
         ],
         out_specs=[full_kv, full_kv, part, part],

@@ -96,6 +96,26 @@ def _loops(sass: str) -> list[int]:
     return sizes
 
 
+def _make_ttir(folder: str, path: str, opts: dict) -> str:
+    """Run Triton's TTIR passes (canonicalize, combine (dot + add -> dot with accumulator), CSE, ...) on the
+    lowered IR, as XLA's Triton pipeline does on the device; ``triton.compile`` skips them for an IR file."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ir.parse_mlir_module(os.path.join(folder, path), context)
+    module.context = context
+    backend.make_ttir(module, {}, backend.parse_options(opts), 90)
+    out = os.path.join(folder, path[:-5] + ".opt.ttir")
+    with open(out, "w") as f:
+        f.write(str(module))
+    return out
+
+
 def compile_report(folder: str, sass_files: bool = False) -> int:
     """Compile every kernel in ``folder`` for sm_90 and print registers, stack (spills), shared memory,
     HGMMA count, spill loads/stores, instructions per loop, and blocks per SM (0: does not fit)."""
@@ -112,7 +132,8 @@ def compile_report(folder: str, sass_files: bool = False) -> int:
     for path, opts in sorted(launch.items()):
         name = path[:-5]
         try:
-            kernel = triton.compile(os.path.join(folder, path), target=GPUTarget("cuda", 90, 32), options=opts)
+            kernel = triton.compile(_make_ttir(folder, path, opts), target=GPUTarget("cuda", 90, 32),
+                                    options=opts)
         except Exception as e:  # report every kernel
             failed += 1
             print(f"| {name} | {opts['num_warps']} | {opts['num_stages']} | FAIL {type(e).__name__} | | | | | | |")
