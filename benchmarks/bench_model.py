@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import measure_ceilings, report, time_jax  # noqa: E402
 from lizard_jax.config import ModelConfig  # noqa: E402
 from lizard_jax.models import Transformer, init_params  # noqa: E402
+from lizard_jax.models.flops import causal_attention_flops, matmul_params  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -29,15 +30,8 @@ LLAMA_1B = dict(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, nu
                 ffn_dim=8192, tie_embeddings=True, rope={"theta": 500000.0}, max_seq_len=131072)
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    d, h, kv, hd, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
-    per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f
-    return cfg.num_layers * per_layer + d * cfg.vocab_size
-
-
 def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
-    attn = 2 * seq * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers
-    return batch * (2 * matmul_params(cfg) * seq + attn)
+    return batch * (2 * matmul_params(cfg) * seq + causal_attention_flops(cfg, seq))
 
 
 def bench(name: str, cfg: ModelConfig, params, batch: int, seq: int, ceiling: float) -> list:

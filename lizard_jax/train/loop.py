@@ -35,6 +35,7 @@ from tqdm import tqdm
 from lizard_jax import checkpoint as ckpt_lib
 from lizard_jax.layers import layer_class
 from lizard_jax.models import Transformer, abstract_params
+from lizard_jax.models.flops import attention_params, matmul_params
 from lizard_jax.recipes import new_param_mask, student_config, student_params
 from lizard_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings
 from lizard_jax.train import losses
@@ -253,13 +254,15 @@ class Trainer:
         keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= upto]
         self.metrics_path.write_text("".join(l + "\n" for l in keep))
 
-    def _flops_per_step(self, stage: Stage, state, batch) -> float | None:
-        try:
-            cost = stage.step_fn.lower(state, self._frozen_arg(), self.teacher_params, batch).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return float(cost.get("flops", 0.0)) or None
-        except Exception:
-            return None
+    def _model_flops_per_token(self, index: int) -> float:
+        """Model FLOPs per training token (matmuls; PaLM-style MFU): stage 1 runs the teacher forward (2N) and
+        the converted attention layers forward and backward (6N_attn); stage 2 the whole student forward and
+        backward (6N), plus the teacher forward when distilling logits."""
+        n_t = matmul_params(self.teacher_cfg)
+        if index == 1:
+            return 2 * n_t + 6 * attention_params(self.student_cfg) * len(self.converted)
+        kd = 2 * n_t if self.tc.stage2.kd_weight > 0 else 0
+        return 6 * matmul_params(self.student_cfg) + kd
 
     # ---- main
     def run(self, resume: bool = False) -> Path:
@@ -307,13 +310,11 @@ class Trainer:
         done = int(state["step"])
         bar = tqdm(total=steps, initial=done, desc=f"stage {stage.index}", file=sys.stderr, dynamic_ncols=True)
         tokens_per_step = data.batch_size * data.seq_len
-        flops = None
+        flops = self._model_flops_per_token(stage.index) * tokens_per_step
         t_last, n_last = time.perf_counter(), done
         with self.metrics_path.open("a") as mf:
             while done < steps:
                 batch = self._global_batch(data.next_batch())
-                if flops is None and self.peak is not None:
-                    flops = self._flops_per_step(stage, state, batch)
                 state, m = stage.step_fn(state, self.frozen, self.teacher_params, batch)
                 done += 1
                 if done % tc.log_every == 0 or done == steps:
@@ -325,7 +326,7 @@ class Trainer:
                     rec = {"stage": stage.index, "step": offset + done, "stage_step": done, "loss": loss,
                            "grad_norm": float(m["grad_norm"]), "lr": float(_schedule(stage.cfg)(done - 1)),
                            "tokens_per_s": tps}
-                    if flops and self.peak:
+                    if self.peak:
                         rec["mfu"] = flops * (done - n_last) / (now - t_last) / self.peak
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()

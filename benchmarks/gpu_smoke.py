@@ -1,0 +1,38 @@
+"""A short end-to-end check on the GPU before long runs: a tiny random teacher, both training stages with the
+default kernels (impl="auto" -> Pallas), export, perplexity, generation. Prints OK or raises."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+import lizard_jax
+from lizard_jax.eval.perplexity import perplexity
+from lizard_jax.testing import save_tiny_teacher
+from lizard_jax.train import TrainConfig, Trainer
+
+
+def main(text: str) -> None:
+    d = Path(tempfile.mkdtemp())
+    save_tiny_teacher(d / "teacher", num_layers=2, head_dim=64, num_heads=4, num_kv_heads=2, d_model=128)
+    cfg = {
+        "teacher": str(d / "teacher"), "run_dir": str(d / "run"), "dtype": "bfloat16",
+        "student": {"attention": {"default": {"kind": "lizard", "window": 16, "gate_scale_init": 0.5}}},
+        "data": {"source": "text", "paths": [text], "seq_len": 256, "batch_size": 4, "max_tokens": 100000},
+        "stage1": {"steps": 5}, "stage2": {"steps": 5, "lora": {"rank": 4}}, "log_every": 1,
+        "checkpoint": {"every": 5},
+    }
+    out = Trainer(TrainConfig.from_dict(cfg)).run()
+    model, params, tok = lizard_jax.load(out)
+    ids = tok(Path(text).read_text()[:5000])["input_ids"]
+    print(json.dumps(perplexity(model, params, ids, seq_len=256, progress=False)))
+    print(lizard_jax.generate(model, params, ["Hello"], tokenizer=tok, max_new_tokens=8).tokens)
+    print("OK", jax.devices())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
