@@ -105,6 +105,8 @@ CASES = {
     "B2-ragged-L4-gqa-keep": (dict(layers=4), [61, 30], dict(layers=(0, 2), keep=(0.5, 0.25), bucket=8)),
     "B1-L4-mqa-topk": (dict(layers=4, kv=1), [50], dict(layers=(1,), keep=(), top_k=(9,))),
     "B2-L3-window8": (dict(layers=3, window=8), [40, 33], dict(layers=(0, 1), keep=(0.6, 0.3), bucket=4)),
+    "B2-ragged-L3-sink-recent": (dict(layers=3), [52, 29], dict(layers=(1,), keep=(0.3,), bucket=4, sink_tokens=3,
+                                                                 recent_tokens=5, pool=3)),
 }
 
 
@@ -127,6 +129,9 @@ def test_prefill_matches_masked_spec(name):
     real = np.asarray(pos) >= 0
     for layer, budget in zip(lazy.layers, lazy.budgets(p)):
         np.testing.assert_array_equal(counts[layer + 1].sum(-1), np.minimum(budget, real.sum(-1)))
+        rel = np.asarray(pos)  # the forced tokens: first sink_tokens positions and recent_tokens before the last
+        forced = real & ((rel < lazy.sink_tokens) | (rel >= rel[:, -1:] - lazy.recent_tokens))
+        assert (counts[layer + 1][forced] == 1).all()
     for i in range(model.cfg.num_layers):
         m = active[i][..., None, None]
         assert_close(np.where(m, st.kv(i)[0][:, :p], 0), ref["k"][i], rtol=FORMS_RTOL, name=f"k{i}")

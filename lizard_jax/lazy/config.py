@@ -26,6 +26,11 @@ class LazyConfig:
       of `bucket`, so a prompt bucket compiles one program.
     top_k: instead of `keep`, absolute token budgets (>= 1, non-increasing), capped at `P`.
     bucket: multiple that fraction budgets round up to.
+    sink_tokens, recent_tokens: also always keep the first `sink_tokens` positions and the `recent_tokens` before
+      the last token (not in the paper, whose only forced token is the last; both 0 there). They count toward
+      the budget.
+    pool: max-pool each score over this many neighbouring positions (odd) before ranking, so a span the last
+      token attends to (a number split into digit tokens) is kept whole (SnapKV's pooling; not in LazyLLM: 1).
     revive_buckets: during decoding, the number of pruned tokens a step revives at a stage is rounded up to the
       next of these sizes (0 and the stage's budget are always added), so a decode step holds one compiled
       branch per size and a step that revives nothing costs what a plain decode step costs.
@@ -37,6 +42,9 @@ class LazyConfig:
     keep: tuple[float, ...] = ()
     top_k: tuple[int, ...] = ()
     bucket: int = 64
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+    pool: int = 1
     revive_buckets: tuple[int, ...] = (16, 128, 1024)
 
     def __post_init__(self):
@@ -62,6 +70,11 @@ class LazyConfig:
         if any(b > a for a, b in zip(budgets, budgets[1:])):
             raise ConfigError(f"LazyConfig.{'keep' if self.keep else 'top_k'} must be non-increasing (kept sets are "
                               f"nested with depth), got {budgets}")
+        if self.sink_tokens < 0 or self.recent_tokens < 0:
+            raise ConfigError(f"LazyConfig.sink_tokens and recent_tokens must be >= 0, got {self.sink_tokens}, "
+                              f"{self.recent_tokens}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ConfigError(f"LazyConfig.pool must be an odd number >= 1, got {self.pool}")
         if self.bucket < 1:
             raise ConfigError(f"LazyConfig.bucket must be >= 1, got {self.bucket}")
         if any(b < 1 for b in self.revive_buckets) or any(

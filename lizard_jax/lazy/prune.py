@@ -263,15 +263,29 @@ def _prefill(model: Transformer, params, tokens, positions, lazy: LazyConfig, ca
         if not prune:
             continue
         state = state.replace(aux=state.aux.at[b, slots].set(x), depth=state.depth.at[b, slots].set(last + 1))
-        if score.shape[1] != slots.shape[1]:  # cache-wide scores -> the chunk's tokens
-            score = jnp.take_along_axis(score, slots, axis=1)
-        score = jnp.where(pos >= 0, score, -jnp.inf).at[:, -1].set(jnp.inf)  # the last token always stays
+        # rank in slot (= position) order over the prompt, non-members of the chunk out, then back to the chunk
+        if score.shape[1] == slots.shape[1]:
+            score = jnp.zeros((bsz, p), jnp.float32).at[b, slots].set(score)
+        key_pos = jnp.full((bsz, p), -1, jnp.int32).at[b, slots].set(pos)
+        score = jnp.take_along_axis(_rank(lazy, score[:, :p], key_pos, pos[:, -1]), slots, axis=1)
         keep = jnp.sort(jax.lax.top_k(score, budgets[j])[1], axis=-1)  # position order: the last token stays last
         x = jnp.take_along_axis(x, keep[..., None], axis=1)
         slots = jnp.take_along_axis(slots, keep, axis=1)
         pos = jnp.take_along_axis(pos, keep, axis=1)
     state = state.replace(depth=state.depth.at[b, slots].set(n_layers))
     return _head(model, params, x[:, -1]), state
+
+
+def _rank(lazy: LazyConfig, score, key_pos, last_pos):
+    """Scores `[B, K]` of keys in slot order at `key_pos` (-1: not computed here) ready for top-k: max-pooled over
+    `lazy.pool` neighbouring slots, -inf for non-candidates, +inf for the tokens always kept (the last one, the
+    first `sink_tokens`, the `recent_tokens` before the last)."""
+    if lazy.pool > 1:
+        score = jax.lax.reduce_window(jnp.where(key_pos >= 0, score, 0.0), -jnp.inf, jax.lax.max, (1, lazy.pool),
+                                      (1, 1), "SAME")
+    last_pos = last_pos[:, None]
+    always = (key_pos >= 0) & ((key_pos < lazy.sink_tokens) | (key_pos >= last_pos - lazy.recent_tokens))
+    return jnp.where(always, jnp.inf, jnp.where(key_pos >= 0, score, -jnp.inf))
 
 
 def _revive_sizes(lazy: LazyConfig, budget: int) -> tuple[int, ...]:
@@ -325,7 +339,7 @@ def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state
                                        score=score_next)
             score = score if new_score is None else new_score
             continue
-        score = jnp.where(state.kv(first - 1)[2] >= 0, score, -jnp.inf)
+        score = _rank(lazy, score, state.kv(first - 1)[2], pos[:, 0])
         chosen = jnp.zeros(score.shape, bool).at[b, jax.lax.top_k(score, budgets[j])[1]].set(True)
         need = chosen & (state.depth == first)  # selected, and stopped right before this stage
         sizes = _revive_sizes(lazy, budgets[j])

@@ -57,7 +57,12 @@ def prefill_reference(model: Transformer, params, tokens, positions, lazy: LazyC
         if i in budgets:  # padding never competes: it is invisible and never counted
             h = inter["intermediates"][f"layers_{i}"]["attn_in"][0]
             score = _last_token_scores(model, params, i, h, positions, cache.k, cache.pos)
-            score = jnp.where(active, score, -jnp.inf).at[:, -1].set(jnp.inf)
+            if lazy.pool > 1:
+                score = jax.lax.reduce_window(jnp.where(active, score, 0.0), -jnp.inf, jax.lax.max, (1, lazy.pool),
+                                              (1, 1), "SAME")
+            last = positions[:, -1:]
+            always = (positions < lazy.sink_tokens) | (positions >= last - lazy.recent_tokens)
+            score = jnp.where(active, jnp.where(always, jnp.inf, score), -jnp.inf)
             keep = jax.lax.top_k(score, budgets[i])[1]
             active &= jnp.zeros((bsz, p), bool).at[jnp.arange(bsz)[:, None], keep].set(True)
     out["logits"] = model.apply({"params": params}, x[:, -1], method=lambda m, h: m.head(h))
