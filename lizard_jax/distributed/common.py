@@ -55,8 +55,7 @@ def merge_over_axis(o, lse, axis: str):
     m = jax.lax.pmax(lse, axis)
     safe = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lse - safe)  # [B, H, T]
-    num = jax.lax.psum(o.astype(jnp.float32) * jnp.swapaxes(w, 1, 2)[..., None], axis)
-    den = jax.lax.psum(w, axis)
+    num, den = jax.lax.psum((o.astype(jnp.float32) * jnp.swapaxes(w, 1, 2)[..., None], w), axis)  # one all-reduce
     o = num / jnp.swapaxes(jnp.where(den > 0, den, 1.0), 1, 2)[..., None]
     lse = jnp.where(den > 0, safe + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
     return o, lse
