@@ -135,7 +135,7 @@ def test_block_sizes_validated():
         BlockSizes(block_q=64, block_q_dq=16, block_q_dkv=16).validate(32, 1)
     with pytest.raises(ValueError, match="1 or 2"):
         BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, kv_step=3)
-    assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32)
+    assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32, kv_step=2)
     assert BlockSizes.get_default(64, 4, itemsize=4).block_q == 16
 
 

@@ -70,8 +70,9 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, block_size: int, group: int, itemsize: int = 2) -> "BlockSizes":
-        """128 stacked rows per program in every pass (fewer when the query block is smaller); 4-byte inputs
-        (no tensor cores: full-precision float32 dots) take 64 rows and 2 stages to fit shared memory."""
+        """128 stacked rows per program in every pass (fewer when the query block is smaller), two key blocks
+        per forward step; 4-byte inputs (no tensor cores: full-precision float32 dots) take 64 rows, one key
+        block per step and 2 stages, to fit shared memory."""
         gp = next_pow2(group)
         rows = 128 if itemsize <= 2 else 64
 
@@ -79,7 +80,7 @@ class BlockSizes:
             return max(min(block_size, rows // gp), -(-MIN_ROWS // gp), 1)
 
         if itemsize <= 2:
-            return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows))
+            return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), kv_step=2)
         return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), num_stages=2,
                    num_stages_dq=2, num_stages_dkv=2)
 
@@ -259,12 +260,16 @@ def kv_major_schedule(block_indices, block_counts, n_kv_blocks: int):
 
 
 # Tile variants for B1 H16 KV4 D128 bf16, block 64 (group 4): timed by ``benchmarks/kernels_sparse.py --sweep``
-# and compiled by ``triton_report``. "default" is ``BlockSizes.get_default(64, 4)``.
+# and compiled by ``triton_report``. "default" is ``BlockSizes.get_default(64, 4)``: 128 rows (32 positions x 4
+# heads) per program in every pass, two key blocks per forward step, one per dq step, 8 warps, 3 stages.
+_DEFAULT = BlockSizes.get_default(64, 4)
+_KV1 = dataclasses.replace(_DEFAULT, kv_step=1)
 VARIANTS = {
-    "default": BlockSizes.get_default(64, 4),
-    "kv2": BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32, kv_step=2, kv_step_dq=2),
-    "rows256": BlockSizes(block_q=64, block_q_dq=32, block_q_dkv=64, num_warps=8, num_warps_dkv=8),
-    "rows64": BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, num_warps=4, num_warps_dq=4, num_warps_dkv=4),
-    "kv2_rows64": BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, kv_step=2, kv_step_dq=2, num_warps=4,
-                             num_warps_dq=4, num_warps_dkv=4),
+    "default": _DEFAULT,
+    "kv1": _KV1,  # forward: one key block (64 keys) per step
+    "kv1_s4": dataclasses.replace(_KV1, num_stages=4),  # (kv_step 2 with 4 stages needs > 227 KB)
+    "rows256": dataclasses.replace(_KV1, block_q=64),  # forward: a whole query block x 4 heads
+    "rows64": dataclasses.replace(_KV1, block_q=16, num_warps=4),  # forward: 2 programs per SM
+    "dq_s4": dataclasses.replace(_DEFAULT, num_stages_dq=4),
+    "no_split": dataclasses.replace(_DEFAULT, dkv_split=0),  # dk/dv: the initial block in one program
 }
