@@ -312,13 +312,16 @@ class Trainer:
         tokens_per_step = data.batch_size * data.seq_len
         flops = self._model_flops_per_token(stage.index) * tokens_per_step
         t_last, n_last = time.perf_counter(), done
+        loss_sum = 0.0  # on device: summing does not wait for the step
         with self.metrics_path.open("a") as mf:
             while done < steps:
                 batch = self._global_batch(data.next_batch())
                 state, m = stage.step_fn(state, self.frozen, self.teacher_params, batch)
+                loss_sum = loss_sum + m["loss"]
                 done += 1
                 if done % tc.log_every == 0 or done == steps:
-                    loss = float(m["loss"])
+                    loss = float(loss_sum) / (done - n_last)  # mean over the steps since the last record
+                    loss_sum = 0.0
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"stage {stage.index} step {done}: loss is {loss}")
                     now = time.perf_counter()
