@@ -6,6 +6,7 @@ dequantizes); this module only maps names and layouts.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,96 @@ def config_from_hf(hf, architecture: str, *, dtype: str = "float32", param_dtype
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The tensor table: every Hugging Face tensor of a Llama/Mistral/Qwen2 causal LM, its lizard_jax parameter path
+# and layout. Conversion (HF -> lizard_jax, `params_from_state_dict`) and export (lizard_jax -> HF,
+# `lizard_jax.export`) both read it, so the two directions cannot drift apart.
+#
+# layouts (torch Linear weights are [out, in]; lizard_jax kernels are DenseGeneral [in..., out...]):
+#   copy        the same array (embeddings, norm scales)
+#   linear      [out, in] <-> [in, out]                  (MLP, untied lm_head)
+#   heads_in    [n*hd, d] <-> [d, n, hd]                 (q/k/v projections)
+#   heads_out   [d, n*hd] <-> [n, hd, d]                 (o projection)
+#   heads_bias  [n*hd]    <-> [n, hd]                    (q/k/v biases)
+#   zero        an HF tensor lizard_jax does not have; it must be all zeros (read: checked, written: zeros):
+#               Llama's o_proj bias (its `attention_bias` adds one to q/k/v *and* o), Qwen2's q/k/v biases of a
+#               model without them
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One HF tensor: `name` without the "model." prefix (lm_head.weight has none), `path` in lizard_jax's
+    parameter tree (None for a `zero` tensor), `layout` (see above), `heads` for the head layouts, `shape` of a
+    `zero` tensor."""
+
+    name: str
+    path: tuple[str, ...] | None
+    layout: str
+    heads: int = 0
+    shape: tuple[int, ...] = ()
+
+    @property
+    def hf_name(self) -> str:
+        """The name in a CausalLM state dict / safetensors file."""
+        return self.name if self.name.startswith("lm_head.") else "model." + self.name
+
+    def to_lizard(self, cfg: ModelConfig, w: np.ndarray) -> np.ndarray:
+        d, hd, n = cfg.d_model, cfg.head_dim, self.heads
+        if self.layout == "copy":
+            return w
+        if self.layout == "linear":
+            return w.T
+        if self.layout == "heads_in":
+            if w.shape != (n * hd, d):
+                raise ConversionError(f"projection of shape {w.shape} does not fit {n} heads x {hd} x d={d}")
+            return w.T.reshape(d, n, hd)
+        if self.layout == "heads_out":
+            if w.shape != (d, n * hd):
+                raise ConversionError(f"o_proj of shape {w.shape} does not fit d={d}, {n} heads x {hd}")
+            return w.T.reshape(n, hd, d)
+        if self.layout == "heads_bias":
+            return w.reshape(n, hd)
+        raise ValueError(f"{self.name}: layout {self.layout!r} has no lizard_jax parameter")
+
+    def to_hf(self, cfg: ModelConfig, x: np.ndarray) -> np.ndarray:
+        d, hd, n = cfg.d_model, cfg.head_dim, self.heads
+        out = {
+            "copy": lambda: x,
+            "linear": lambda: x.T,
+            "heads_in": lambda: x.reshape(d, n * hd).T,
+            "heads_out": lambda: x.reshape(n * hd, d).T,
+            "heads_bias": lambda: x.reshape(n * hd),
+        }[self.layout]()
+        return np.ascontiguousarray(out)
+
+
+def tensor_table(cfg: ModelConfig) -> list[HFTensor]:
+    """Every HF tensor of `cfg`'s teacher architecture (cfg.architecture), in state-dict order."""
+    h, kv, d, hd = cfg.num_heads, cfg.num_kv_heads, cfg.d_model, cfg.head_dim
+    t = [HFTensor("embed_tokens.weight", ("embed", "embedding"), "copy")]
+    for i in range(cfg.num_layers):
+        p, lay = f"layers.{i}.", f"layers_{i}"
+        for name, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+            t.append(HFTensor(p + f"self_attn.{name}.weight", (lay, "attn", name, "kernel"), "heads_in", n))
+        t.append(HFTensor(p + "self_attn.o_proj.weight", (lay, "attn", "o_proj", "kernel"), "heads_out", h))
+        if cfg.qkv_bias or cfg.architecture == "qwen2":
+            for name, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+                t.append(HFTensor(p + f"self_attn.{name}.bias", (lay, "attn", name, "bias"), "heads_bias", n)
+                         if cfg.qkv_bias else HFTensor(p + f"self_attn.{name}.bias", None, "zero", shape=(n * hd,)))
+        if cfg.qkv_bias and cfg.architecture == "llama":
+            t.append(HFTensor(p + "self_attn.o_proj.bias", None, "zero", shape=(d,)))
+        t += [
+            HFTensor(p + "input_layernorm.weight", (lay, "attn_norm", "scale"), "copy"),
+            HFTensor(p + "post_attention_layernorm.weight", (lay, "mlp_norm", "scale"), "copy"),
+        ]
+        t += [HFTensor(p + f"mlp.{name}.weight", (lay, "mlp", name, "kernel"), "linear")
+              for name in ("gate_proj", "up_proj", "down_proj")]
+    t.append(HFTensor("norm.weight", ("final_norm", "scale"), "copy"))
+    if not cfg.tie_embeddings:
+        t.append(HFTensor("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    return t
+
+
 def params_from_state_dict(cfg: ModelConfig, sd: dict[str, Any], dtype: str = "float32") -> dict:
     """Map a HF Llama/Mistral/Qwen2 state dict (tensors or arrays) onto lizard_jax's parameter tree."""
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -102,45 +193,23 @@ def params_from_state_dict(cfg: ModelConfig, sd: dict[str, Any], dtype: str = "f
             raise ConversionError(f"teacher state dict has no {name!r}")
         used.add(name)
         t = sd[name]
-        t = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
-        return t.astype(np.dtype(dtype))
+        return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, np.float32)
 
-    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def heads_in(w, n):  # torch Linear [n*hd, d] -> [d, n, hd]
-        if w.shape != (n * hd, d):
-            raise ConversionError(f"projection of shape {w.shape} does not fit {n} heads x {hd} x d={d}")
-        return w.T.reshape(d, n, hd)
-
-    params: dict[str, Any] = {"embed": {"embedding": get("embed_tokens.weight")}}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        attn = {
-            "q_proj": {"kernel": heads_in(get(p + "self_attn.q_proj.weight"), h)},
-            "k_proj": {"kernel": heads_in(get(p + "self_attn.k_proj.weight"), kv)},
-            "v_proj": {"kernel": heads_in(get(p + "self_attn.v_proj.weight"), kv)},
-        }
-        o = get(p + "self_attn.o_proj.weight")
-        if o.shape != (d, h * hd):
-            raise ConversionError(f"o_proj of shape {o.shape} does not fit d={d}, {h} heads x {hd}")
-        attn["o_proj"] = {"kernel": o.T.reshape(h, hd, d)}
-        if cfg.qkv_bias:
-            for name, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
-                attn[name]["bias"] = get(p + f"self_attn.{name}.bias").reshape(n, hd)
-        params[f"layers_{i}"] = {
-            "attn": attn,
-            "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-            "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-            "mlp": {
-                "gate_proj": {"kernel": get(p + "mlp.gate_proj.weight").T},
-                "up_proj": {"kernel": get(p + "mlp.up_proj.weight").T},
-                "down_proj": {"kernel": get(p + "mlp.down_proj.weight").T},
-            },
-        }
-    params["final_norm"] = {"scale": get("norm.weight")}
-    if not cfg.tie_embeddings:
-        name = "lm_head.weight" if "lm_head.weight" in sd else "embed_tokens.weight"
-        params["lm_head"] = {"kernel": get(name).T}
+    params: dict[str, Any] = {}
+    for t in tensor_table(cfg):
+        name = t.name
+        if name == "lm_head.weight" and name not in sd:  # tied in the file but not flagged in the config
+            name = "embed_tokens.weight"
+        w = get(name)
+        if t.layout == "zero":
+            if np.any(w != 0):
+                raise ConversionError(f"teacher has a non-zero {name!r}: lizard_jax's {cfg.architecture} layers "
+                                      "have no such bias")
+            continue
+        node = params
+        for k in t.path[:-1]:
+            node = node.setdefault(k, {})
+        node[t.path[-1]] = t.to_lizard(cfg, w).astype(np.dtype(dtype))
     ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
     left = [k for k in sd if k not in used and not k.endswith(ignorable)]
     if left:
