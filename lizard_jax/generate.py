@@ -4,6 +4,8 @@
 left-padded to a common length bucket (so a bounded number of programs compiles); pad tokens get position -1
 and are invisible to attention. Decoding runs in one `lax.while_loop` that stops when every row hit EOS or
 `max_new_tokens` is reached. Greedy when `temperature == 0`, else temperature + nucleus (top-p) sampling.
+`context_parallel="star" | "ring"` routes to `lizard_jax.distributed` (a long prompt split over a device mesh),
+`prefill="lazy"` to `lizard_jax.lazy` (LazyLLM token pruning); the default path is the plain jitted one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from lizard_jax.models import Transformer, init_caches
 
 PAD_BUCKET = 64
+PREFILLS = ("full", "lazy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +104,13 @@ def decode_loop(step_fn, caches, last_logits, last_pos, key, *, max_new_tokens: 
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids", "cache_len",
+                                             "padded"))
 def _generate(model: Transformer, params, tokens, positions, key, *, max_new_tokens: int,
-              sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_len: int):
+              sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_len: int, padded: bool = True):
     caches = init_caches(model.cfg, tokens.shape[0], cache_len)
-    logits, caches = model.apply({"params": params}, tokens, positions, caches)
+    # an unpadded batch prefills with positions=None: softmax layers take the fast self-attention path
+    logits, caches = model.apply({"params": params}, tokens, positions if padded else None, caches)
     step_fn = lambda tok, pos, caches: model.apply({"params": params}, tok, pos, caches)
     return decode_loop(step_fn, caches, logits[:, -1], jnp.max(positions, axis=1), key,
                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
@@ -129,15 +134,51 @@ def encode_prompts(prompts, tokenizer=None, chat: bool = False) -> list[list[int
     return ids
 
 
+def check_generate_options(*, context_parallel=None, mesh=None, block_size=None, anchor_size=None,
+                           anchor: str = "first", prefill: str = "full", lazy=None) -> None:
+    """Raise ValueError for inconsistent `generate` options: an unknown prefill, lazy options without
+    prefill="lazy", context-parallel options without context_parallel, lazy prefill with context parallelism.
+    (The context-parallel values themselves are checked by `distributed.validate_context_parallel`.)"""
+    if prefill not in PREFILLS:
+        raise ValueError(f"prefill must be one of {PREFILLS}, got {prefill!r}")
+    if lazy is not None and prefill != "lazy":
+        raise ValueError(f"lazy={lazy!r} needs prefill='lazy', got prefill={prefill!r}")
+    if context_parallel is None:
+        given = [name for name, v in (("mesh", mesh), ("block_size", block_size), ("anchor_size", anchor_size))
+                 if v is not None] + (["anchor"] if anchor != "first" else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} given without context_parallel ('star' or 'ring')")
+    elif prefill == "lazy":
+        raise ValueError(f"prefill='lazy' cannot be combined with context_parallel={context_parallel!r} "
+                         f"(LazyLLM prunes a single-device prefill)")
+
+
+def _to_host(x) -> np.ndarray:
+    """A device array -> numpy; one spread over several processes (multi-host meshes) is gathered first."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-             chat: bool = False) -> GenerationResult:
+             chat: bool = False, context_parallel: str | None = None, mesh=None, block_size: int | None = None,
+             anchor_size: int | None = None, anchor: str = "first", prefill: str = "full",
+             lazy=None) -> GenerationResult:
     """Generate continuations of `prompts` (strings need `tokenizer`; or lists of token ids).
 
     `chat=True` wraps string prompts in the tokenizer's chat template as a user turn.
+    `context_parallel="star" | "ring"`: the prompt is split over `mesh`'s "context" axis (Star Attention or ring
+    attention; `block_size`, `anchor_size`, `anchor="first" | "none"` as in `distributed.ContextParallel`; params
+    are replicated onto the mesh unless already on it). `prefill="lazy"`: LazyLLM pruned prefill and decoding
+    with `lazy` (a `lazy.LazyConfig`; default `LazyConfig.default(num_layers)`). Same result type either way.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generate_options(context_parallel=context_parallel, mesh=mesh, block_size=block_size,
+                           anchor_size=anchor_size, anchor=anchor, prefill=prefill, lazy=lazy)
     ids = encode_prompts(prompts, tokenizer, chat)
     cfg = model.cfg
     tokens, positions = left_pad(ids, cfg.pad_token_id)
@@ -146,9 +187,21 @@ def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tok
         eos = (int(tokenizer.eos_token_id),)
     sampling = SamplingConfig(temperature, top_p)
     key = jax.random.key(seed)
-    out = _generate(model, params, tokens, positions, key, max_new_tokens=max_new_tokens, sampling=sampling,
-                    eos_ids=eos, cache_len=tokens.shape[1] + max_new_tokens)
-    out = np.asarray(out)
+    if context_parallel is not None:
+        from lizard_jax.distributed import generate_context_parallel  # imports this module
+
+        out = generate_context_parallel(model, params, tokens, positions, key, mode=context_parallel, mesh=mesh,
+                                        block_size=block_size, anchor_size=anchor_size, anchor=anchor,
+                                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
+    elif prefill == "lazy":
+        from lizard_jax.lazy import LazyConfig, generate_lazy  # imports this module
+
+        out = generate_lazy(model, params, tokens, positions, key, lazy=lazy or LazyConfig.default(cfg.num_layers),
+                            max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
+    else:
+        out = _generate(model, params, tokens, positions, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                        eos_ids=eos, cache_len=tokens.shape[1] + max_new_tokens, padded=bool(np.any(positions < 0)))
+    out = _to_host(out)
     gen = [[int(t) for t in row if t >= 0 and t not in eos] for row in out]
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen] if tokenizer is not None else None
     return GenerationResult(gen, texts, [len(i) for i in ids])

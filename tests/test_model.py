@@ -161,3 +161,30 @@ def test_convert_model_then_load(tmp_path):
     assert tok is None
     toks = np.random.default_rng(2).integers(0, 128, (1, 40))
     assert rel_err(model.apply({"params": params}, jnp.asarray(toks)), hf_logits(hf, toks)) < 1e-4
+
+
+@pytest.mark.parametrize("att", [
+    "softmax", {"kind": "softmax", "window": 4}, {"kind": "lizard", "window": 4, "gate_scale_init": 0.5},
+    "lightning", {"kind": "sparse", "block_size": 16, "kernel": 8, "stride": 4, "topk": 2, "local_window": 16,
+                  "dense_below": 16}, {"kind": "sliding_window", "window": 4}, "gla", "linear",
+], ids=["softmax", "swa", "lizard", "lightning", "sparse", "sliding_window", "gla", "linear"])
+def test_unpadded_prefill_without_positions_then_decode(att):
+    """positions=None with an empty cache (the fast prefill path) continues exactly like the full forward."""
+    cfg = tiny_config(attention=att)
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    toks = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
+    full = model.apply({"params": params}, toks)
+    o1, caches = model.apply({"params": params}, toks[:, :30], None, init_caches(cfg, 2, 48))
+    o2, caches = model.apply({"params": params}, toks[:, 30:], jnp.broadcast_to(jnp.arange(30, 40), (2, 10)), caches)
+    assert_close(jnp.concatenate([o1, o2], axis=1), full, rtol=1e-5)
+
+
+def test_positions_none_needs_an_empty_kv_cache():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    model = Transformer(cfg)
+    toks = jnp.ones((1, 4), jnp.int32)
+    _, caches = model.apply({"params": params}, toks, None, init_caches(cfg, 1, 16))
+    with pytest.raises(ValueError, match="empty cache"):
+        model.apply({"params": params}, toks, None, caches)

@@ -162,11 +162,11 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _prefill(model: Transformer, params, tokens, *, cache_len: int):
-    """-> (first token [B], last logits [B, V], caches holding the prompt)."""
+    """-> (first token [B], last logits [B, V], caches holding the prompt). The unpadded prompt goes in with
+    positions=None, as `generate` does, so softmax layers use the fast (cuDNN on a GPU) self-attention path."""
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     caches = init_caches(model.cfg, b, cache_len)
-    logits, caches = forward_at(model, params, tokens, positions, caches, at=jnp.full((b, 1), t - 1, jnp.int32))
+    logits, caches = forward_at(model, params, tokens, None, caches, at=jnp.full((b, 1), t - 1, jnp.int32))
     last = logits[:, 0]
     return jnp.argmax(last, axis=-1).astype(jnp.int32), last, caches
 

@@ -4,7 +4,9 @@ Conventions (every layer follows them):
 - activations `x [batch, seq, d_model]`; `positions [batch, seq]` int32 absolute positions, negative for padding
   (left-padded prompts); `positions=None` means `arange(seq)` with no padding (training / plain prefill).
 - a layer is called as `layer(x, positions, cache=None) -> (y, cache)`; with a cache it appends the new tokens
-  to it, so full prefill, chunked prefill and token-by-token decoding are the same call. Each family provides
+  to it, so full prefill, chunked prefill and token-by-token decoding are the same call. `positions=None` with a
+  cache means an unpadded prefill into an empty cache (positions 0..T-1): softmax layers then run the chunk
+  through the fast self-attention path (cuDNN on a GPU) before storing it. Each family provides
   `init_cache(cfg, spec, batch, max_len)` (a classmethod) building its cache of fixed size.
 - projections are named q_proj/k_proj/v_proj/o_proj in every family, so a softmax teacher's weights load
   unchanged into a student layer and only the new parameters are added.
@@ -135,6 +137,7 @@ class KVCache:
     pos: Array
     index: Array
     ring: bool = flax.struct.field(pytree_node=False, default=False)
+    empty: bool = flax.struct.field(pytree_node=False, default=False)  # nothing written yet (statically known)
 
     @classmethod
     def create(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype, ring: bool = False):
@@ -144,6 +147,7 @@ class KVCache:
             pos=jnp.full((batch, size), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
             ring=ring,
+            empty=True,
         )
 
     def update(self, k_new, v_new, pos_new):
@@ -159,7 +163,7 @@ class KVCache:
             k = jax.lax.dynamic_update_slice(self.k, k_new, at)
             v = jax.lax.dynamic_update_slice(self.v, v_new, at)
             pos = jax.lax.dynamic_update_slice(self.pos, pos_new.astype(jnp.int32), at[:2])
-            new = self.replace(k=k, v=v, pos=pos, index=self.index + t)
+            new = self.replace(k=k, v=v, pos=pos, index=self.index + t, empty=False)
             return new, k, v, pos
         keep = min(t, size)
         slots = (self.index + (t - keep) + jnp.arange(keep)) % size  # distinct slots: no scatter collisions
@@ -168,13 +172,21 @@ class KVCache:
             v=self.v.at[:, slots].set(v_new[:, t - keep:]),
             pos=self.pos.at[:, slots].set(pos_new[:, t - keep:].astype(jnp.int32)),
             index=self.index + t,
+            empty=False,
         )
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
         return new, cat(self.k, k_new), cat(self.v, v_new), cat(self.pos, pos_new.astype(jnp.int32))
 
     def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="xla"):
         """Append k_new/v_new `[B,T,KVH,D]` at `positions [B,T]` and attend with q `[B,T,H,D]` over the
-        cache. Returns (o `[B,T,H,D]`, new cache)."""
+        cache. Returns (o `[B,T,H,D]`, new cache). `positions=None`: an unpadded prefill of an empty cache, whose
+        attention is the chunk's own causal self-attention (the op's fast path, cuDNN on a GPU)."""
+        if positions is None:
+            if not self.empty:
+                raise ValueError("positions=None with a cache is only for the first (unpadded) prefill of an empty "
+                                 "cache; pass explicit positions")
+            o = attention(q, k_new, v_new, window=window, sinks=sinks, scale=scale, impl=impl)
+            return o, self.update(k_new, v_new, default_positions(*k_new.shape[:2]))[0]
         cache, k, v, pos = self.update(k_new, v_new, positions)
         o = attention(q, k, v, q_positions=positions, k_positions=pos, window=window, sinks=sinks, scale=scale,
                       impl=impl)

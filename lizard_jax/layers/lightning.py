@@ -52,7 +52,7 @@ IMPLS = ("auto", "xla", "pallas")
 
 def check_layer_inputs(cfg: ModelConfig, x, positions, cache, cache_type, layer: str) -> None:
     """Clear errors at a layer's boundary: x `[batch, seq, d_model]` floating, positions `[batch, seq]` int,
-    a cache of the layer's own type with the batch of x, and explicit positions whenever a cache is given."""
+    a cache of the layer's own type with the batch of x (positions=None with a cache: an unpadded first prefill)."""
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
         raise ValueError(f"{layer}: x must be [batch, seq, d_model={cfg.d_model}], got {x.shape=}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -65,8 +65,6 @@ def check_layer_inputs(cfg: ModelConfig, x, positions, cache, cache_type, layer:
     if cache is not None:
         if not isinstance(cache, cache_type):
             raise TypeError(f"{layer}: cache must be a {cache_type.__name__}, got {type(cache).__name__}")
-        if positions is None:
-            raise ValueError(f"{layer}: decoding with a cache needs explicit positions")
         if cache.batch != x.shape[0]:
             raise ValueError(f"{layer}: cache batch {cache.batch} != {x.shape[0]=}")
 

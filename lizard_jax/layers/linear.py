@@ -235,8 +235,6 @@ class LinearAttention(nn.Module):
         check_layer_inputs(cfg, x, positions, cache, LinearCache)
         q, k, v = qkv_projection(cfg, x)
         if spec.rope:
-            if cache is not None and positions is None:
-                raise ValueError("decoding with a cache and rope=True needs explicit positions")
             pos = positions if positions is not None else default_positions(*x.shape[:2])
             q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
         heads = cfg.num_heads

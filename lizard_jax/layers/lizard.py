@@ -127,8 +127,6 @@ class LizardAttention(nn.Module):
     def __call__(self, x, positions=None, cache: LizardCache | None = None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs(cfg, x, positions, cache, LizardCache)
-        if cache is not None and positions is None:
-            raise ValueError("decoding with a cache needs explicit positions")
         q, k, v = qkv_projection(cfg, x)
         heads = cfg.num_heads
 

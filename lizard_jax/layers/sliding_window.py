@@ -54,8 +54,6 @@ def local_attention(cfg: ModelConfig, q, k, v, positions, cache: KVCache | None,
     if cache is None:
         return attention(q, k, v, q_positions=positions, k_positions=positions, window=window, sinks=sinks,
                          impl=impl), None
-    if positions is None:
-        raise ValueError("decoding with a cache needs explicit positions")
     return cache.attend(q, k, v, positions, window=window, sinks=sinks, impl="xla" if impl == "cudnn" else impl)
 
 

@@ -60,8 +60,6 @@ class SoftmaxAttention(nn.Module):
             o = attention(q, k, v, q_positions=positions, k_positions=positions, window=spec.window,
                           impl=spec.impl)
         else:
-            if positions is None:
-                raise ValueError("decoding with a cache needs explicit positions")
             o, cache = cache.attend(q, k, v, positions, window=spec.window,
                                     impl="xla" if spec.impl == "cudnn" else spec.impl)
         return out_projection(cfg)(o), cache

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import dtype_of, out_projection
+from lizard_jax.layers.common import default_positions, dtype_of, out_projection
 from lizard_jax.layers.lightning import check_spec_common, check_layer_inputs, output_gate, project_qkv
 from lizard_jax.ops.softmax import attention
 from lizard_jax.ops.sparse import InfLLMConfig, infllm_attention, num_compressed
@@ -345,6 +345,8 @@ class SparseAttention(nn.Module):
                 fresh = SparseCache.create(batch, t, cfg.num_kv_heads, cfg.head_dim, k.dtype, **kw)
                 o = _infllm_from_cache(q, positions, fresh.append(k, v, positions, **kw), spec, scale, True)
         else:
+            if positions is None:  # an unpadded first prefill: positions 0..t-1
+                positions = default_positions(batch, t)
             empty = jnp.all(cache.length == 0)
             cache = cache.append(k, v, positions, **kw)
             o = _attend_cache(q, positions, cache, spec, scale, empty)

@@ -8,6 +8,8 @@ Files: ``reference.py`` (the spec, a token-by-token scan), ``chunk.py`` (the XLA
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 
 from lizard_jax.ops.gated_linear._checks import check_inputs
@@ -29,7 +31,8 @@ def resolve_impl(impl: str) -> str:
 
 def _pallas_gla(q, k, v, log_g, initial_state, return_final_state):
     try:
-        from pallas_kernels import chunked_scan
+        # import_module, not `from pallas_kernels import ...`: it honours sys.modules, attribute cache or not
+        chunked_scan = importlib.import_module("pallas_kernels.chunked_scan")
     except ImportError as e:
         raise ImportError(
             "impl='pallas' needs the kernel module pallas_kernels.chunked_scan, which could not be "

@@ -8,6 +8,7 @@ Triton and Mosaic lowerings) lives in ``pallas_kernels.block_sparse``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import jax
@@ -71,7 +72,8 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     if impl == "xla":
         return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
     try:
-        from pallas_kernels import block_sparse
+        # import_module, not `from pallas_kernels import ...`: it honours sys.modules, attribute cache or not
+        block_sparse = importlib.import_module("pallas_kernels.block_sparse")
     except ImportError as e:
         raise ImportError(
             f"impl='pallas' needs pallas_kernels.block_sparse, which could not be imported ({e}); "
