@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import json
 import math
 import re
 import sys
@@ -41,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lizard_jax  # noqa: E402
-from benchmarks.common import report, time_jax  # noqa: E402
+from benchmarks.common import device_name, report, time_jax  # noqa: E402
 from lizard_jax.config import ModelConfig, RopeConfig  # noqa: E402
 from lizard_jax.eval.passkey import build_prompt  # noqa: E402
 from lizard_jax.generate import SamplingConfig, _generate, left_pad  # noqa: E402
@@ -118,24 +119,27 @@ def passkey_accuracy(model, params, tok, filler, length: int, lazy: LazyConfig |
     return right / len(cases)
 
 
-def continuation_ppl(model, params, ids, context: int, lazy: LazyConfig | None, *, windows: int,
-                     batch: int) -> float:
-    """Perplexity of the CONTINUATION tokens after `context` tokens, over `windows` evenly spaced windows."""
+def continuation_ppl(model, params, ids, context: int, lazy: LazyConfig | None, *, windows: int) -> float:
+    """Perplexity of the CONTINUATION tokens after `context` tokens, over `windows` evenly spaced windows (one
+    batch)."""
     starts = np.linspace(0, len(ids) - context - CONTINUATION - 1, windows).astype(int)
-    rows = np.stack([ids[s:s + context + CONTINUATION] for s in starts]).astype(np.int32)
-    nll = []
-    for i in range(0, len(rows), batch):
-        r = jnp.asarray(rows[i:i + batch])
-        if lazy is None:
-            lp = full_logprobs(model, params, r, n=CONTINUATION)
-        else:
-            pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (r.shape[0], context))
-            lp = lazy_logprobs(model, params, r[:, :context], pos, r[:, context:], lazy=lazy)[0]
-        nll.append(-np.asarray(lp, np.float64))
-    return math.exp(np.concatenate(nll).mean())
+    rows = jnp.asarray(np.stack([ids[s:s + context + CONTINUATION] for s in starts]).astype(np.int32))
+    if lazy is None:
+        lp = full_logprobs(model, params, rows, n=CONTINUATION)
+    else:
+        pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (windows, context))
+        lp = lazy_logprobs(model, params, rows[:, :context], pos, rows[:, context:], lazy=lazy)[0]
+    return math.exp(-np.asarray(lp, np.float64).mean())
 
 
 # ----------------------------------------------------------------------------------------------------------
+
+
+def cached(memo: dict, key, fn):
+    """memo[key], computed by fn() once (full-model numbers are shared by the accuracy table and the curve)."""
+    if key not in memo:
+        memo[key] = fn()
+    return memo[key]
 
 
 def is_oom(e: Exception) -> bool:
@@ -213,9 +217,9 @@ def part_accuracy(a, memo: dict):
     rows = []
     for length in a.passkey_lengths:
         try:
-            full = memo.setdefault(("passkey", length, None), passkey_accuracy(
+            full = cached(memo, ("passkey", length, None), lambda: passkey_accuracy(
                 model, params, tok, ids, length, None, trials=a.trials, batch=a.batch))
-            got = memo.setdefault(("passkey", length, lazy), passkey_accuracy(
+            got = cached(memo, ("passkey", length, lazy), lambda: passkey_accuracy(
                 model, params, tok, ids, length, lazy, trials=a.trials, batch=a.batch))
             rows.append([f"passkey {length}", full * 100, got * 100, f"{(got - full) * 100:+.1f} pt",
                          "yes" if got >= full - 0.01 else "no"])
@@ -224,10 +228,10 @@ def part_accuracy(a, memo: dict):
         print(rows[-1], flush=True)
     for context in a.ppl_contexts:
         try:
-            full = memo.setdefault(("ppl", context, None), continuation_ppl(
-                model, params, ids, context, None, windows=a.windows, batch=a.batch))
-            got = memo.setdefault(("ppl", context, lazy), continuation_ppl(
-                model, params, ids, context, lazy, windows=a.windows, batch=a.batch))
+            full = cached(memo, ("ppl", context, None), lambda: continuation_ppl(
+                model, params, ids, context, None, windows=a.windows))
+            got = cached(memo, ("ppl", context, lazy), lambda: continuation_ppl(
+                model, params, ids, context, lazy, windows=a.windows))
             rows.append([f"ppl of 128 after {context}", full, got, f"{(got / full - 1) * 100:+.2f} %",
                          "yes" if got <= full * 1.02 else "no"])
         except Exception as e:  # noqa: BLE001
@@ -240,35 +244,46 @@ def part_accuracy(a, memo: dict):
 
 
 def part_curve(a, memo: dict):
+    """Rows accumulate in a JSON file beside the PNG (same length, context and layers), so the scales can be split
+    over several calls and the PNG shows them all."""
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
     fast = lizard_jax.load(a.checkpoint, dtype="bfloat16")[:2]
     text = Path(a.text).read_text(encoding="utf-8")
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
     n = model.cfg.num_layers
     length, context = a.curve_length, a.curve_context
-    full_ms = ttft(*fast, length, None, a.reps)[0]
-    full_pk = memo.setdefault(("passkey", length, None), passkey_accuracy(
-        model, params, tok, ids, length, None, trials=a.trials, batch=a.batch))
-    full_ppl = memo.setdefault(("ppl", context, None), continuation_ppl(
-        model, params, ids, context, None, windows=a.windows, batch=a.batch))
-    rows = [["full", "-", 1.0, full_ms, 1.0, full_pk * 100, full_ppl, 1.0]]
+    store = Path(a.png).with_suffix(".json")
+    setup = {"length": length, "context": context, "layers": list(schedule(a, n).layers), "device": device_name()}
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
+    if "full" not in rows:
+        full_pk = cached(memo, ("passkey", length, None), lambda: passkey_accuracy(
+            model, params, tok, ids, length, None, trials=a.trials, batch=a.batch))
+        full_ppl = cached(memo, ("ppl", context, None), lambda: continuation_ppl(
+            model, params, ids, context, None, windows=a.windows))
+        rows["full"] = ["full", "-", 1.0, ttft(*fast, length, None, a.reps)[0], 1.0, full_pk * 100, full_ppl, 1.0]
+    full_ms, full_ppl = rows["full"][3], rows["full"][6]
     for scale in a.scales:
         lazy = schedule(a, n, scale)
         try:
             ms, frac = ttft(*fast, length, lazy, a.reps)
-            pk = memo.setdefault(("passkey", length, lazy), passkey_accuracy(
+            pk = cached(memo, ("passkey", length, lazy), lambda: passkey_accuracy(
                 model, params, tok, ids, length, lazy, trials=a.trials, batch=a.batch))
-            ppl = memo.setdefault(("ppl", context, lazy), continuation_ppl(
-                model, params, ids, context, lazy, windows=a.windows, batch=a.batch))
-            rows.append([scale, str(lazy.keep), frac, ms, full_ms / ms, pk * 100, ppl, ppl / full_ppl])
+            ppl = cached(memo, ("ppl", context, lazy), lambda: continuation_ppl(
+                model, params, ids, context, lazy, windows=a.windows))
+            rows[str(scale)] = [scale, str(lazy.keep), frac, ms, full_ms / ms, pk * 100, ppl, ppl / full_ppl]
         except Exception as e:  # noqa: BLE001
-            rows.append([scale, str(lazy.keep), short_error(e), "", "", "", "", ""])
-        print(rows[-1], flush=True)
+            rows[str(scale)] = [scale, str(lazy.keep), short_error(e), "", "", "", "", ""]
+        print(rows[str(scale)], flush=True)
+        store.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    store.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    table = [rows["full"]] + sorted((r for k, r in rows.items() if k != "full"), key=lambda r: r[0])
     headers = ["keep scale", "keep", "computed", f"TTFT ms @{length}", "speedup", f"passkey % @{length}",
                f"ppl @{context}", "ppl ratio"]
-    report("LazyLLM: speed/accuracy over keep fractions (SmolLM2-135M)", headers, rows,
-           f"pruning layers {schedule(a, n).layers}; TTFT bf16, accuracy {a.acc_dtype}; plot: {a.png}")
-    plot(rows, a.png, length, context)
+    report("LazyLLM: speed/accuracy over keep fractions (SmolLM2-135M)", headers, table,
+           f"pruning layers {setup['layers']}; TTFT bf16, accuracy {a.acc_dtype}; rows also in {store.name}; "
+           f"plot: {a.png}")
+    plot(table, a.png, length, context)
 
 
 def plot(rows, path: str, length: int, context: int):
@@ -311,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--curve-context", type=int, default=4096)
     ap.add_argument("--trials", type=int, default=2, help="passkey trials per depth")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows per context length")
-    ap.add_argument("--batch", type=int, default=5, help="rows per generate / perplexity call")
+    ap.add_argument("--batch", type=int, default=5, help="passkey prompts per generate call")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--acc-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--png", default=str(Path(__file__).resolve().parent / "lazyllm_curve.png"))
