@@ -215,10 +215,10 @@ def speed_table(a) -> list[list]:
 
 
 def passkey_accuracy(generate_fn, tokenizer, text: str, *, length: int = 8192,
-                     depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0, max_new_tokens: int = 8) -> dict:
+                     depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0, batch: int | None = None) -> dict:
     """Passkey retrieval (prompts as `eval.passkey.build_prompt`: a random 5-digit key at each depth in a slice
-    of `text`), all depths in one batch. generate_fn(tokens, positions) -> generated ids `[B, max_new_tokens]`
-    (-1 after EOS). Returns accuracy and the answers."""
+    of `text`), `batch` prompts per call (default: all depths at once). generate_fn(tokens, positions) ->
+    generated ids `[B, new tokens]` (-1 after EOS). Returns accuracy and the answers."""
     from lizard_jax.eval.passkey import build_prompt
 
     rng = np.random.default_rng(seed)
@@ -229,8 +229,9 @@ def passkey_accuracy(generate_fn, tokenizer, text: str, *, length: int = 8192,
         start = int(rng.integers(0, max(1, len(filler) - length)))
         keys.append(key)
         prompts.append(build_prompt(tokenizer, filler[start:], length, depth, key))
-    tokens, positions = left_pad(prompts, 0)
-    out = np.asarray(generate_fn(tokens, positions))
+    batch = batch or len(prompts)
+    out = np.concatenate([np.asarray(generate_fn(*left_pad(prompts[i:i + batch], 0)))
+                          for i in range(0, len(prompts), batch)])
     answers = [tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True) for row in out]
     correct = [bool((m := re.search(r"\d{5}", ans)) and int(m.group()) == k) for ans, k in zip(answers, keys)]
     return {"accuracy": float(np.mean(correct)), "correct": correct, "answers": answers, "keys": keys}

@@ -8,8 +8,7 @@ Random Llama-3.2-1B-shaped model in bf16 (float32 on a CPU), batch 1, prompt = c
   same context-parallel code on a one-device mesh, KV kept for decoding; the query then attends over all of it.
 - star block:anchor: Star Attention's phase 1 with every block on the one device, encoded as one batch of
   [anchor, block] rows (causal, cuDNN), block KV kept; the query as in global. Attention cost grows as
-  T x (anchor + block) instead of T^2 / 2, but anchor tokens are recomputed for every block, so the
-  projections/MLP run on T x (1 + anchor / block) tokens.
+  T x (anchor + block) instead of T^2 / 2; projections and MLP run on T + anchor tokens (the anchor once).
 TTFT = prefill + query + first greedy token, median of --reps after a compile run. "attention FLOP share" is
 the analytic causal attention work relative to global's (QK^T and PV over visible pairs; 1.0 for global).
 A config that fails (out of memory) is reported as such.

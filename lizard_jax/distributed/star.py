@@ -2,12 +2,15 @@
 
 Phase 1, context encoding (`encode_context`, mode "star"): the context `[B, C]` (right-padded, C a multiple of
 block_size x devices) is cut into blocks laid out contiguously along the mesh axis "context"; a device encodes
-its blocks as one batch. Each block is a row [anchor, block]: the anchor (the first `anchor_size` context
-tokens) is prepended, the row attends causally within itself with global position ids, and only the block's
-own KV is kept. Block 0 is the anchor's own block: its row is [block 0, padding] so anchor tokens are never
-duplicated. Positions increase along every row and padding sits at row ends, so a causal mask by index is exact
-(cuDNN applies on a GPU). Mode "ring" encodes the same context with exact global causal attention instead
-(`ring.py`, zigzag layout). Devices do not communicate in Star's phase 1.
+its blocks as one batch of rows. Each block attends causally within [anchor, block] (the anchor: the first
+`anchor_size` context tokens) with global position ids, and only the block's own KV is kept. The anchor's
+hidden states are the same in every row (anchor tokens attend only to the anchor), so a device runs the anchor
+through each layer once and every block row reuses its q/k/v: projections and MLP run on anchor + own blocks
+tokens, only attention runs on [anchor, block] rows (exactly the paper's per-block computation, without its
+recomputation of the anchor per block). Block 0 is the anchor's own block: its row is [block 0, padding] so it
+never sees the anchor twice. Positions increase along every row and padding sits at row ends, so a causal mask
+by index is exact (cuDNN applies on a GPU). Mode "ring" encodes the same context with exact global causal
+attention instead (`ring.py`, zigzag layout). Devices do not communicate in Star's phase 1.
 
 Phase 2, query and generation (`ShardedKVCache`): the query tokens are replicated on every device; each attends
 over its local KV shard and returns (output, log-sum-exp), merged exactly across the axis (`merge_over_axis`).
@@ -89,26 +92,59 @@ class ShardedKVCache:
 
 
 @flax.struct.dataclass
-class _EncodeCache:
-    """Phase-1 stand-in for a layer's cache: its `attend` runs Star's [anchor, block] attention (or a ring step
-    over the context axis) and records the KV the layer keeps. first `[rows]` bool marks Star rows laid out
-    [block 0, padding] (their kept KV is the row's start, others' its end)."""
+class _Record:
+    """Phase-1 stand-in for a layer's cache: its `attend` runs plain causal attention over the rows it is given
+    (cuDNN where it applies) and records the layer's q, k, v. Used for Star's anchor rows and for Star without
+    an anchor."""
 
-    first: Array | None = None
+    q: Array | None = None
     k: Array | None = None
     v: Array | None = None
-    mode: str = flax.struct.field(pytree_node=False, default="star")
-    block: int = flax.struct.field(pytree_node=False, default=0)
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="auto"):
+        del positions  # rows are laid out so that causal by index equals causal by position (module docstring)
+        _check_full_attention(window, sinks)
+        return attention(q, k_new, v_new, scale=scale, impl=impl), self.replace(q=q, k=k_new, v=v_new)
+
+
+@flax.struct.dataclass
+class _AnchoredBlocks:
+    """Phase-1 cache stand-in for Star's block rows `[R, block]` at one layer: attends over [anchor, block] with
+    the anchor's q/k/v `[R, anchor, ., D]` computed once by the anchor rows, causal by index, and records the
+    block's own k/v. Rows marked `first` [R] hold block 0, the anchor's own block: laid out [block 0, padding]
+    so it never sees the anchor twice."""
+
+    first: Array
+    anchor: tuple[Array, Array, Array]
+    k: Array | None = None
+    v: Array | None = None
+
+    def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="auto"):
+        del positions
+        _check_full_attention(window, sinks)
+        row = lambda anc, own: jnp.where(self.first[:, None, None, None],
+                                         jnp.concatenate([own, jnp.zeros_like(anc)], axis=1),
+                                         jnp.concatenate([anc, own], axis=1))
+        qa, ka, va = self.anchor
+        o = attention(row(qa, q), row(ka, k_new), row(va, v_new), scale=scale, impl=impl)
+        b, a = q.shape[1], qa.shape[1]
+        o = jnp.where(self.first[:, None, None, None], o[:, :b], o[:, a:])
+        return o, self.replace(k=k_new, v=v_new)
+
+
+@flax.struct.dataclass
+class _RingStep:
+    """Phase-1 cache stand-in for ring attention: exact causal attention over the context axis (`ring.py`),
+    records the local k/v."""
+
+    k: Array | None = None
+    v: Array | None = None
     devices: int = flax.struct.field(pytree_node=False, default=1)
     axis: str = flax.struct.field(pytree_node=False, default=AXIS)
 
     def attend(self, q, k_new, v_new, positions, *, window=None, sinks=None, scale=None, impl="auto"):
-        del positions  # rows are laid out so that causal-by-index equals causal-by-position (module docstring)
+        del positions
         _check_full_attention(window, sinks)
-        if self.mode == "star":
-            o = attention(q, k_new, v_new, scale=scale, impl=impl)
-            keep = lambda x: jnp.where(self.first[:, None, None, None], x[:, :self.block], x[:, -self.block:])
-            return o, self.replace(k=keep(k_new), v=keep(v_new))
         o = ring_attention_shard(q, k_new, v_new, n=self.devices, axis=self.axis, scale=scale, impl=impl)
         return o, self.replace(k=k_new, v=v_new)
 
@@ -118,13 +154,20 @@ def _check_full_attention(window, sinks):
         raise ValueError(f"context parallelism supports full softmax attention only, got {window=} and sinks")
 
 
-def _run_layers(model, params, tokens, positions, cache):
-    """Embed `tokens [R, L]` and run every decoder layer with a copy of `cache`; returns the per-layer caches.
-    (The last layer's MLP and the head are unused and removed by XLA.)"""
+def _encode_layers(model, params, tokens, positions, cache, anchor=None):
+    """Run every decoder layer over `tokens`/`positions [R, L]` with the cache stand-in `cache` and return the
+    per-layer stand-ins (their recorded k/v). With `anchor = (tokens, positions [B, a], first [R])`, the anchor
+    rows run through each layer first and their q/k/v (repeated R / B times) feed `_AnchoredBlocks`.
+    The last layer's MLP and the anchor's unused outputs are removed by XLA."""
     m = model.bind({"params": params})
     x = m.embed(tokens)
+    xa = None if anchor is None else m.embed(anchor[0])
     out = []
     for layer in m.layers:
+        if anchor is not None:
+            xa, rec = layer(xa, anchor[1], _Record())
+            rep = lambda t: jnp.repeat(t, tokens.shape[0] // t.shape[0], axis=0)
+            cache = _AnchoredBlocks(first=anchor[2], anchor=(rep(rec.q), rep(rec.k), rep(rec.v)))
         x, c = layer(x, positions, cache)
         out.append(c)
     return out
@@ -149,44 +192,34 @@ def encode_context(model, params, ctx_tokens, ctx_positions, *, mode: str, mesh:
         raise ValueError(f"context length {c} is not a multiple of block_size x devices = {block_size} x {n}")
     if not 0 <= anchor_size <= block_size:
         raise ValueError(f"anchor_size={anchor_size} must be in [0, block_size={block_size}]")
-    cfg = model.cfg
     shard, rep = P(None, axis), P()
 
-    def add_local(x):  # [B, S, ...] -> [B, S + local, ...] with empty (zero / -1) slots
-        widths = [(0, 0), (0, local)] + [(0, 0)] * (x.ndim - 2)
-        return jnp.pad(x, widths, constant_values=-1 if x.dtype == jnp.int32 else 0)
+    def add_local(x):  # [B, S, ...] -> [B, S + local, ...] with empty (zero) slots
+        return jnp.pad(x, [(0, 0), (0, local)] + [(0, 0)] * (x.ndim - 2))
 
     if mode == "star":
-        per_dev = c // (block_size * n)  # blocks per device
+        per_dev = c // (block_size * n)  # blocks per device, encoded as one batch of rows
+        rows = b * per_dev
 
         def body(params, anchor_tok, anchor_pos, tok, pos):
             first = jax.lax.axis_index(axis) * per_dev + jnp.arange(per_dev) == 0  # [per_dev]
-            tok = tok.reshape(b, per_dev, block_size)
-            pos = pos.reshape(b, per_dev, block_size)
-            if anchor_size:  # rows [anchor, block]; block 0's row is [block 0, padding]
-                def row(blk, anc, fill):
-                    anc = jnp.broadcast_to(anc[:, None, :], (b, per_dev, anchor_size))
-                    return jnp.where(first[None, :, None],
-                                     jnp.concatenate([blk, jnp.full_like(anc, fill)], axis=2),
-                                     jnp.concatenate([anc, blk], axis=2))
-                tok, pos = row(tok, anchor_tok, cfg.pad_token_id), row(pos, anchor_pos, -1)
-            rows = b * per_dev
-            cache = _EncodeCache(first=jnp.broadcast_to(first, (b, per_dev)).reshape(rows), mode="star",
-                                 block=block_size)
-            caches = _run_layers(model, params, tok.reshape(rows, -1), pos.reshape(rows, -1), cache)
+            first = jnp.broadcast_to(first, (b, per_dev)).reshape(rows)
+            tok, pos = tok.reshape(rows, block_size), pos.reshape(rows, block_size)
+            anchor = (anchor_tok, anchor_pos, first) if anchor_size else None
+            encoded = _encode_layers(model, params, tok, pos, _Record(), anchor)
             merge_rows = lambda x: add_local(x.reshape(b, per_dev * block_size, *x.shape[2:]))
-            return [(merge_rows(ce.k), merge_rows(ce.v)) for ce in caches]
+            return [(merge_rows(e.k), merge_rows(e.v)) for e in encoded]
 
         fn = shard_map(body, mesh, in_specs=(rep, rep, rep, shard, shard), out_specs=shard)
         kv = fn(params, ctx_tokens[:, :anchor_size], ctx_positions[:, :anchor_size], ctx_tokens, ctx_positions)
-        pos = _with_local(ctx_positions, n, local)  # kept KV is the context in its own order
+        pos = _with_local(ctx_positions, n, local)  # the kept KV is the context in its own order
     elif mode == "ring":
         order = zigzag_order(c, n)
         tok, pos = ctx_tokens[:, order], ctx_positions[:, order]
 
         def body(params, tok, pos):
-            caches = _run_layers(model, params, tok, pos, _EncodeCache(mode="ring", devices=n, axis=axis))
-            return [(add_local(ce.k), add_local(ce.v)) for ce in caches]
+            encoded = _encode_layers(model, params, tok, pos, _RingStep(devices=n, axis=axis))
+            return [(add_local(e.k), add_local(e.v)) for e in encoded]
 
         kv = shard_map(body, mesh, in_specs=(rep, shard, shard), out_specs=shard)(params, tok, pos)
         pos = _with_local(pos, n, local)
