@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 from lizard_jax.config import ConfigError, ModelConfig
 
 FORMAT = {"format": "lizard_jax.model", "version": 1}
+ADAPTER_FORMAT = "lizard_jax.adapter"  # lizard_jax/adapter.py
 MARKER = "lizard_jax.json"
 
 
@@ -60,25 +61,19 @@ def check_params(cfg: ModelConfig, params, what: str = "parameters") -> None:
         raise CheckpointError(f"{what} do not fit the model config: " + "; ".join(problems))
 
 
-def save(out_dir: str | Path, cfg: ModelConfig, params, tokenizer=None, *, overwrite: bool = False,
-         extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically. `extra_files` maps file names to JSON-able objects."""
+def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict[str, Any], *,
+                 overwrite: bool = False) -> Path:
+    """Create folder `out_dir` atomically: `fill(tmp)` writes the content into a temporary sibling, `marker`
+    (MARKER's JSON) is written last, then the folder is renamed into place, so an interrupted write leaves
+    nothing that looks complete."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    check_params(cfg, params)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        cfg.to_json(tmp / "config.json")
-        ckptr = _checkpointer()
-        ckptr.save(tmp / "params", params)
-        ckptr.wait_until_finished()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        for name, obj in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")  # written last: marks the folder complete
+        fill(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")  # written last: marks the folder complete
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "x")
@@ -92,7 +87,32 @@ def save(out_dir: str | Path, cfg: ModelConfig, params, tokenizer=None, *, overw
     return out_dir
 
 
-def read_config(ckpt_dir: str | Path) -> ModelConfig:
+def save_tree(path: str | Path, tree) -> None:
+    """Write a tree of arrays as Orbax at `path` (a new folder) and wait until it is on disk."""
+    ckptr = _checkpointer()
+    ckptr.save(Path(path).absolute(), tree)
+    ckptr.wait_until_finished()
+
+
+def save(out_dir: str | Path, cfg: ModelConfig, params, tokenizer=None, *, overwrite: bool = False,
+         extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically. `extra_files` maps file names to JSON-able objects."""
+    check_params(cfg, params)
+
+    def fill(tmp: Path):
+        cfg.to_json(tmp / "config.json")
+        save_tree(tmp / "params", params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+    return write_folder(out_dir, fill, FORMAT, overwrite=overwrite)
+
+
+def read_format(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The folder's MARKER content ({"format": "lizard_jax.model" | "lizard_jax.adapter", "version"}); raises
+    for a missing folder or a half-written one."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
@@ -102,9 +122,58 @@ def read_config(ckpt_dir: str | Path) -> ModelConfig:
             "not a checkpoint at all"
         )
     try:
+        fmt = json.loads((ckpt_dir / MARKER).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt_dir}/{MARKER} is corrupt: {e}") from None
+    if not isinstance(fmt, dict) or fmt.get("format") not in (FORMAT["format"], ADAPTER_FORMAT):
+        raise CheckpointError(f"{ckpt_dir}/{MARKER}: unknown checkpoint format {fmt!r}")
+    return fmt
+
+
+def _config_json(ckpt_dir: Path) -> ModelConfig:
+    try:
         return ModelConfig.from_json(ckpt_dir / "config.json")
     except (ConfigError, FileNotFoundError) as e:
         raise CheckpointError(f"{ckpt_dir}: bad config.json: {e}") from None
+
+
+def read_config(ckpt_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of a full checkpoint folder (an adapter is refused: its parameters need the teacher)."""
+    ckpt_dir = Path(ckpt_dir)
+    if read_format(ckpt_dir)["format"] == ADAPTER_FORMAT:
+        raise CheckpointError(f"{ckpt_dir} is a student adapter, not a full checkpoint: load it with its teacher, "
+                              f"lizard_jax.load({str(ckpt_dir)!r}, teacher=TEACHER_DIR), or write a full "
+                              f"checkpoint with `python -m lizard_jax.adapter merge {ckpt_dir} --teacher "
+                              "TEACHER_DIR --out DIR`")
+    return _config_json(ckpt_dir)
+
+
+def restore_tree(path: str | Path, target_of: Callable[[Any], Any] | None = None):
+    """Restore the Orbax tree at `path` into `target_of(metadata tree)` (ShapeDtypeStructs with shardings; it may
+    raise to refuse the tree before anything is read) or, without it, as stored onto the first device."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"no parameters at {path}")
+    ckptr = _checkpointer()
+    try:
+        meta = ckptr.metadata(path)
+        item = getattr(meta, "item_metadata", meta)
+        tree = getattr(item, "tree", item)
+    except Exception as e:  # orbax raises several types for missing/corrupt metadata
+        raise CheckpointError(f"cannot read checkpoint metadata at {path}: {type(e).__name__}: {e}") from None
+    if not tree:
+        raise CheckpointError(f"cannot read checkpoint metadata at {path}: empty or missing")
+    if target_of is None:
+        from jax.sharding import SingleDeviceSharding
+
+        dev = SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+    else:
+        target = target_of(tree)
+    try:
+        return ckptr.restore(path, target)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
 
 
 def restore_params(path: str | Path, cfg: ModelConfig, *, mesh=None, rules=None, dtype: str | None = None):
@@ -121,37 +190,37 @@ def restore_params(path: str | Path, cfg: ModelConfig, *, mesh=None, rules=None,
     else:
         shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(jax.devices()[0]), nn.unbox(boxed))
     abstract = nn.unbox(boxed)
-    if not path.is_dir():
-        raise CheckpointError(f"no parameters at {path}")
-    ckptr = _checkpointer()
-    try:
-        meta = ckptr.metadata(path)
-        item = getattr(meta, "item_metadata", meta)
-        tree = getattr(item, "tree", item)
-    except Exception as e:  # orbax raises several types for missing/corrupt metadata
-        raise CheckpointError(f"cannot read checkpoint metadata at {path}: {type(e).__name__}: {e}") from None
-    if not tree:
-        raise CheckpointError(f"cannot read checkpoint metadata at {path}: empty or missing")
-    check_params(cfg, tree, what=f"checkpoint {path}")
-    target = jax.tree_util.tree_map(
-        lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else m.dtype, sharding=s),
-        abstract, tree, shardings,
-    )
-    try:
-        return ckptr.restore(path, target)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+
+    def target_of(tree):
+        check_params(cfg, tree, what=f"checkpoint {path}")
+        return jax.tree_util.tree_map(
+            lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype else m.dtype, sharding=s),
+            abstract, tree, shardings)
+
+    return restore_tree(path, target_of)
 
 
-def load(ckpt_dir: str | Path, mesh=None, *, rules=None, dtype: str | None = None, tokenizer: bool = True):
+def load(ckpt_dir: str | Path, mesh=None, *, rules=None, dtype: str | None = None, tokenizer: bool = True,
+         teacher: str | Path | None = None):
     """Load a checkpoint folder -> (model, params, tokenizer or None).
 
     `mesh`: place parameters by the sharding rules on this mesh (default: the first device).
     `dtype`: override the compute dtype of the returned model (e.g. "bfloat16").
+    `teacher`: the teacher checkpoint folder of a student adapter (`lizard_jax.adapter`): the full student is
+    rebuilt from the teacher's weights and the adapter; the tokenizer is the teacher's.
     """
     from lizard_jax.models import Transformer
 
     ckpt_dir = Path(ckpt_dir)
+    if read_format(ckpt_dir)["format"] == ADAPTER_FORMAT:
+        from lizard_jax import adapter
+
+        if teacher is None:
+            raise CheckpointError(f"{ckpt_dir} is a student adapter: it holds only what differs from its teacher; "
+                                  f"pass the teacher, lizard_jax.load({str(ckpt_dir)!r}, teacher=TEACHER_DIR)")
+        return adapter.load(ckpt_dir, teacher, mesh=mesh, rules=rules, dtype=dtype, tokenizer=tokenizer)
+    if teacher is not None:
+        raise ValueError(f"{ckpt_dir} is a full checkpoint, not an adapter: it needs no teacher=")
     cfg = read_config(ckpt_dir)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)

@@ -64,5 +64,6 @@ def save_tiny_teacher(path, *, seed: int = 0, **config_overrides):
     from lizard_jax.models import init_params
 
     cfg = tiny_config(**config_overrides)
-    checkpoint.save(path, cfg, init_params(cfg, jax.random.key(seed)), char_tokenizer(cfg.vocab_size), overwrite=True)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))  # jitted: eager init is slower
+    checkpoint.save(path, cfg, params, char_tokenizer(cfg.vocab_size), overwrite=True)
     return cfg

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 # number of leading (input) axes of each target's kernel
-_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
 def _targets(params, targets, layer_filter):
@@ -32,7 +32,7 @@ def init_lora(params, targets, rank: int, key, layer_filter=lambda i: True):
     """LoRA factors {layer: {group: {target: {"a", "b"}}}} for the targeted kernels of `params` (fp32)."""
     lora: dict = {}
     for n, (lname, (group, t), w) in enumerate(_targets(params, targets, layer_filter)):
-        k = _IN_AXES[t]
+        k = IN_AXES[t]
         d_in, d_out = math.prod(w.shape[:k]), math.prod(w.shape[k:])
         a = jax.random.normal(jax.random.fold_in(key, n), (d_in, rank), jnp.float32) / math.sqrt(d_in)
         lora.setdefault(lname, {}).setdefault(group, {})[t] = {"a": a, "b": jnp.zeros((rank, d_out), jnp.float32)}
@@ -41,8 +41,9 @@ def init_lora(params, targets, rank: int, key, layer_filter=lambda i: True):
     return lora
 
 
-def merge_lora(params, lora, alpha: float):
-    """Parameters with every LoRA delta added to its kernel (a new tree; `params` is not modified)."""
+def merge_lora(params, lora, alpha: float | None):
+    """Parameters with every LoRA delta (alpha / rank) * A @ B added to its kernel (a new tree; `params` is not
+    modified). `alpha=None`: the factors carry their scale (delta = A @ B), as in student adapters."""
     out = dict(params)
     for lname, groups in lora.items():
         layer = dict(out[lname])
@@ -50,8 +51,9 @@ def merge_lora(params, lora, alpha: float):
             g = dict(layer[group])
             for t, f in mods.items():
                 w = g[t]["kernel"]
-                rank = f["a"].shape[1]
-                delta = (f["a"] @ f["b"]) * (alpha / rank)
+                delta = f["a"] @ f["b"]
+                if alpha is not None:
+                    delta = delta * (alpha / f["a"].shape[1])
                 g[t] = {**g[t], "kernel": (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)}
             layer[group] = g
         out[lname] = layer
