@@ -61,11 +61,11 @@ def check_params(cfg: ModelConfig, params, what: str = "parameters") -> None:
         raise CheckpointError(f"{what} do not fit the model config: " + "; ".join(problems))
 
 
-def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict[str, Any], *,
+def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict[str, Any] | None, *,
                  overwrite: bool = False) -> Path:
     """Create folder `out_dir` atomically: `fill(tmp)` writes the content into a temporary sibling, `marker`
-    (MARKER's JSON) is written last, then the folder is renamed into place, so an interrupted write leaves
-    nothing that looks complete."""
+    (MARKER's JSON; None for a folder of another format) is written last, then the folder is renamed into place,
+    so an interrupted write leaves nothing that looks complete."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -73,7 +73,8 @@ def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         fill(tmp)
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")  # written last: marks the folder complete
+        if marker is not None:
+            (tmp / MARKER).write_text(json.dumps(marker) + "\n")  # written last: marks the folder complete
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "x")
