@@ -3,16 +3,29 @@ JSON object with its results.
 
   python eval.py perplexity --checkpoint DIR --text FILE --seq-len 1024 [--max-tokens N]
   python eval.py passkey --checkpoint DIR --text FILE --lengths 4096,8192 [--depths 0,0.25,0.5,0.75,1]
+      [--context-parallel star|ring [--devices N] [--block-size B] [--anchor-size A] [--anchor first|none]]
+      [--prefill lazy [--lazy-layers 4,11 --lazy-keep 0.5,0.25 | --lazy-top-k 1024,512] [--lazy-sink N]
+       [--lazy-recent N] [--lazy-pool K]]
   python eval.py mqar --checkpoint DIR [--pairs 8,32,128] [--lengths 1024,4096] [--queries 16] [--trials 10]
   python eval.py speed --checkpoint [LABEL=]DIR [--checkpoint ...] [--random [LABEL=]CONFIG.json]
       [--contexts 1024,2048,4096] [--decode-tokens 64] [--batch 1] [--dtype bfloat16] [--isolate] [--plot out.png]
       [--merge earlier_speed.json ...]
+
+passkey generates through `lizard_jax.generate` and takes its options: `--context-parallel` splits each prompt over
+a mesh whose "context" axis has `--devices` devices (Star Attention or ring attention, `lizard_jax.distributed`);
+`--prefill lazy` prunes the prefill (LazyLLM, `lizard_jax.lazy`; without `--lazy-layers`, `LazyConfig.default`).
+On a CPU, N simulated devices need XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts; eval.py
+sets it itself for `--devices N` when jax is not yet imported (run as a program). Multi-host: start the same
+`eval.py passkey ... --context-parallel star --multihost` once per host (e.g. `srun -N 4 python eval.py ...`);
+each process first calls `jax.distributed.initialize()` (coordinator and process ids from the cluster
+environment), the mesh spans every process's devices, and every process prints the same result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,16 +57,112 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+CP_FLAGS = ("devices", "block_size", "anchor_size", "anchor")
+LAZY_FLAGS = ("lazy_layers", "lazy_keep", "lazy_top_k", "lazy_sink", "lazy_recent", "lazy_pool")
+
+
+def _add_generation(p):
+    """`lizard_jax.generate`'s context-parallel and lazy-prefill options."""
+    p.add_argument("--context-parallel", default=None, choices=["star", "ring"],
+                   help="split each prompt over a device mesh: Star Attention or ring attention")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices on the mesh's context axis (default: all); on a CPU, simulated devices")
+    p.add_argument("--block-size", type=int, default=None, help="context block size (default: context / devices)")
+    p.add_argument("--anchor-size", type=int, default=None, help="Star anchor tokens (default: the block size)")
+    p.add_argument("--anchor", default=None, choices=["first", "none"], help="Star anchor block (default: first)")
+    p.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize() first (one process per host)")
+    p.add_argument("--prefill", default="full", choices=["full", "lazy"], help="lazy: LazyLLM pruned prefill")
+    p.add_argument("--lazy-layers", type=_ints, default=None, help="comma-separated pruning layers")
+    p.add_argument("--lazy-keep", type=_floats, default=None, help="kept fraction of the prompt after each one")
+    p.add_argument("--lazy-top-k", type=_ints, default=None, help="kept tokens after each pruning layer")
+    p.add_argument("--lazy-sink", type=int, default=None, help="always keep the first N prompt tokens")
+    p.add_argument("--lazy-recent", type=int, default=None, help="always keep the N tokens before the last one")
+    p.add_argument("--lazy-pool", type=int, default=None, help="max-pool scores over K neighbours (odd)")
+
+
+def _check_generation_flags(a) -> None:
+    """Options of a mode that was not chosen are errors, not silently ignored."""
+    given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(a, n) is not None]
+    cp = given(CP_FLAGS) + (["--multihost"] if a.multihost else [])
+    if a.context_parallel is None and cp:
+        raise SystemExit(f"error: {', '.join(cp)} need(s) --context-parallel")
+    if a.prefill != "lazy" and given(LAZY_FLAGS):
+        raise SystemExit(f"error: {', '.join(given(LAZY_FLAGS))} need(s) --prefill lazy")
+    if a.prefill == "lazy" and a.context_parallel is not None:
+        raise SystemExit("error: --prefill lazy cannot be combined with --context-parallel")
+    if a.devices is not None and a.devices < 1:
+        raise SystemExit(f"error: --devices must be >= 1, got {a.devices}")
+
+
+def _simulate_cpu_devices(n: int) -> None:
+    """Ask XLA for `n` host (CPU) devices. Only possible before jax is imported (the flag is read when the CPU
+    backend starts); it does not change GPU/TPU device counts."""
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={n}".strip()
+
+
+def _generation_options(a, model, params):
+    """-> (params, `lizard_jax.generate` keyword arguments, their description for the result JSON)."""
+    import jax
+
+    from lizard_jax.config import ConfigError
+
+    if a.context_parallel is not None:
+        from lizard_jax.distributed import place_params, validate_context_parallel
+        from lizard_jax.sharding import make_mesh
+
+        n = a.devices or jax.device_count()
+        if n > jax.device_count():
+            raise SystemExit(f"error: --devices {n} but jax sees {jax.device_count()} {jax.default_backend()} "
+                             f"device(s); on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+                             f"before jax starts")
+        kw = dict(context_parallel=a.context_parallel, block_size=a.block_size, anchor_size=a.anchor_size,
+                  anchor=a.anchor or "first")
+        mesh = make_mesh({"context": n}, devices=jax.devices()[:n])
+        try:
+            validate_context_parallel(mesh, model.cfg, mode=a.context_parallel, block_size=a.block_size,
+                                      anchor_size=a.anchor_size, anchor=kw["anchor"])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        return place_params(params, mesh), kw | {"mesh": mesh}, kw | {"devices": n}  # on the mesh once
+    if a.prefill == "lazy":
+        from lizard_jax.lazy import LazyConfig
+
+        extra = {k: v for k, v in (("sink_tokens", a.lazy_sink), ("recent_tokens", a.lazy_recent),
+                                   ("pool", a.lazy_pool)) if v is not None}
+        try:
+            if a.lazy_layers is None:
+                if a.lazy_keep is not None or a.lazy_top_k is not None:
+                    raise ConfigError("--lazy-keep / --lazy-top-k need --lazy-layers")
+                lazy = LazyConfig.default(model.cfg.num_layers, **extra)
+            else:
+                lazy = LazyConfig(layers=a.lazy_layers, keep=a.lazy_keep or (), top_k=a.lazy_top_k or (), **extra)
+            lazy.check(model.cfg.num_layers)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        return params, {"prefill": "lazy", "lazy": lazy}, {"prefill": "lazy", "lazy": repr(lazy)}
+    return params, {}, {}
+
+
 def cmd_passkey(a) -> dict:
     import lizard_jax
     from lizard_jax.eval.passkey import passkey
 
+    _check_generation_flags(a)
+    if a.multihost:  # before any computation: the mesh then spans every process's devices
+        import jax
+
+        jax.distributed.initialize()
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.dtype)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
+    params, gen_kw, described = _generation_options(a, model, params)
     out = passkey(model, params, tok, Path(a.text).read_text(encoding="utf-8"), lengths=_ints(a.lengths),
-                  depths=_floats(a.depths), trials=a.trials, seed=a.seed)
-    out.update(checkpoint=str(a.checkpoint))
+                  depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
+    out.update(checkpoint=str(a.checkpoint), generation=described)
     return out
 
 
@@ -138,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
     p.add_argument("--trials", type=int, default=1, help="trials per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
+    _add_generation(p)
     p.set_defaults(fn=cmd_passkey)
     p = sub.add_parser("mqar", help="multi-query associative recall over single-token key-value pairs")
     _add_common(p)
@@ -167,6 +277,8 @@ def main(argv=None) -> int:
                    help="earlier speed results (files ending with their JSON line) to add to the table/plot")
     p.set_defaults(fn=cmd_speed)
     a = ap.parse_args(argv)
+    if getattr(a, "devices", None):
+        _simulate_cpu_devices(a.devices)
     result = a.fn(a)
     print(json.dumps(result), flush=True)
     return 0
