@@ -43,12 +43,19 @@ def windows(ids: np.ndarray, seq_len: int, max_tokens: int | None = None):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
+def token_logprobs(model: Transformer, params, toks):
+    """toks [B, T] -> (logp [B, T-1]: log p(toks[:, t+1] | toks[:, :t+1]) in fp32, greedy [B, T-1]: whether that
+    token is the argmax)."""
+    logits = model.apply({"params": params}, toks)[:, :-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tgt = toks[:, 1:]
+    return jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0], jnp.argmax(logits, axis=-1) == tgt
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
 def _nll(model: Transformer, params, toks, mask):
     """Summed NLL of the masked targets of a batch of windows."""
-    logits = model.apply({"params": params}, toks)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(mask[:, 1:], tgt, 0.0))
+    return -jnp.sum(jnp.where(mask[:, 1:], token_logprobs(model, params, toks)[0], 0.0))
 
 
 def perplexity(model: Transformer, params, ids, *, seq_len: int = 1024, max_tokens: int | None = None,
