@@ -15,6 +15,7 @@ import pytest
 
 import lizard_jax
 from lizard_jax.config import ConfigError
+from lizard_jax.numerics import assert_close
 from lizard_jax.testing import save_tiny_teacher
 from lizard_jax.train import TrainConfig, Trainer
 
@@ -87,6 +88,19 @@ def test_stage2_changes_only_intended_params(full_run, teacher):
         assert changed == lora_target, key
     metrics = curve(run)
     assert [s for s, _ in metrics][-6:] == list(range(31, 37))
+
+
+def test_export_writes_an_adapter_that_rebuilds_the_student(full_run, teacher):
+    """run_dir/adapter holds the new parameters and the LoRA factors only, and rebuilds the exported student."""
+    run, out, _ = full_run
+    info = json.loads((run / "adapter" / "adapter.json").read_text())
+    assert set(info["parts"]) == {"new", "lora"} and info["parts"]["lora"]["tensors"] == 2 * 3 * 2
+    model, params, tok = lizard_jax.load(run / "adapter", teacher=teacher[0])
+    ref_model, ref, _ = lizard_jax.load(out)
+    assert model.cfg == ref_model.cfg and tok is not None
+    toks = jax.random.randint(jax.random.key(0), (2, 40), 0, model.cfg.vocab_size)
+    forward = jax.jit(lambda p: model.apply({"params": p}, toks))
+    assert_close(forward(params), forward(ref), rtol=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_curve(full_run, teacher, tmp_path, monkeypatch):

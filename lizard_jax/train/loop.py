@@ -342,17 +342,25 @@ class Trainer:
         return state
 
     def export(self) -> Path:
-        """Write the trained student as a normal lizard_jax checkpoint (LoRA merged)."""
+        """Write the trained student as a normal lizard_jax checkpoint (LoRA merged), and beside it run_dir/adapter:
+        only what differs from the teacher, LoRA as factors (lizard_jax.adapter; a few MB to share)."""
+        from lizard_jax import adapter
+
         params = join(self.final_new, self.frozen)
         lora = getattr(self, "final_lora", None)
-        if lora:
-            params = merge_lora(params, lora, self.tc.stage2.lora.alpha)
+        alpha = self.tc.stage2.lora.alpha if lora else None
         stored = self.teacher_cfg_stored
         cfg = self.student_cfg.replace(dtype=stored.dtype, param_dtype=stored.param_dtype)
-        params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(cfg.param_dtype), params)
+        host = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(cfg.param_dtype),
+                                                   tree)
         out = Path(self.tc.export) if self.tc.export else self.run_dir / "student"
-        ckpt_lib.save(out, cfg, params, self.tokenizer, overwrite=True)
+        ckpt_lib.save(out, cfg, host(merge_lora(params, lora, alpha) if lora else params), self.tokenizer,
+                      overwrite=True)
         log(f"exported student -> {out}")
+        a = adapter.save(self.run_dir / "adapter", cfg, host(params), stored, self.teacher_params,
+                         lora=jax.device_get(lora) if lora else None, lora_alpha=alpha, overwrite=True,
+                         source={"train_config": self.tc.to_dict()})
+        log(f"student adapter ({adapter.folder_bytes(a) / 2**20:.2f} MiB) -> {a}")
         return out
 
     def plot(self) -> Path | None:
