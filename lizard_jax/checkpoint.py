@@ -71,6 +71,9 @@ def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished folder private
     try:
         fill(tmp)
         if marker is not None:

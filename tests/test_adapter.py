@@ -13,7 +13,8 @@ from lizard_jax import adapter, checkpoint
 from lizard_jax.checkpoint import CheckpointError
 from lizard_jax.numerics import assert_close
 from lizard_jax.recipes import student_config, student_params
-from lizard_jax.testing import save_tiny_teacher
+from lizard_jax.convert import from_hf_model
+from lizard_jax.testing import char_tokenizer, tiny_hf_model
 from lizard_jax.train.lora import init_lora, merge_lora
 
 RECIPE = {"default": {"kind": "lizard", "window": 4, "meta_tokens": 2, "gate_scale_init": 0.5},
@@ -31,14 +32,19 @@ def pair(tmp_path_factory):
     """A tiny teacher, and a Lizard student of it with random LoRA on layer 0 and a changed norm in layer 1,
     saved whole (the reference) and as (student without LoRA, LoRA factors) for `adapter.save`."""
     d = tmp_path_factory.mktemp("adapter")
-    tcfg = save_tiny_teacher(d / "teacher")
-    _, tparams, _ = lizard_jax.load(d / "teacher", tokenizer=False)
+    tcfg, tparams = from_hf_model(tiny_hf_model("llama", eos_token_id=1))  # no jax init to compile
+    checkpoint.save(d / "teacher", tcfg, tparams, char_tokenizer(tcfg.vocab_size))
     scfg = student_config(tcfg, RECIPE)
     base = jax.jit(lambda tp, k: student_params(scfg, tp, k))(tparams, jax.random.key(1))
     base["layers_1"]["attn_norm"]["scale"] = base["layers_1"]["attn_norm"]["scale"] + 0.25
-    lora = init_lora(base, ["q_proj", "v_proj"], RANK, jax.random.key(2), layer_filter=lambda i: i == 0)
-    lora = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), lora)
-    full = merge_lora(base, lora, ALPHA)
+
+    @jax.jit  # one program instead of many eager ops
+    def with_lora(base):
+        lora = init_lora(base, ["q_proj", "v_proj"], RANK, jax.random.key(2), layer_filter=lambda i: i == 0)
+        lora = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), lora)
+        return lora, merge_lora(base, lora, ALPHA)
+
+    lora, full = with_lora(base)
     checkpoint.save(d / "student", scfg, full)
     toks = jax.random.randint(jax.random.key(4), (2, 24), 0, tcfg.vocab_size)
     return d, scfg, base, lora, tparams, toks

@@ -1,8 +1,10 @@
 """lm-evaluation-harness model "lizard_jax": local multiple-choice + generation tasks (JSONL + task YAML written
 here) end to end, log-likelihoods against a direct forward, rolling log-likelihoods, the CLI (slow)."""
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,16 +58,21 @@ def _ids(tok, s: str) -> list[int]:
 
 
 def _reference(model, params, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """log p(x | c) for each (c, x): one forward of the model on all sequences right-padded (causal: padding after
-    a sequence does not change it), log-softmax in float64 on the host."""
-    width = max(len(c) + len(x) for c, x in pairs)
-    toks = np.zeros((len(pairs), width), np.int32)
+    """log p(x | c) for each (c, x): one jitted forward on all sequences right-padded to [8, 64] (causal: padding
+    after a sequence does not change it; one shape, one compilation), log-softmax in float64 on the host."""
+    assert len(pairs) <= 8 and all(len(c) + len(x) <= 64 for c, x in pairs)
+    toks = np.zeros((8, 64), np.int32)
     for i, (c, x) in enumerate(pairs):
         toks[i, : len(c) + len(x)] = c + x
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(toks)), np.float64)
+    logits = np.asarray(_forward(model, params, jnp.asarray(toks)), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     return [float(sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(x))) for i, (c, x) in enumerate(pairs)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, toks):
+    return model.apply({"params": params}, toks)
 
 
 def _check_samples(d, samples):
@@ -98,7 +105,7 @@ def test_local_tasks_score_like_the_library(setup):
     # include_defaults=False: lm_eval would otherwise index its ~14000 task files first (30+ s)
     out = lm_eval.simple_evaluate(model="lizard_jax", model_args=f"checkpoint={d / 'ck'}", tasks=["lj_mc", "lj_gen"],
                                   task_manager=TaskManager(include_path=str(d / "tasks"), include_defaults=False),
-                                  batch_size=2, log_samples=True)
+                                  batch_size=3, log_samples=True)
     assert set(out["results"]) == {"lj_mc", "lj_gen"} and 0 <= out["results"]["lj_mc"]["acc,none"] <= 1
     _check_samples(d, out["samples"])
 
@@ -113,7 +120,7 @@ def test_cli_end_to_end(setup, tmp_path):
     out = tmp_path / "results"
     subprocess.run([sys.executable, "-m", "lizard_jax.lm_eval", "--model", "lizard_jax", "--model_args",
                     f"checkpoint={d / 'ck'}", "--tasks", "lj_mc,lj_gen", "--include_path", str(d / "tasks"),
-                    "--batch_size", "2", "--output_path", str(out), "--log_samples"], check=True)
+                    "--batch_size", "3", "--output_path", str(out), "--log_samples"], check=True)
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     assert set(results) == {"lj_mc", "lj_gen"}
     _check_samples(d, {t: [json.loads(x) for x in next(out.rglob(f"samples_{t}_*.jsonl")).read_text().splitlines()]
