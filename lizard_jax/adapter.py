@@ -41,7 +41,6 @@ from lizard_jax.train.lora import IN_AXES, merge_lora
 
 FORMAT = {"format": ADAPTER_FORMAT, "version": 1}
 INFO = "adapter.json"
-PARTS = ("new", "lora", "changed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,10 +160,11 @@ def diff(student_params, teacher_params, *, lora=None, lora_alpha: float | None 
             changed[keys] = s
         else:
             low[keys[:3]] = ab
-    for keys, f in _flat(lora or {}).items():
+    flat_lora = _flat(lora or {})
+    for keys, f in flat_lora.items():
         if keys[-1] != "a":
             continue
-        a, b = _host(f), _host(_flat(lora)[keys[:-1] + ("b",)])
+        a, b = _host(f), _host(flat_lora[keys[:-1] + ("b",)])
         b = (b * (lora_alpha / a.shape[1])).astype(np.float32)
         if keys[:-1] in low:  # a low-rank change before LoRA: the sum of both is one low-rank delta
             a0, b0 = low[keys[:-1]]
@@ -233,7 +233,9 @@ def read_info(adapter_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{adapter_dir} is a full checkpoint, not a student adapter")
     try:
         info = json.loads((adapter_dir / INFO).read_text())
-        info["teacher"]["sha256"], info["teacher"]["params"], info["teacher"]["config"]  # noqa: B018
+        missing = {"architecture", "config", "params", "sha256"} - set(info["teacher"])
+        if missing or not isinstance(info["parts"], dict):
+            raise KeyError(f"teacher {sorted(missing)} / parts")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{adapter_dir}/{INFO} is missing or corrupt: {type(e).__name__}: {e}") from None
     return checkpoint._config_json(adapter_dir), info
@@ -242,6 +244,8 @@ def read_info(adapter_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 def load(adapter_dir: str | Path, teacher_dir: str | Path, *, mesh=None, rules=None, dtype: str | None = None,
          tokenizer: bool = True):
     """(model, params, tokenizer) of the student rebuilt from `teacher_dir` and the adapter (`lizard_jax.load`)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from lizard_jax.models import Transformer, abstract_params
     from lizard_jax.sharding import DEFAULT_RULES, param_shardings
 
@@ -250,10 +254,11 @@ def load(adapter_dir: str | Path, teacher_dir: str | Path, *, mesh=None, rules=N
     teacher_cfg = checkpoint.read_config(teacher_dir)
     teacher_params = checkpoint.restore_params(teacher_dir / "params", teacher_cfg, mesh=mesh, rules=rules)
     check_teacher(info["teacher"], teacher_cfg, teacher_params, where=f"teacher {teacher_dir}")
-    parts = checkpoint.restore_tree(adapter_dir / "params") if (adapter_dir / "params").exists() else {}
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise CheckpointError(f"{adapter_dir}/params: unknown parts {sorted(unknown)}; known: {list(PARTS)}")
+    parts = checkpoint.restore_tree(adapter_dir / "params") if info["parts"] else {}
+    if set(parts) != set(info["parts"]):
+        raise CheckpointError(f"{adapter_dir}/params holds parts {sorted(parts)}, {INFO} lists {sorted(info['parts'])}")
+    if mesh is not None:  # replicated beside the sharded teacher, so that merge_lora's sums are on one mesh
+        parts = jax.device_put(parts, NamedSharding(mesh, PartitionSpec()))
     params = rebuild(cfg, teacher_params, parts)
     if mesh is not None:
         params = jax.device_put(params, param_shardings(abstract_params(cfg), mesh, rules or DEFAULT_RULES))

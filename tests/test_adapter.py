@@ -13,6 +13,7 @@ from lizard_jax import adapter, checkpoint
 from lizard_jax.checkpoint import CheckpointError
 from lizard_jax.numerics import assert_close
 from lizard_jax.recipes import student_config, student_params
+from lizard_jax.sharding import make_mesh
 from lizard_jax.convert import from_hf_model
 from lizard_jax.testing import char_tokenizer, tiny_hf_model
 from lizard_jax.train.lora import init_lora, merge_lora
@@ -75,9 +76,12 @@ def test_extract_finds_the_low_rank_deltas_and_merge_writes_the_full_student(pai
     assert adapter.folder_bytes(tmp_path / "a") < 0.5 * adapter.folder_bytes(d / "student")
     assert main(["merge", str(tmp_path / "a"), "--teacher", str(d / "teacher"), "--out", str(tmp_path / "m")]) == 0
     ref_model, ref, _ = lizard_jax.load(d / "student")
-    for src in ({"ckpt_dir": tmp_path / "a", "teacher": d / "teacher"}, {"ckpt_dir": tmp_path / "m"}):
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    for src in ({"ckpt_dir": tmp_path / "a", "teacher": d / "teacher"}, {"ckpt_dir": tmp_path / "m"},
+                {"ckpt_dir": tmp_path / "a", "teacher": d / "teacher", "mesh": mesh}):
         model, params, _ = lizard_jax.load(**src)
         assert_close(_logits(model, params, toks), _logits(ref_model, ref, toks), rtol=1e-5)
+    assert params["layers_0"]["attn"]["q_proj"]["kernel"].sharding.spec[1] == "tensor"  # placed by the rules
 
 
 def test_wrong_or_missing_teacher_is_refused(pair, tmp_path):
