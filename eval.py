@@ -18,7 +18,9 @@ On a CPU, N simulated devices need XLA_FLAGS=--xla_force_host_platform_device_co
 sets it itself for `--devices N` when jax is not yet imported (run as a program). Multi-host: start the same
 `eval.py passkey ... --context-parallel star --multihost` once per host (e.g. `srun -N 4 python eval.py ...`);
 each process first calls `jax.distributed.initialize()` (coordinator and process ids from the cluster
-environment), the mesh spans every process's devices, and every process prints the same result.
+environment), the mesh spans every process's devices, and every process prints the same result. (Checked on one
+machine with two CPU processes: a SLURM-like environment, JAX_COORDINATOR_ADDRESS and
+JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo; tests/test_generate_options.py.)
 """
 
 from __future__ import annotations
@@ -104,30 +106,38 @@ def _simulate_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {flag}={n}".strip()
 
 
-def _generation_options(a, model, params):
-    """-> (params, `lizard_jax.generate` keyword arguments, their description for the result JSON)."""
+def _context_mesh(a):
+    """--context-parallel's mesh: a "context" axis over the first --devices devices of all processes (default:
+    all of them); None without --context-parallel."""
+    if a.context_parallel is None:
+        return None
     import jax
 
+    from lizard_jax.sharding import make_mesh
+
+    n = a.devices or jax.device_count()
+    if n > jax.device_count():
+        raise SystemExit(f"error: --devices {n} but jax sees {jax.device_count()} {jax.default_backend()} "
+                         f"device(s); on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+                         f"before jax starts")
+    return make_mesh({"context": n}, devices=jax.devices()[:n])
+
+
+def _generation_options(a, model, mesh):
+    """-> (`lizard_jax.generate` keyword arguments, their description for the result JSON)."""
     from lizard_jax.config import ConfigError
 
-    if a.context_parallel is not None:
-        from lizard_jax.distributed import place_params, validate_context_parallel
-        from lizard_jax.sharding import make_mesh
+    if mesh is not None:
+        from lizard_jax.distributed import validate_context_parallel
 
-        n = a.devices or jax.device_count()
-        if n > jax.device_count():
-            raise SystemExit(f"error: --devices {n} but jax sees {jax.device_count()} {jax.default_backend()} "
-                             f"device(s); on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
-                             f"before jax starts")
         kw = dict(context_parallel=a.context_parallel, block_size=a.block_size, anchor_size=a.anchor_size,
                   anchor=a.anchor or "first")
-        mesh = make_mesh({"context": n}, devices=jax.devices()[:n])
         try:
             validate_context_parallel(mesh, model.cfg, mode=a.context_parallel, block_size=a.block_size,
                                       anchor_size=a.anchor_size, anchor=kw["anchor"])
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        return place_params(params, mesh), kw | {"mesh": mesh}, kw | {"devices": n}  # on the mesh once
+        return kw | {"mesh": mesh}, kw | {"devices": mesh.shape["context"]}
     if a.prefill == "lazy":
         from lizard_jax.lazy import LazyConfig
 
@@ -143,8 +153,8 @@ def _generation_options(a, model, params):
             lazy.check(model.cfg.num_layers)
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None
-        return params, {"prefill": "lazy", "lazy": lazy}, {"prefill": "lazy", "lazy": repr(lazy)}
-    return params, {}, {}
+        return {"prefill": "lazy", "lazy": lazy}, {"prefill": "lazy", "lazy": repr(lazy)}
+    return {}, {}
 
 
 def cmd_passkey(a) -> dict:
@@ -156,10 +166,11 @@ def cmd_passkey(a) -> dict:
         import jax
 
         jax.distributed.initialize()
-    model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.dtype)
+    mesh = _context_mesh(a)
+    model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype)  # params on the mesh once (all processes' devices)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
-    params, gen_kw, described = _generation_options(a, model, params)
+    gen_kw, described = _generation_options(a, model, mesh)
     out = passkey(model, params, tok, Path(a.text).read_text(encoding="utf-8"), lengths=_ints(a.lengths),
                   depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)

@@ -160,3 +160,29 @@ def test_eval_passkey_star_and_lazy(teacher, capsys):
 def test_eval_passkey_bad_flags(teacher, extra, match):
     with pytest.raises(SystemExit, match=match):
         eval_cli.main(teacher + extra)
+
+
+@pytest.mark.slow
+def test_eval_passkey_multihost(teacher, capsys):
+    """`--multihost` with two local processes of 2 CPU devices each (a SLURM-like environment, gloo collectives):
+    one 4-device context mesh spans both processes; both print the plain run's answers."""
+    import socket
+
+    ref = passkey_json(capsys, teacher)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = os.environ | dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                            SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu",
+                            XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, str(ROOT / "eval.py"), *teacher, "--context-parallel", "star", "--devices", "4",
+           "--block-size", "256", "--multihost"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=env | {"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert [r["generation"]["devices"] for r in results] == [4, 4]
+    assert answers(results[0]) == answers(results[1]) == answers(ref)
