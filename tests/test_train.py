@@ -187,3 +187,70 @@ def test_config_errors(teacher, tmp_path):
     bad = config(teacher, tmp_path / "c", mesh={"data": 8})
     with pytest.raises(ValueError, match="not divisible"):
         Trainer(TrainConfig.from_dict({**bad, "data": {**bad["data"], "batch_size": 4}})).run()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training scopes (StageConfig.train): a Lightning student whose layer 1 stays softmax
+
+
+def scope_config(teacher, run_dir, stage1: dict, stage2: dict):
+    return config(teacher, run_dir, **{
+        "student.attention": {"default": {"kind": "lightning", "chunk_size": 8}, "layers": {1: "softmax"}},
+        "data.seq_len": 16, "data.batch_size": 4, "checkpoint.every": 1, "checkpoint.async_save": False,
+        "stage1": {"lr": 1e-2, **stage1}, "stage2": {"lr": 1e-2, **stage2}})
+
+
+def changed_teacher_params(out, teacher) -> set[str]:
+    """Paths of the teacher's parameters whose values differ in the exported student."""
+    _, tparams, _ = lizard_jax.load(teacher[0])
+    _, sparams, _ = lizard_jax.load(out)
+    flat_s = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(sparams)[0]}
+    return {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(tparams)[0]
+            if not np.array_equal(np.asarray(flat_s[jax.tree_util.keystr(k)]), np.asarray(v))}
+
+
+def test_converted_layers_scope_carries_through_stage2_and_resume(teacher, tmp_path, monkeypatch):
+    """Stage 1 "converted_layers" (with logit KL) trains layer 0's teacher q/k/v/o, not layer 1 (softmax) nor
+    the MLPs; stage 2 "new" keeps them as stage 1 left them (carry), also when stage 2 is interrupted and
+    resumed: the resumed run skips stage 1, so without the carry in its checkpoint layer 0 would be the
+    teacher's again."""
+    cfg = scope_config(teacher, tmp_path / "cut", {"steps": 3, "train": "converted_layers", "kd_weight": 0.5},
+                       {"steps": 3, "train": "new"})
+    real = Trainer._save
+
+    def save_then_die(self, step, *a, **k):
+        real(self, step, *a, **k)
+        if step == 4:  # stage 2, step 1
+            self.manager.wait_until_finished()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(TrainConfig.from_dict(cfg)).run()
+    monkeypatch.setattr(Trainer, "_save", real)
+    resumed = Trainer(TrainConfig.from_dict(cfg)).run(resume=True)
+    assert [s for s, _ in curve(tmp_path / "cut")] == list(range(1, 7))
+    want = {f"['layers_0']['attn']['{n}']['kernel']" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert changed_teacher_params(resumed, teacher) == want
+
+
+@pytest.mark.slow
+def test_all_scope_trains_every_parameter(teacher, tmp_path):
+    out = Trainer(TrainConfig.from_dict(scope_config(teacher, tmp_path / "all", {"steps": 0},
+                                                     {"steps": 2, "train": "all"}))).run()
+    _, tparams, _ = lizard_jax.load(teacher[0])
+    every = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tparams)[0]}
+    assert changed_teacher_params(out, teacher) == every
+
+
+def test_train_scope_errors(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="stage.train must be one of"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.train": "everything"}))
+    with pytest.raises(ConfigError, match="needs a lora section"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2": {"steps": 1, "train": "lora"}}))
+    with pytest.raises(ConfigError, match="LoRA would be unused"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2.train": "all"}))
+    with pytest.raises(ConfigError, match="stage1.lora / stage1.train 'lora' is not supported"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.train": "lora", "stage1.lora": {"rank": 2}}))
+    with pytest.raises(ConfigError, match="stage1.lora / stage1.train 'lora' is not supported"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.lora": {"rank": 2}}))

@@ -53,12 +53,23 @@ class LoraConfig:
             raise ConfigError(f"lora.targets: unknown {sorted(bad)}; allowed: {sorted(allowed)}")
 
 
+TRAIN_SCOPES = ("new", "converted_layers", "all", "lora")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One training stage. stage 1 (attention transfer): `loss` "mse" between student and teacher attention
-    outputs per layer, only new attention parameters train. stage 2 (fine-tuning): next-token cross-entropy
-    (+ `kd_weight` x KL to the teacher's logits), LoRA on `lora.targets` of the student's attention layers plus
-    the new parameters."""
+    outputs per converted layer (+ `kd_weight` x KL of the whole student's logits to the teacher's). stage 2
+    (fine-tuning): next-token cross-entropy (+ `kd_weight` x KL to the teacher's logits).
+
+    train: which parameters the stage trains (the rest stay as they are):
+      "new"               the student's new parameters (gates, norms, feature maps...);
+      "converted_layers"  every parameter of the converted attention layers (teacher q/k/v/o included) and the
+                          new ones (SALA's stage 1);
+      "all"               every parameter;
+      "lora"              LoRA on `lora.targets` of the converted layers plus the new parameters (stage 2 only).
+      None (default)      stage 1 "new"; stage 2 "lora" when `lora` is given, else "new".
+    """
 
     steps: int = 0
     lr: float = 1e-3
@@ -70,12 +81,25 @@ class StageConfig:
     kd_temperature: float = 1.0
     seq_len: int | None = None
     batch_size: int | None = None
+    train: str | None = None
 
     def __post_init__(self):
         if self.steps < 0 or self.lr <= 0 or not 0 <= self.warmup <= 1:
             raise ConfigError(f"stage: need steps >= 0, lr > 0, 0 <= warmup <= 1 (got {self})")
         if self.loss not in ("mse", "smooth_l1"):
             raise ConfigError(f"stage.loss must be mse or smooth_l1, got {self.loss!r}")
+        if self.train not in (None, *TRAIN_SCOPES):
+            raise ConfigError(f"stage.train must be one of {TRAIN_SCOPES} or null, got {self.train!r}")
+        if self.train == "lora" and self.lora is None:
+            raise ConfigError("stage.train 'lora' needs a lora section")
+        if self.lora is not None and self.train not in (None, "lora"):
+            raise ConfigError(f"stage.lora is given but stage.train is {self.train!r}: LoRA would be unused")
+
+    def scope(self, index: int) -> str:
+        """The resolved `train` of stage `index` (1 or 2)."""
+        if self.train is not None:
+            return self.train
+        return "lora" if index == 2 and self.lora is not None else "new"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +152,8 @@ class TrainConfig:
             raise ConfigError("student.attention (the recipe's attention schedule) is required")
         if self.mesh is not None and not isinstance(self.mesh, dict):
             raise ConfigError(f"mesh must be a mapping of axis -> size, got {self.mesh!r}")
+        if self.stage1.lora is not None:
+            raise ConfigError("stage1.lora / stage1.train 'lora' is not supported: LoRA trains in stage 2")
 
     @classmethod
     def from_dict(cls, data) -> "TrainConfig":

@@ -2,10 +2,14 @@
 
 Stage 1 (attention transfer): the teacher runs frozen; every converted student attention layer (kind other
 than "softmax") gets the teacher's own input to that layer and is trained to reproduce the teacher layer's
-output. Only the new attention parameters train; the layers' losses are independent (each layer's input is the
-teacher's), so they train in parallel in one step.
-Stage 2 (fine-tuning): LoRA on the converted layers' projections plus the new parameters, next-token
+output (+ optional KL of the whole student's logits to the teacher's). By default only the new attention
+parameters train; the layers' losses are independent (each layer's input is the teacher's), so they train in
+parallel in one step.
+Stage 2 (fine-tuning): by default LoRA on the converted layers' projections plus the new parameters, next-token
 cross-entropy (+ optional KL to the teacher's logits).
+Each stage's `train` scope (StageConfig) picks what trains: new parameters, the converted layers whole, all
+parameters, or LoRA. Parameters an earlier stage trained and this one freezes travel in the state as "carry"
+(checkpointed, so a resumed stage gets them back).
 
 Parameters are fp32 master copies; the model computes in `dtype` (bf16). Steps are jitted with NamedShardings
 from the sharding rules over the configured mesh, so one command runs on a CPU, a GPU or a TPU slice.
@@ -129,7 +133,8 @@ class Trainer:
             raise ValueError("the recipe converts no layer: every student layer is softmax")
         init = student_params(self.student_cfg, tparams, jax.random.key(tc.seed))
         init = jax.device_put(init, param_shardings(abstract_params(self.student_cfg), self.mesh, DEFAULT_RULES))
-        new, self.frozen = split(init, new_param_mask(init, tparams))
+        self.new_mask = new_param_mask(init, tparams)
+        new, self.frozen = split(init, self.new_mask)
         self.init_new = new
         eos = (self.teacher_cfg.eos_token_ids or (self.tokenizer.eos_token_id,))[0]
         self.eos_id = int(eos)
@@ -147,11 +152,25 @@ class Trainer:
         )
         self.peak = next((v for k, v in PEAK_FLOPS.items() if k in jax.devices()[0].device_kind), None)
 
+    def _scope_mask(self, scope: str):
+        """Boolean tree over the student's parameters: True where stage scope `scope` trains."""
+        converted = {f"layers_{i}" for i in self.converted}
+
+        def pick(path, is_new):
+            names = [getattr(p, "key", None) for p in path]
+            if scope == "all":
+                return True
+            if scope == "converted_layers" and names[0] in converted and names[1] == "attn":
+                return True
+            return bool(is_new)
+
+        return jax.tree_util.tree_map_with_path(pick, self.new_mask)
+
     # ---- losses
     def _stage1_loss(self, trainable, frozen, teacher_params, batch):
         params = join(trainable["new"], frozen)
         tokens = batch[:, :-1]
-        _, inter = self.teacher.apply({"params": teacher_params}, tokens, mutable=["intermediates"])
+        t_logits, inter = self.teacher.apply({"params": teacher_params}, tokens, mutable=["intermediates"])
         inter = inter["intermediates"]
         total = 0.0
         for i in self.converted:
@@ -161,11 +180,18 @@ class Trainer:
             y, _ = layer_class(spec.kind)(self.student_cfg, spec).apply(
                 {"params": params[f"layers_{i}"]["attn"]}, h, None)
             total = total + losses.attention_transfer(y, a, self.tc.stage1.loss)
-        return total / len(self.converted)
+        total = total / len(self.converted)
+        if self.tc.stage1.kd_weight > 0:
+            logits = self.student.apply({"params": params}, tokens)
+            total = total + self.tc.stage1.kd_weight * losses.distill_kl(
+                logits, jax.lax.stop_gradient(t_logits), self.tc.stage1.kd_temperature)
+        return total
 
     def _stage2_loss(self, trainable, frozen, teacher_params, batch):
         sc = self.tc.stage2
-        params = merge_lora(join(trainable["new"], frozen), trainable["lora"], sc.lora.alpha)
+        params = join(trainable["new"], frozen)
+        if trainable["lora"]:
+            params = merge_lora(params, trainable["lora"], sc.lora.alpha)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         logits = self.student.apply({"params": params}, tokens)
         loss = losses.next_token_ce(logits, targets)
@@ -175,33 +201,37 @@ class Trainer:
         return loss
 
     # ---- stage construction
-    def _trainable_init(self, index: int, new):
+    def _trainable_init(self, index: int, new, params):
+        """The stage's trainable tree; `params` is the whole student (for LoRA's kernel shapes)."""
         if index == 1:
             return {"new": new}
         lora_cfg = self.tc.stage2.lora
-        if lora_cfg is None:
+        if self.tc.stage2.scope(2) != "lora":
             return {"new": new, "lora": {}}
         converted = set(self.converted)
-        lora = init_lora(join(new, self.frozen), lora_cfg.targets, lora_cfg.rank,
+        lora = init_lora(params, lora_cfg.targets, lora_cfg.rank,
                          jax.random.key(self.tc.seed + 1), layer_filter=lambda i: i in converted)
         return {"new": new, "lora": jax.device_put(lora, NamedSharding(self.mesh, P()))}
 
-    def _make_stage(self, index: int, trainable) -> tuple[Stage, Any]:
-        """The stage's jitted step and its freshly initialised state (whose shardings the step keeps)."""
+    def _make_stage(self, index: int, trainable, carry) -> tuple[Stage, Any]:
+        """The stage's jitted step and its freshly initialised state (whose shardings the step keeps); `carry`:
+        parameters an earlier stage trained that this one keeps fixed (in the state only when there are any)."""
         sc = self.tc.stage1 if index == 1 else self.tc.stage2
         tx = _optimizer(self.tc, sc)
         loss_fn = self._stage1_loss if index == 1 else self._stage2_loss
         repl = NamedSharding(self.mesh, P())
         # the optimizer moments inherit their parameters' shardings through jit's propagation
-        init = jax.jit(lambda t: {"trainable": t, "opt": tx.init(t), "step": jnp.zeros((), jnp.int32)})
-        state = init(trainable)
+        init = jax.jit(lambda t, c: {"trainable": t, "opt": tx.init(t), "step": jnp.zeros((), jnp.int32),
+                                     **({"carry": c} if c else {})})
+        state = init(trainable, carry)
         state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
         def step(state, frozen, teacher_params, batch):
-            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], frozen, teacher_params, batch)
+            fixed = join(state.get("carry", {}), frozen)
+            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], fixed, teacher_params, batch)
             updates, opt = tx.update(grads, state["opt"], state["trainable"])
             new_state = {"trainable": optax.apply_updates(state["trainable"], updates), "opt": opt,
-                         "step": state["step"] + 1}
+                         "step": state["step"] + 1, **({"carry": state["carry"]} if "carry" in state else {})}
             return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
         shardings = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
@@ -260,7 +290,8 @@ class Trainer:
         backward (6N), plus the teacher forward when distilling logits."""
         n_t = matmul_params(self.teacher_cfg)
         if index == 1:
-            return 2 * n_t + 6 * attention_params(self.student_cfg) * len(self.converted)
+            kd = 6 * matmul_params(self.student_cfg) if self.tc.stage1.kd_weight > 0 else 0
+            return 2 * n_t + 6 * attention_params(self.student_cfg) * len(self.converted) + kd
         kd = 2 * n_t if self.tc.stage2.kd_weight > 0 else 0
         return 6 * matmul_params(self.student_cfg) + kd
 
@@ -268,7 +299,7 @@ class Trainer:
     def run(self, resume: bool = False) -> Path:
         tc = self.tc
         s1, s2 = tc.stage1.steps, tc.stage2.steps
-        if s2 > 0 and tc.stage2.lora is None:
+        if s2 > 0 and tc.stage2.scope(2) == "new":
             log("stage 2 without lora: only the new attention parameters train")
         start_stage, start_meta, start_step = 1, None, 0
         if resume:
@@ -282,13 +313,21 @@ class Trainer:
         elif self.manager.all_steps():
             raise FileExistsError(f"{self.run_dir}/checkpoints has checkpoints: pass --resume, or use a new run_dir")
         self._truncate_metrics(start_step)
-        new = self.init_new
+        params = join(self.init_new, self.frozen)
+        trained = self.new_mask  # True where a stage so far trained (the new parameters count as trained)
+        either = lambda a, b: jax.tree_util.tree_map(lambda x, y: bool(x or y), a, b)
         for index, steps in ((1, s1), (2, s2)):
-            if index < start_stage or steps == 0:
+            if steps == 0:
                 continue
             sc = tc.stage1 if index == 1 else tc.stage2
-            trainable = self._trainable_init(index, new)
-            stage, state = self._make_stage(index, trainable)
+            mask = self._scope_mask(sc.scope(index))
+            new, rest = split(params, mask)
+            carry, self.frozen = split(rest, trained)
+            trained = either(trained, mask)
+            if index < start_stage:
+                continue
+            trainable = self._trainable_init(index, new, params)
+            stage, state = self._make_stage(index, trainable, carry)
             data = self._data(index, sc)
             if start_meta is not None and index == start_stage:
                 state = self._restore_state(start_step, state)
@@ -296,11 +335,11 @@ class Trainer:
                 start_meta = None
             offset = 0 if index == 1 else s1
             state = self._train_stage(stage, state, data, offset, steps)
-            new = state["trainable"]["new"]
+            params = join(join(state["trainable"]["new"], state.get("carry", {})), self.frozen)
             if index == 2:
                 self.final_lora = state["trainable"].get("lora", {})
         self.manager.wait_until_finished()
-        self.final_new = new
+        self.final_new, self.frozen = split(params, trained)  # everything any stage trained, and the rest
         out = self.export()
         self.plot()
         return out
