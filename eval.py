@@ -9,7 +9,13 @@ JSON object with its results.
   python eval.py mqar --checkpoint DIR [--pairs 8,32,128] [--lengths 1024,4096] [--queries 16] [--trials 10]
   python eval.py speed --checkpoint [LABEL=]DIR [--checkpoint ...] [--random [LABEL=]CONFIG.json]
       [--contexts 1024,2048,4096] [--decode-tokens 64] [--batch 1] [--dtype bfloat16] [--isolate] [--plot out.png]
-      [--merge earlier_speed.json ...]
+      [--merge earlier_speed.json ...] [--sparse-prefill [LABEL=]DIR ...]
+
+--sparse-prefill (training-free sparse prefill, `lizard_jax.sala.sparse_teacher`): the checkpoint's full softmax
+layers run as InfLLM-V2 with the paper's settings (dense below 8192 keys), its parameters unchanged. A flag for
+perplexity / passkey / mqar; for speed a further model source (label default: the folder name + "-sparse"), so
+the teacher and its sparse prefill are measured side by side. `--sparse-option KEY=VALUE` (repeatable) overrides
+a setting, e.g. dense_below=4096 or topk=32.
 
 passkey generates through `lizard_jax.generate` and takes its options: `--context-parallel` splits each prompt over
 a mesh whose "context" axis has `--devices` devices (Star Attention or ring attention, `lizard_jax.distributed`);
@@ -32,23 +38,68 @@ import sys
 from pathlib import Path
 
 
+def _sparse_option(s: str) -> tuple[str, int]:
+    key, sep, value = s.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key.strip(), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: expected an integer, got {value!r}") from None
+
+
+def _add_sparse_option(p):
+    p.add_argument("--sparse-option", type=_sparse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="InfLLM-V2 setting of --sparse-prefill (block_size, topk, kernel, stride, init_blocks, "
+                        "local_window, dense_below)")
+
+
 def _add_common(p):
     p.add_argument("--checkpoint", required=True, help="lizard_jax checkpoint folder")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override")
+    p.add_argument("--sparse-prefill", action="store_true",
+                   help="run the full softmax layers as InfLLM-V2 (training-free sparse prefill)")
+    _add_sparse_option(p)
+
+
+def _load(a, mesh=None):
+    """(model, params, tokenizer) of --checkpoint (params placed on `mesh` if given), as the training-free sparse
+    teacher with --sparse-prefill."""
+    import lizard_jax
+    from lizard_jax.config import ConfigError
+    from lizard_jax.models import Transformer
+    from lizard_jax.sala import sparse_teacher
+
+    if a.sparse_option and not a.sparse_prefill:
+        raise SystemExit("error: --sparse-option needs --sparse-prefill")
+    model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype)
+    if a.sparse_prefill:
+        try:
+            model = Transformer(sparse_teacher(model.cfg, **dict(a.sparse_option)))
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+    return model, params, tok
+
+
+def _sparse_note(a, out: dict) -> dict:
+    if a.sparse_prefill:
+        from lizard_jax.sala import PAPER_INFLLM
+
+        out["sparse_prefill"] = {**PAPER_INFLLM, **dict(a.sparse_option)}
+    return out
 
 
 def cmd_perplexity(a) -> dict:
-    import lizard_jax
     from lizard_jax.eval.perplexity import perplexity
 
-    model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.dtype)
+    model, params, tok = _load(a)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
     text = Path(a.text).read_text(encoding="utf-8")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size)
     out.update(checkpoint=str(a.checkpoint), text=str(a.text))
-    return out
+    return _sparse_note(a, out)
 
 
 def _floats(s: str) -> list[float]:
@@ -158,7 +209,6 @@ def _generation_options(a, model, mesh):
 
 
 def cmd_passkey(a) -> dict:
-    import lizard_jax
     from lizard_jax.eval.passkey import passkey
 
     _check_generation_flags(a)
@@ -167,21 +217,20 @@ def cmd_passkey(a) -> dict:
 
         jax.distributed.initialize()
     mesh = _context_mesh(a)
-    model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype)  # params on the mesh once (all processes' devices)
+    model, params, tok = _load(a, mesh)  # params on the mesh once (all processes' devices)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
     gen_kw, described = _generation_options(a, model, mesh)
     out = passkey(model, params, tok, Path(a.text).read_text(encoding="utf-8"), lengths=_ints(a.lengths),
                   depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)
-    return out
+    return _sparse_note(a, out)
 
 
 def cmd_mqar(a) -> dict:
-    import lizard_jax
     from lizard_jax.eval.mqar import mqar
 
-    model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.dtype)
+    model, params, tok = _load(a)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
     try:
@@ -190,7 +239,7 @@ def cmd_mqar(a) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     out.update(checkpoint=str(a.checkpoint))
-    return out
+    return _sparse_note(a, out)
 
 
 def _read_speed(path: str) -> dict:
@@ -206,19 +255,34 @@ def _read_speed(path: str) -> dict:
 
 
 def cmd_speed(a) -> dict:
-    from lizard_jax.eval.speed import ModelSource, SpeedOptions, plot_speed, speed_sources
+    import tempfile
 
+    from lizard_jax.eval.speed import ModelSource, SpeedOptions, plot_speed, speed_sources
+    from lizard_jax.sala import PAPER_INFLLM, sparse_checkpoint_view
+
+    if a.sparse_option and not a.sparse_prefill:
+        raise SystemExit("error: --sparse-option needs --sparse-prefill")
+    sparse_opts = dict(a.sparse_option)
     try:
         sources = [ModelSource.parse("checkpoint", x) for x in a.checkpoint or []]
         sources += [ModelSource.parse("random", x) for x in a.random or []]
-        if not sources and not a.merge:
-            raise ValueError("give at least one --checkpoint, --random or --merge")
-        if sources:
-            opts = SpeedOptions(batch=a.batch, decode_tokens=a.decode_tokens, warmup=a.warmup, reps=a.reps)
-            out = speed_sources(sources, a.contexts, opts, dtype=a.dtype, isolate=a.isolate)
-        else:
+        if not sources and not a.sparse_prefill and not a.merge:
+            raise ValueError("give at least one --checkpoint, --random, --sparse-prefill or --merge")
+        with tempfile.TemporaryDirectory(prefix="sparse_view_") as tmp:
+            originals = {}  # label -> the checkpoint a sparse view stands for
+            for i, x in enumerate(a.sparse_prefill or []):
+                src = ModelSource.parse("checkpoint", x)
+                label = src.label if "=" in x else f"{src.label}-sparse"
+                view = sparse_checkpoint_view(src.path, Path(tmp) / str(i), **sparse_opts)  # config only, no copy
+                sources.append(ModelSource(label, "checkpoint", str(view)))
+                originals[label] = src.path
             out = None
-    except (ValueError, FileNotFoundError) as e:
+            if sources:
+                opts = SpeedOptions(batch=a.batch, decode_tokens=a.decode_tokens, warmup=a.warmup, reps=a.reps)
+                out = speed_sources(sources, a.contexts, opts, dtype=a.dtype, isolate=a.isolate)
+                for label, path in originals.items():
+                    out["models"][label].update(path=path, sparse_prefill={**PAPER_INFLLM, **sparse_opts})
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"error: {e}") from None
     for path in a.merge or []:  # earlier runs (e.g. one model per command), on the same device and options
         old = _read_speed(path)
@@ -283,6 +347,9 @@ def main(argv=None) -> int:
                    help="compute and parameter dtype (parameters are cast, as served); default: the checkpoint's")
     p.add_argument("--isolate", action="store_true",
                    help="one fresh subprocess per (model, context): peak_bytes is that context's own")
+    p.add_argument("--sparse-prefill", action="append", metavar="[LABEL=]DIR",
+                   help="checkpoint folder measured as its training-free sparse teacher (repeatable)")
+    _add_sparse_option(p)
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="earlier speed results (files ending with their JSON line) to add to the table/plot")

@@ -49,13 +49,32 @@ def student_config(teacher: ModelConfig, attention: Mapping[str, Any], **overrid
     return teacher.replace(attention=tuple(specs), **overrides)
 
 
+TEACHER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | None = None):
     """Student parameters: every teacher parameter the student also has (same path and shape) is copied;
-    the rest are initialised by the student's modules. Teacher parameters the student lacks are dropped."""
+    the rest are initialised by the student's modules. Teacher parameters the student lacks are dropped.
+    The student's attention projections (`TEACHER_PROJECTIONS`) must come from the teacher: a teacher without
+    them (or with other shapes) is a ConfigError, not a silently random layer."""
     from lizard_jax.models import Transformer
 
-    init = nn.unbox(Transformer(student).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+    model, tokens = Transformer(student), jnp.zeros((1, 8), jnp.int32)
     flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+    abstract = nn.unbox(jax.eval_shape(model.init, key, tokens)["params"])  # checked before the costly init
+    missing = []
+    for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        old = flat_t.get(jax.tree_util.keystr(path))
+        needed = any(getattr(p, "key", None) in TEACHER_PROJECTIONS for p in path)
+        if needed and (old is None or old.shape != x.shape):
+            have = "absent" if old is None else f"shape {old.shape}"
+            missing.append(f"{'/'.join(str(getattr(p, 'key', p)) for p in path)} {x.shape} ({have})")
+    if missing:
+        raise ConfigError(f"the teacher lacks {len(missing)} attention projection(s) the student needs, e.g. "
+                          f"{missing[:3]}: a recipe converts a softmax teacher whose layers have "
+                          f"{'/'.join(TEACHER_PROJECTIONS)} of the student's shapes")
+    # jitted: an eager init of the whole model takes about twice as long
+    init = nn.unbox(jax.jit(model.init)(key, tokens)["params"])
 
     def pick(path, new):
         old = flat_t.get(jax.tree_util.keystr(path))

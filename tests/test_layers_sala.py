@@ -30,7 +30,9 @@ from lizard_jax.ops.lightning import lightning_slopes
 from lizard_jax.ops.sparse import (block_sparse_attention, compress_keys, infllm_attention, infllm_select,
                                    infllm_select_decode, num_compressed)
 from lizard_jax.recipes import new_param_mask, student_config, student_params
+from lizard_jax.sala import recipe_attention
 from lizard_jax.testing import tiny_config
+from lizard_jax.train import TrainConfig
 
 CFG = tiny_config()  # d_model 64, 4 query heads, 2 kv heads (GQA), head_dim 16
 TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -471,9 +473,6 @@ def test_layer_errors(kind):
         apply(x, jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(TypeError, match="integers"):
         apply(x, jnp.zeros((2, 5), jnp.float32))
-    cache = type(layer).init_cache(CFG, spec, 2, 16)
-    with pytest.raises(ValueError, match="explicit positions"):
-        apply(x, None, cache)
     with pytest.raises(TypeError, match="cache must be"):
         apply(x, arange_pos(2, 5), KVCache.create(2, 16, 2, 16, jnp.float32))
     with pytest.raises(ValueError, match="cache batch"):
@@ -583,7 +582,12 @@ SMOLLM2 = ModelConfig(vocab_size=49152, d_model=576, num_layers=30, num_heads=9,
 
 @pytest.mark.parametrize("path", ["configs/sala_smollm2.yaml", "configs/sala_generic.yaml"])
 def test_sala_recipes_load(path):
-    student = student_config(SMOLLM2, load_yaml(path)["attention"])
+    """sala_smollm2.yaml is a complete train config (its recipe under student.attention), sala_generic.yaml a
+    recipe (attention only)."""
+    data = load_yaml(path)
+    if "student" in data:
+        TrainConfig.from_dict(data)
+    student = student_config(SMOLLM2, recipe_attention(data))
     kinds = student.kinds
     sparse = [i for i, k in enumerate(kinds) if k == "sparse"]
     assert set(kinds) == {"sparse", "lightning"}
@@ -592,7 +596,7 @@ def test_sala_recipes_load(path):
     assert (s.rope, s.qk_norm, s.output_gate) == (False, True, True)
     assert (s.block_size, s.topk, s.kernel, s.stride, s.init_blocks, s.local_window, s.dense_below) == (
         64, 64, 32, 16, 1, 2048, 8192)
-    lt = student.attention[1]
+    lt = student.attention[kinds.index("lightning")]
     assert (lt.rope, lt.qk_norm, lt.output_norm, lt.output_gate) == (True, True, True, True)
     assert ModelConfig.from_dict(student.to_dict()) == student  # travels with a checkpoint
 
