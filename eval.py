@@ -55,7 +55,8 @@ def _add_sparse_option(p):
 
 
 def _add_common(p):
-    p.add_argument("--checkpoint", required=True, help="lizard_jax checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="lizard_jax checkpoint folder (or a student adapter)")
+    p.add_argument("--teacher", default=None, help="the teacher checkpoint of a student adapter (lizard_jax.adapter)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype override")
     p.add_argument("--sparse-prefill", action="store_true",
                    help="run the full softmax layers as InfLLM-V2 (training-free sparse prefill)")
@@ -72,7 +73,7 @@ def _load(a, mesh=None):
 
     if a.sparse_option and not a.sparse_prefill:
         raise SystemExit("error: --sparse-option needs --sparse-prefill")
-    model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype)
+    model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype, teacher=a.teacher)
     if a.sparse_prefill:
         try:
             model = Transformer(sparse_teacher(model.cfg, **dict(a.sparse_option)))

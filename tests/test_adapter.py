@@ -119,3 +119,26 @@ def test_params_hash_is_content_only():
     assert h == adapter.params_hash({"a": {"k": np.ones((2,), jnp.bfloat16)}, "b": np.arange(6, dtype=np.float32).reshape(2, 3)})
     assert h != adapter.params_hash({**x, "b": x["b"].reshape(3, 2)})  # same bytes, other shape
     assert h != adapter.params_hash({**x, "b": x["b"].at[0, 0].set(1e-7)})
+
+
+def test_eval_py_scores_an_adapter_on_its_teacher(pair, tmp_path, capsys):
+    """eval.py --checkpoint ADAPTER --teacher DIR gives the full student's perplexity (shared adapters are
+    evaluated without merging first)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval.py lives at the repo root
+    import eval as eval_cli
+
+    d = pair[0]
+    adapter.extract(d / "student", d / "teacher", tmp_path / "a")
+    scfg, sparams = checkpoint.read_config(d / "student"), lizard_jax.load(d / "student")[1]
+    checkpoint.save(tmp_path / "s", scfg, sparams, lizard_jax.load(d / "teacher")[2])  # the reference, whole
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 4)
+    common = ["--text", str(tmp_path / "t.txt"), "--seq-len", "32"]
+    got = []
+    for src in (["--checkpoint", str(tmp_path / "a"), "--teacher", str(d / "teacher")],
+                ["--checkpoint", str(tmp_path / "s")]):
+        assert eval_cli.main(["perplexity", *src, *common]) == 0
+        got.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"])
+    assert got[0] == pytest.approx(got[1], rel=1e-5)
