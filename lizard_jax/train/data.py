@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from lizard_jax.textio import read_text
 from lizard_jax.train.config import DataConfig
 
 
@@ -23,13 +24,13 @@ def read_documents(cfg: DataConfig) -> Iterator[str]:
     """Raw documents in a fixed order."""
     if cfg.source == "text":
         for p in cfg.paths:
-            text = _read(p)
+            text = read_text(p)
             for doc in text.split("\n\n"):
                 if doc.strip():
                     yield doc.strip("\n")
     elif cfg.source == "jsonl":
         for p in cfg.paths:
-            for n, line in enumerate(_read(p).splitlines(), 1):
+            for n, line in enumerate(read_text(p).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -44,13 +45,6 @@ def read_documents(cfg: DataConfig) -> Iterator[str]:
         for ex in tfds.as_numpy(ds):
             yield _format({k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in ex.items()}, cfg,
                           cfg.tfds_name)
-
-
-def _read(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
-    return p.read_text(encoding="utf-8")
 
 
 def _format(obj: dict, cfg: DataConfig, where: str) -> str:
