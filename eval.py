@@ -92,11 +92,12 @@ def _sparse_note(a, out: dict) -> dict:
 
 def cmd_perplexity(a) -> dict:
     from lizard_jax.eval.perplexity import perplexity
+    from lizard_jax.textio import read_text
 
     model, params, tok = _load(a)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
-    text = Path(a.text).read_text(encoding="utf-8")
+    text = read_text(a.text)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size)
     out.update(checkpoint=str(a.checkpoint), text=str(a.text))
@@ -211,6 +212,7 @@ def _generation_options(a, model, mesh):
 
 def cmd_passkey(a) -> dict:
     from lizard_jax.eval.passkey import passkey
+    from lizard_jax.textio import read_text
 
     _check_generation_flags(a)
     if a.multihost:  # before any computation: the mesh then spans every process's devices
@@ -222,7 +224,7 @@ def cmd_passkey(a) -> dict:
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
     gen_kw, described = _generation_options(a, model, mesh)
-    out = passkey(model, params, tok, Path(a.text).read_text(encoding="utf-8"), lengths=_ints(a.lengths),
+    out = passkey(model, params, tok, read_text(a.text), lengths=_ints(a.lengths),
                   depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)
     return _sparse_note(a, out)

@@ -51,6 +51,7 @@ from lizard_jax.config import ConfigError, ModelConfig, load_yaml, spec_from_any
 from lizard_jax.layers.lightning import LightningSpec
 from lizard_jax.layers.softmax import SoftmaxSpec
 from lizard_jax.layers.sparse import SparseSpec
+from lizard_jax.textio import read_text
 
 # InfLLM-V2 as in MiniCPM-SALA (papers.md B)
 PAPER_INFLLM = dict(block_size=64, topk=64, kernel=32, stride=16, init_blocks=1, local_window=2048,
@@ -337,11 +338,11 @@ def select_layers(teacher: str | Path, attention: Mapping[str, Any], text: str |
         tcfg = read_config(teacher_dir)
         check_teacher(tcfg, str(teacher))
         num_sparse(tcfg.num_layers, ratio, keep)  # bad ratio / keep: fail before training
-        raw = Path(text).read_text(encoding="utf-8")
+        raw = read_text(text)
         if eval_text is None:
             train_text, held_out = _split_text(raw, eval_fraction)
         else:
-            train_text, held_out = raw, Path(eval_text).read_text(encoding="utf-8")
+            train_text, held_out = raw, read_text(eval_text)
         run_dir.mkdir(parents=True, exist_ok=True)
         train_file = run_dir / "select_train.txt"
         train_file.write_text(train_text, encoding="utf-8")
