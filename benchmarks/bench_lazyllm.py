@@ -1,6 +1,6 @@
 """LazyLLM (`lizard_jax.lazy`) vs full prefill on one GPU: time to first token, and accuracy on SmolLM2.
 
-    python benchmarks/bench_lazyllm.py --checkpoint CKPT --text ../shared/data/wikitext-2/valid.txt
+    python benchmarks/bench_lazyllm.py --checkpoint CKPT [--text data/wikitext-2/valid.txt.xz]
     python benchmarks/bench_lazyllm.py ... --parts ttft         # one part per call: ttft, accuracy, curve
     python benchmarks/bench_lazyllm.py ... --quick              # fewer lengths, windows, reps and scales
 
@@ -42,12 +42,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lizard_jax  # noqa: E402
-from benchmarks.common import device_name, report, time_jax  # noqa: E402
+from benchmarks.common import WIKITEXT, device_name, report, time_jax  # noqa: E402
 from lizard_jax.config import ModelConfig, RopeConfig  # noqa: E402
 from lizard_jax.eval.passkey import build_prompt  # noqa: E402
 from lizard_jax.generate import SamplingConfig, _generate, left_pad  # noqa: E402
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill  # noqa: E402
 from lizard_jax.models import Transformer, init_caches, init_params  # noqa: E402
+from lizard_jax.textio import read_text  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
                 ffn_dim=8192, tie_embeddings=True, max_seq_len=131072,
@@ -212,7 +213,7 @@ def part_ttft(a):
 def part_accuracy(a, memo: dict):
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
     lazy = schedule(a, model.cfg.num_layers)
-    text = Path(a.text).read_text(encoding="utf-8")
+    text = read_text(a.text)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
     rows = []
     for length in a.passkey_lengths:
@@ -248,7 +249,7 @@ def part_curve(a, memo: dict):
     over several calls and the PNG shows them all."""
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
     fast = lizard_jax.load(a.checkpoint, dtype="bfloat16")[:2]
-    text = Path(a.text).read_text(encoding="utf-8")
+    text = read_text(a.text)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
     n = model.cfg.num_layers
     length, context = a.curve_length, a.curve_context
@@ -313,7 +314,7 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     floats = lambda s: [float(x) for x in s.split(",") if x]
     ap.add_argument("--checkpoint", required=True, help="converted SmolLM2-135M checkpoint folder")
-    ap.add_argument("--text", required=True, help="wikitext-2/valid.txt (perplexity and passkey filler)")
+    ap.add_argument("--text", default=str(WIKITEXT), help="perplexity and passkey filler text")
     ap.add_argument("--parts", default="ttft,accuracy,curve")
     ap.add_argument("--models", default="smollm2,llama1b")
     ap.add_argument("--lengths", type=ints, default=[4096, 8192, 16384, 32768])

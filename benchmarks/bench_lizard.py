@@ -2,7 +2,7 @@
 plus the student's training throughput read from its metrics.jsonl. Prints one table and appends it, with the
 exact eval.py commands, to benchmarks/RESULTS.md.
 
-    python -m benchmarks.bench_lizard --teacher DIR --student DIR --text wikitext-2/valid.txt \
+    python -m benchmarks.bench_lizard --teacher DIR --student DIR [--text data/wikitext-2/valid.txt.xz] \
         [--metrics RUN/metrics.jsonl] [--tasks perplexity,passkey,mqar,speed] [--out DIR]
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import report
+from benchmarks.common import WIKITEXT, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--student", required=True)
-    ap.add_argument("--text", required=True, help="evaluation text (perplexity; passkey filler)")
+    ap.add_argument("--text", default=str(WIKITEXT), help="evaluation text: perplexity, passkey filler")
     ap.add_argument("--metrics", default=None, help="the student's training metrics.jsonl")
     ap.add_argument("--tasks", default="perplexity,passkey,mqar,speed")
     ap.add_argument("--passkey-lengths", default="1024,2048,4096")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the shipped text (data/README.md)
 
 
 def parse(argv=None):
@@ -76,6 +76,7 @@ from lizard_jax.distributed import (  # noqa: E402
 from lizard_jax.generate import SamplingConfig, decode_loop, left_pad  # noqa: E402
 from lizard_jax.models import Transformer, init_params  # noqa: E402
 from lizard_jax.sharding import make_mesh  # noqa: E402
+from lizard_jax.textio import read_text  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                ffn_dim=1536, tie_embeddings=True, rope={"theta": 100000.0})
@@ -249,7 +250,7 @@ def passkey_table(a) -> list[list]:
     import lizard_jax
 
     model, params, tok = lizard_jax.load(a.passkey_ckpt)
-    text = (DATA / "state_union" / "state_union.txt").read_text()
+    text = read_text(DATA / "state_union" / "state_union.txt.xz")
     eos = tuple(model.cfg.eos_token_ids)
     devices = [int(x) for x in a.devices.split(",")] if a.devices else [jax.device_count()]
     runs = [("global", 1, dict(mode="ring"))]

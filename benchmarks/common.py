@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# the shipped evaluation text (data/README.md): perplexity and passkey filler by default
+WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext-2" / "valid.txt.xz"
 
 
 def time_jax(fn: Callable, *args, warmup: int = 3, reps: int = 20) -> float:

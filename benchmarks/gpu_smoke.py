@@ -13,7 +13,11 @@ import jax
 import lizard_jax
 from lizard_jax.eval.perplexity import perplexity
 from lizard_jax.testing import save_tiny_teacher
+from lizard_jax.textio import read_text
 from lizard_jax.train import TrainConfig, Trainer
+
+# the shipped training text (data/README.md); any plain or compressed text file can be passed instead
+TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt.xz"
 
 
 def main(text: str) -> None:
@@ -28,11 +32,11 @@ def main(text: str) -> None:
     }
     out = Trainer(TrainConfig.from_dict(cfg)).run()
     model, params, tok = lizard_jax.load(out)
-    ids = tok(Path(text).read_text()[:5000])["input_ids"]
+    ids = tok(read_text(text)[:5000])["input_ids"]
     print(json.dumps(perplexity(model, params, ids, seq_len=256, progress=False)))
     print(lizard_jax.generate(model, params, ["Hello"], tokenizer=tok, max_new_tokens=8).tokens)
     print("OK", jax.devices())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1] if len(sys.argv) > 1 else str(TEXT))
