@@ -22,7 +22,6 @@ The tokenizer is the teacher's.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lizard_jax import checkpoint
+from lizard_jax import checkpoint, cli
 from lizard_jax.checkpoint import ADAPTER_FORMAT, CheckpointError
 from lizard_jax.config import ModelConfig
 from lizard_jax.train.lora import IN_AXES, merge_lora
@@ -289,9 +288,10 @@ def folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+@cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lizard_jax.adapter",
-                                 description="Student adapters: only what a student changed in its teacher.")
+    ap = cli.ArgumentParser(prog="python -m lizard_jax.adapter",
+                            description="Student adapters: only what a student changed in its teacher.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("extract", help="full student checkpoint -> adapter")
     ex.add_argument("student", help="full student checkpoint folder")
@@ -302,14 +302,11 @@ def main(argv=None) -> int:
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a = ap.parse_args(argv)
-    try:
-        if a.cmd == "extract":
-            out = extract(a.student, a.teacher, a.out, overwrite=a.overwrite)
-        else:
-            out = merge(a.adapter, a.teacher, a.out, overwrite=a.overwrite)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    checkpoint.check_writable(a.out, a.overwrite)
+    if a.cmd == "extract":
+        out = extract(a.student, a.teacher, a.out, overwrite=a.overwrite)
+    else:
+        out = merge(a.adapter, a.teacher, a.out, overwrite=a.overwrite)
     print(f"wrote {out} ({folder_bytes(out) / 2**20:.2f} MiB)", file=sys.stderr)
     return 0
 

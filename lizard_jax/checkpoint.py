@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lizard_jax.cli import UserError
 from lizard_jax.config import ConfigError, ModelConfig
 
 FORMAT = {"format": "lizard_jax.model", "version": 1}
@@ -26,7 +27,7 @@ ADAPTER_FORMAT = "lizard_jax.adapter"  # lizard_jax/adapter.py
 MARKER = "lizard_jax.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that is missing, incomplete, corrupt or does not fit its config."""
 
 
@@ -61,14 +62,23 @@ def check_params(cfg: ModelConfig, params, what: str = "parameters") -> None:
         raise CheckpointError(f"{what} do not fit the model config: " + "; ".join(problems))
 
 
+def check_writable(out_dir: str | Path, overwrite: bool) -> Path:
+    """`out_dir` as an absolute path if `write_folder` may write it; commands call it first, so that a refused
+    output fails before the work, not after."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file; the output must be a folder")
+    return out_dir
+
+
 def write_folder(out_dir: str | Path, fill: Callable[[Path], None], marker: dict[str, Any] | None, *,
                  overwrite: bool = False) -> Path:
     """Create folder `out_dir` atomically: `fill(tmp)` writes the content into a temporary sibling, `marker`
     (MARKER's JSON; None for a folder of another format) is written last, then the folder is renamed into place,
     so an interrupted write leaves nothing that looks complete."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir = check_writable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
@@ -118,6 +128,8 @@ def read_format(ckpt_dir: str | Path) -> dict[str, Any]:
     """The folder's MARKER content ({"format": "lizard_jax.model" | "lizard_jax.adapter", "version"}); raises
     for a missing folder or a half-written one."""
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        raise NotADirectoryError(f"{ckpt_dir} is a file; expected a lizard_jax checkpoint folder")
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir}")
     if not (ckpt_dir / MARKER).is_file():
@@ -127,7 +139,7 @@ def read_format(ckpt_dir: str | Path) -> dict[str, Any]:
         )
     try:
         fmt = json.loads((ckpt_dir / MARKER).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{ckpt_dir}/{MARKER} is corrupt: {e}") from None
     if not isinstance(fmt, dict) or fmt.get("format") not in (FORMAT["format"], ADAPTER_FORMAT):
         raise CheckpointError(f"{ckpt_dir}/{MARKER}: unknown checkpoint format {fmt!r}")

@@ -14,14 +14,13 @@ equivalent; it is refused with the layers that block it (share it as an adapter 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from lizard_jax import checkpoint
+from lizard_jax import checkpoint, cli
 from lizard_jax.config import ModelConfig
 from lizard_jax.convert.hf import SUPPORTED, config_from_hf, tensor_table
 
@@ -29,7 +28,7 @@ ARCH_CLASS = {v: k for k, v in SUPPORTED.items()}  # "llama" -> "LlamaForCausalL
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ExportError(ValueError):
+class ExportError(cli.InputError):
     """A checkpoint transformers cannot represent (non-softmax layers, windows the architecture lacks...)."""
 
 
@@ -159,7 +158,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = Non
     cfg = adapter.read_info(ckpt_dir)[0] if is_adapter else checkpoint.read_config(ckpt_dir)
     dtype = dtype or cfg.param_dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise cli.InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     hf_cfg = hf_config(cfg, dtype)  # refuses a student before any weight is read
     _, params, tok = lizard_jax.load(ckpt_dir, teacher=teacher)
     tensors = state_dict(cfg, params, dtype)
@@ -173,20 +172,18 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = Non
     return checkpoint.write_folder(out_dir, fill, None, overwrite=overwrite)
 
 
+@cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lizard_jax.export",
-                                 description="Write a teacher-type lizard_jax checkpoint as a transformers folder.")
+    ap = cli.ArgumentParser(prog="python -m lizard_jax.export",
+                            description="Write a teacher-type lizard_jax checkpoint as a transformers folder.")
     ap.add_argument("checkpoint", help="lizard_jax checkpoint folder (or a student adapter, with --teacher)")
     ap.add_argument("--out", required=True, help="output transformers folder")
     ap.add_argument("--dtype", default=None, choices=DTYPES, help="tensor dtype (default: the checkpoint's)")
     ap.add_argument("--teacher", default=None, help="teacher checkpoint of an adapter")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a = ap.parse_args(argv)
-    try:
-        out = export(a.checkpoint, a.out, dtype=a.dtype, teacher=a.teacher, overwrite=a.overwrite)
-    except (ExportError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    checkpoint.check_writable(a.out, a.overwrite)
+    out = export(a.checkpoint, a.out, dtype=a.dtype, teacher=a.teacher, overwrite=a.overwrite)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

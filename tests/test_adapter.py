@@ -109,7 +109,7 @@ def test_wrong_or_missing_teacher_is_refused(pair, tmp_path):
     with pytest.raises(ValueError, match="needs no teacher"):
         lizard_jax.load(d / "teacher", teacher=d / "teacher")
     assert adapter.main(["merge", str(tmp_path / "a"), "--teacher", str(tmp_path / "other_weights"),
-                         "--out", str(tmp_path / "m")]) == 1
+                         "--out", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
 
 

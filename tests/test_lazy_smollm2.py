@@ -12,9 +12,10 @@ from lizard_jax.convert import convert, shipped_smollm2
 from lizard_jax.generate import SamplingConfig, _generate, left_pad
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
 from lizard_jax.numerics import FORMS_RTOL, assert_close
+from lizard_jax.textio import read_text
 
 pytestmark = pytest.mark.slow
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKI = Path(__file__).resolve().parents[1] / "data" / "wikitext-2" / "valid.txt.xz"
 GREEDY = SamplingConfig()
 
 
@@ -23,7 +24,7 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("lazy_smollm2") / "ck"
     convert(shipped_smollm2(), out)
     model, params, tok = lizard_jax.load(out)
-    ids = tok(WIKI.read_text()[:20000], add_special_tokens=False)["input_ids"]
+    ids = tok(read_text(WIKI)[:20000], add_special_tokens=False)["input_ids"]
     toks, pos = left_pad([ids[:500], ids[1000:1300]], model.cfg.pad_token_id)
     return model, params, tok, toks, pos
 

@@ -14,10 +14,11 @@ from lizard_jax.convert import convert, shipped_smollm2
 from lizard_jax.models import Transformer, init_caches
 from lizard_jax.numerics import rel_err
 from lizard_jax.recipes import new_param_mask, student_config, student_params
+from lizard_jax.textio import read_text
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKI = ROOT / "data" / "wikitext-2" / "valid.txt.xz"
 NEW = {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha"}
 
 
@@ -53,7 +54,7 @@ def test_prefill_and_32_decoding_steps(student):
     cached logits equal one full forward pass over prompt + generated tokens."""
     _, _, tok, scfg, sparams = student
     model = Transformer(scfg)
-    ids = tok(WIKI.read_text()[:4000], add_special_tokens=False)["input_ids"][:200]
+    ids = tok(read_text(WIKI)[:4000], add_special_tokens=False)["input_ids"][:200]
     prompt = jnp.asarray([ids], jnp.int32)
     n, steps = prompt.shape[1], 32
     run = jax.jit(lambda t, p, c: model.apply({"params": sparams}, t, p, c))

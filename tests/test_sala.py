@@ -26,10 +26,11 @@ from lizard_jax.recipes import student_config, student_params
 from lizard_jax.sala import (BEGIN, END, _split_text, check_teacher, choose_layers, hybrid_attention, main,
                              num_sparse, recipe_attention, recipe_specs, sparse_teacher)
 from lizard_jax.testing import char_tokenizer, save_tiny_teacher, tiny_config
+from lizard_jax.textio import read_text
 from lizard_jax.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt.xz"
 # small InfLLM-V2 settings: blocks of 16, 1 initial + 1 local block + the best 2 others
 SMALL = dict(block_size=16, topk=2, kernel=8, stride=4, init_blocks=1, local_window=16)
 HYBRID = {"default": {"kind": "lightning", "chunk_size": 8},
@@ -128,7 +129,7 @@ def tiny_select(tmp_path_factory):
     runs `python -m lizard_jax.sala select` on them (updating the copy) and returns the result JSON."""
     d = tmp_path_factory.mktemp("select")
     tcfg = save_tiny_teacher(d / "teacher", num_layers=4)
-    (d / "text.txt").write_text(TEXT.read_text()[:40000])
+    (d / "text.txt").write_text(read_text(TEXT)[:40000])
     shutil.copyfile(ROOT / "configs" / "sala_smollm2.yaml", d / "sala.yaml")
 
     def run(tag: str, steps: int) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from lizard_jax.cli import InputError
 from lizard_jax.config import ModelConfig, RopeConfig
 from lizard_jax.layers.softmax import SoftmaxSpec
 
@@ -22,7 +23,7 @@ SUPPORTED = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A teacher that cannot be converted: unsupported architecture, missing files, shapes that do not fit."""
 
 
@@ -245,12 +246,18 @@ def load_hf(src: str | Path):
         weights = [p for p in src.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
         if not weights:
             raise FileNotFoundError(f"{src} has no weights (*.safetensors or pytorch_model.bin)")
-        archs = AutoConfig.from_pretrained(src).architectures or []
+        try:
+            archs = AutoConfig.from_pretrained(src).architectures or []
+        except (OSError, ValueError) as e:  # transformers' errors for an unreadable config.json
+            raise ConversionError(f"{src}/config.json: transformers cannot read it: {e}") from None
         if not any(a in SUPPORTED for a in archs):
             raise ConversionError(f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}")
         kw = {}
         folder = src
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **kw)
+    except (OSError, ValueError) as e:  # transformers' errors for corrupt weights or a corrupt .gguf
+        raise ConversionError(f"{src}: transformers cannot read the model: {e}") from None
     if type(model).__name__ not in SUPPORTED:
         raise ConversionError(f"unsupported architecture {type(model).__name__!r}; supported: {sorted(SUPPORTED)}")
     try:
