@@ -204,7 +204,7 @@ def test_eval_perplexity_sparse_prefill(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     save_tiny_teacher(teacher, num_layers=2)
     text = tmp_path / "text.txt"
-    text.write_text(TEXT.read_text()[:20000])
+    text.write_text(read_text(TEXT)[:20000])
     ppl = lambda *extra: eval_cli(capsys, "perplexity", "--checkpoint", teacher, "--text", text, "--seq-len", 96,
                                   "--max-tokens", 384, *extra)
     base = ppl()
@@ -225,7 +225,7 @@ def test_eval_speed_and_passkey_take_sala_checkpoints(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     tcfg = save_tiny_teacher(teacher, num_layers=4)
     text = tmp_path / "text.txt"
-    text.write_text(TEXT.read_text()[:20000])
+    text.write_text(read_text(TEXT)[:20000])
     sala = tmp_path / "sala"
     cfg = student_config(tcfg, HYBRID)
     _, t_params, _ = lizard_jax.load(teacher)

@@ -14,9 +14,10 @@ import torch
 import lizard_jax
 from lizard_jax.convert import convert_model, load_hf, shipped_smollm2
 from lizard_jax.numerics import rel_err
+from lizard_jax.textio import read_text
 
 pytestmark = pytest.mark.slow
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKI = Path(__file__).resolve().parents[1] / "data" / "wikitext-2" / "valid.txt.xz"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def torch_perplexity(hf, ids, seq_len):
 def test_logits_match_on_real_text(teacher):
     hf, tok, ck = teacher
     model, params, _ = lizard_jax.load(ck)
-    ids = tok(WIKI.read_text()[:3000], add_special_tokens=False)["input_ids"][:256]
+    ids = tok(read_text(WIKI)[:3000], add_special_tokens=False)["input_ids"][:256]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits.numpy()
     out = np.asarray(model.apply({"params": params}, jnp.asarray([ids])))
@@ -60,7 +61,7 @@ def test_eval_perplexity_matches_pytorch(teacher):
     )
     ours = json.loads(res.stdout.strip().splitlines()[-1])
     assert ours["task"] == "perplexity" and ours["tokens"] == 4092
-    ids = tok(WIKI.read_text(), add_special_tokens=False)["input_ids"][:4096]
+    ids = tok(read_text(WIKI), add_special_tokens=False)["input_ids"][:4096]
     ref = torch_perplexity(hf, ids, 1024)
     print(f"perplexity: lizard_jax {ours['perplexity']:.4f} vs PyTorch {ref:.4f}")
     assert abs(ours["perplexity"] / ref - 1) < 0.005

@@ -1,7 +1,7 @@
 """Star Attention on the real teacher (SmolLM2-135M-Instruct, slow): `eval.py passkey` at 8K tokens of real text.
 
 A 5-digit key at 5 depths in 8192-token prompts (filler: the first 200K characters of
-`../shared/data/state_union/state_union.txt`; same keys and slices in every run), through eval.py exactly as a
+`data/state_union/state_union.txt.xz`; same keys and slices in every run), through eval.py exactly as a
 user runs it: global attention (plain generation), Star on 4 and 8 simulated CPU devices (block = context / devices,
 the anchor = the first block: the paper's defaults), and Star without the anchor on 8 devices. Accuracies are
 printed (run with -s). The checks are the paper's claim in loose form: the teacher finds most keys, and Star with
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lizard_jax.convert import convert, shipped_smollm2
+from lizard_jax.textio import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # eval.py, the entry point, lives at the repo root
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # eval.py, the entry point, lives at the repo roo
 import eval as eval_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TEXT = ROOT.parent / "shared" / "data" / "state_union" / "state_union.txt"
+TEXT = ROOT / "data" / "state_union" / "state_union.txt.xz"
 RUNS = {
     "global": [],
     "star x4": ["--context-parallel", "star", "--devices", "4"],
@@ -41,7 +42,7 @@ def passkey_args(tmp_path_factory):
     root = tmp_path_factory.mktemp("star_smollm2")
     convert(shipped_smollm2(), root / "ck")
     filler = root / "filler.txt"
-    filler.write_text(TEXT.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    filler.write_text(read_text(TEXT)[:200_000], encoding="utf-8")
     return ["passkey", "--checkpoint", str(root / "ck"), "--text", str(filler), "--lengths", "8192",
             "--depths", "0,0.25,0.5,0.75,1"]
 

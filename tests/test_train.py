@@ -17,10 +17,11 @@ import lizard_jax
 from lizard_jax.config import ConfigError
 from lizard_jax.numerics import assert_close
 from lizard_jax.testing import save_tiny_teacher
+from lizard_jax.textio import read_text
 from lizard_jax.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt.xz"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
     save_tiny_teacher(d / "ck", num_layers=2)
     text = d / "train.txt"
-    text.write_text(TEXT.read_text()[:60000])
+    text.write_text(read_text(TEXT)[:60000])
     return d / "ck", text
 
 
