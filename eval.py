@@ -97,7 +97,7 @@ def cmd_perplexity(a) -> dict:
     model, params, tok = _load(a)
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
-    text = read_text(a.text)
+    text = read_text(a.text, "--text")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size)
     out.update(checkpoint=str(a.checkpoint), text=str(a.text))
@@ -224,7 +224,7 @@ def cmd_passkey(a) -> dict:
     if tok is None:
         raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
     gen_kw, described = _generation_options(a, model, mesh)
-    out = passkey(model, params, tok, read_text(a.text), lengths=_ints(a.lengths),
+    out = passkey(model, params, tok, read_text(a.text, "--text"), lengths=_ints(a.lengths),
                   depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)
     return _sparse_note(a, out)

@@ -338,11 +338,11 @@ def select_layers(teacher: str | Path, attention: Mapping[str, Any], text: str |
         tcfg = read_config(teacher_dir)
         check_teacher(tcfg, str(teacher))
         num_sparse(tcfg.num_layers, ratio, keep)  # bad ratio / keep: fail before training
-        raw = read_text(text)
+        raw = read_text(text, "--text")
         if eval_text is None:
             train_text, held_out = _split_text(raw, eval_fraction)
         else:
-            train_text, held_out = raw, read_text(eval_text)
+            train_text, held_out = raw, read_text(eval_text, "--eval-text")
         run_dir.mkdir(parents=True, exist_ok=True)
         train_file = run_dir / "select_train.txt"
         train_file.write_text(train_text, encoding="utf-8")

@@ -8,22 +8,21 @@ import gzip
 import lzma
 from pathlib import Path
 
+from lizard_jax.cli import InputError
+
 # a suffix picks the decompressor; anything else is read as plain UTF-8
 OPENERS = {".xz": lzma.open, ".gz": gzip.open}
 
 
-class TextFileError(ValueError):
-    """A text file that is missing, not a file, corrupt (bad compression or not UTF-8) or empty."""
-
-
-def read_text(path: str | Path) -> str:
-    """The whole UTF-8 text of `path` (`.xz` / `.gz` decompressed); TextFileError names the file and what is
-    wrong with it."""
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """The whole UTF-8 text of `path` (`.xz` / `.gz` decompressed). Errors name `what` (a flag like "--text" or a
+    config key like "data.paths") and the file: FileNotFoundError / IsADirectoryError for a missing path or a
+    folder, InputError for a corrupt, non-UTF-8 or empty file."""
     p = Path(path)
-    if not p.exists():
-        raise TextFileError(f"text file not found: {p}")
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {p} is a folder; expected a UTF-8 text file (.txt, .txt.xz or .txt.gz)")
     if not p.is_file():
-        raise TextFileError(f"{p} is not a file (expected a .txt, .txt.xz or .txt.gz text file)")
+        raise FileNotFoundError(f"{what} {p}: no such file")
     opener = OPENERS.get(p.suffix.lower())
     try:
         if opener is None:
@@ -32,9 +31,9 @@ def read_text(path: str | Path) -> str:
             with opener(p, "rt", encoding="utf-8") as f:
                 text = f.read()
     except UnicodeDecodeError as e:
-        raise TextFileError(f"{p} is not UTF-8 text ({e.reason})") from None
+        raise InputError(f"{what} {p} is not UTF-8 text ({e.reason})") from None
     except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as e:
-        raise TextFileError(f"{p} is not a valid {p.suffix} file ({e})") from None
+        raise InputError(f"{what} {p} is not a valid {p.suffix} file ({e})") from None
     if not text.strip():
-        raise TextFileError(f"{p} is empty: expected text")
+        raise InputError(f"{what} {p} is empty; expected text")
     return text

@@ -24,13 +24,13 @@ def read_documents(cfg: DataConfig) -> Iterator[str]:
     """Raw documents in a fixed order."""
     if cfg.source == "text":
         for p in cfg.paths:
-            text = read_text(p)
+            text = read_text(p, "data.paths")
             for doc in text.split("\n\n"):
                 if doc.strip():
                     yield doc.strip("\n")
     elif cfg.source == "jsonl":
         for p in cfg.paths:
-            for n, line in enumerate(read_text(p).splitlines(), 1):
+            for n, line in enumerate(read_text(p, "data.paths").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
