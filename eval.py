@@ -38,6 +38,14 @@ import sys
 from pathlib import Path
 
 
+def _error(message: str) -> Exception:
+    """A bad flag or input: `lizard_jax.cli` prints it as one `error:` line and exits 2 (imported late: see
+    `main`)."""
+    from lizard_jax.cli import InputError
+
+    return InputError(message)
+
+
 def _sparse_option(s: str) -> tuple[str, int]:
     key, sep, value = s.partition("=")
     if not sep:
@@ -67,18 +75,14 @@ def _load(a, mesh=None):
     """(model, params, tokenizer) of --checkpoint (params placed on `mesh` if given), as the training-free sparse
     teacher with --sparse-prefill."""
     import lizard_jax
-    from lizard_jax.config import ConfigError
     from lizard_jax.models import Transformer
     from lizard_jax.sala import sparse_teacher
 
     if a.sparse_option and not a.sparse_prefill:
-        raise SystemExit("error: --sparse-option needs --sparse-prefill")
+        raise _error("--sparse-option needs --sparse-prefill")
     model, params, tok = lizard_jax.load(a.checkpoint, mesh, dtype=a.dtype, teacher=a.teacher)
     if a.sparse_prefill:
-        try:
-            model = Transformer(sparse_teacher(model.cfg, **dict(a.sparse_option)))
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
+        model = Transformer(sparse_teacher(model.cfg, **dict(a.sparse_option)))
     return model, params, tok
 
 
@@ -96,20 +100,32 @@ def cmd_perplexity(a) -> dict:
 
     model, params, tok = _load(a)
     if tok is None:
-        raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
+        raise _error(f"{a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
     text = read_text(a.text, "--text")
     ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise _error(f"--text {a.text} is {len(ids)} token(s) long; perplexity scores from the second token on")
     out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size)
     out.update(checkpoint=str(a.checkpoint), text=str(a.text))
     return _sparse_note(a, out)
 
 
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
+def _numbers(kind):
+    """argparse type: a non-empty comma-separated list of `kind` (int or float)."""
+
+    def parse(s: str) -> list:
+        try:
+            out = [kind(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s like 1,2, got {s!r}")
+        return out
+
+    return parse
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+_floats, _ints = _numbers(float), _numbers(int)
 
 
 CP_FLAGS = ("devices", "block_size", "anchor_size", "anchor")
@@ -141,13 +157,13 @@ def _check_generation_flags(a) -> None:
     given = lambda names: ["--" + n.replace("_", "-") for n in names if getattr(a, n) is not None]
     cp = given(CP_FLAGS) + (["--multihost"] if a.multihost else [])
     if a.context_parallel is None and cp:
-        raise SystemExit(f"error: {', '.join(cp)} need(s) --context-parallel")
+        raise _error(f"{', '.join(cp)} need(s) --context-parallel")
     if a.prefill != "lazy" and given(LAZY_FLAGS):
-        raise SystemExit(f"error: {', '.join(given(LAZY_FLAGS))} need(s) --prefill lazy")
+        raise _error(f"{', '.join(given(LAZY_FLAGS))} need(s) --prefill lazy")
     if a.prefill == "lazy" and a.context_parallel is not None:
-        raise SystemExit("error: --prefill lazy cannot be combined with --context-parallel")
+        raise _error("--prefill lazy cannot be combined with --context-parallel")
     if a.devices is not None and a.devices < 1:
-        raise SystemExit(f"error: --devices must be >= 1, got {a.devices}")
+        raise _error(f"--devices must be >= 1, got {a.devices}")
 
 
 def _simulate_cpu_devices(n: int) -> None:
@@ -170,7 +186,7 @@ def _context_mesh(a):
 
     n = a.devices or jax.device_count()
     if n > jax.device_count():
-        raise SystemExit(f"error: --devices {n} but jax sees {jax.device_count()} {jax.default_backend()} "
+        raise _error(f"--devices {n} but jax sees {jax.device_count()} {jax.default_backend()} "
                          f"device(s); on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
                          f"before jax starts")
     return make_mesh({"context": n}, devices=jax.devices()[:n])
@@ -178,8 +194,6 @@ def _context_mesh(a):
 
 def _generation_options(a, model, mesh):
     """-> (`lizard_jax.generate` keyword arguments, their description for the result JSON)."""
-    from lizard_jax.config import ConfigError
-
     if mesh is not None:
         from lizard_jax.distributed import validate_context_parallel
 
@@ -188,24 +202,21 @@ def _generation_options(a, model, mesh):
         try:
             validate_context_parallel(mesh, model.cfg, mode=a.context_parallel, block_size=a.block_size,
                                       anchor_size=a.anchor_size, anchor=kw["anchor"])
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        except ValueError as e:  # the validator's message names the option
+            raise _error(str(e)) from None
         return kw | {"mesh": mesh}, kw | {"devices": mesh.shape["context"]}
     if a.prefill == "lazy":
         from lizard_jax.lazy import LazyConfig
 
         extra = {k: v for k, v in (("sink_tokens", a.lazy_sink), ("recent_tokens", a.lazy_recent),
                                    ("pool", a.lazy_pool)) if v is not None}
-        try:
-            if a.lazy_layers is None:
-                if a.lazy_keep is not None or a.lazy_top_k is not None:
-                    raise ConfigError("--lazy-keep / --lazy-top-k need --lazy-layers")
-                lazy = LazyConfig.default(model.cfg.num_layers, **extra)
-            else:
-                lazy = LazyConfig(layers=a.lazy_layers, keep=a.lazy_keep or (), top_k=a.lazy_top_k or (), **extra)
-            lazy.check(model.cfg.num_layers)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
+        if a.lazy_layers is None:
+            if a.lazy_keep is not None or a.lazy_top_k is not None:
+                raise _error("--lazy-keep / --lazy-top-k need --lazy-layers")
+            lazy = LazyConfig.default(model.cfg.num_layers, **extra)
+        else:
+            lazy = LazyConfig(layers=a.lazy_layers, keep=a.lazy_keep or (), top_k=a.lazy_top_k or (), **extra)
+        lazy.check(model.cfg.num_layers)
         return {"prefill": "lazy", "lazy": lazy}, {"prefill": "lazy", "lazy": repr(lazy)}
     return {}, {}
 
@@ -222,10 +233,10 @@ def cmd_passkey(a) -> dict:
     mesh = _context_mesh(a)
     model, params, tok = _load(a, mesh)  # params on the mesh once (all processes' devices)
     if tok is None:
-        raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
+        raise _error(f"{a.checkpoint} has no tokenizer/ folder")
     gen_kw, described = _generation_options(a, model, mesh)
-    out = passkey(model, params, tok, read_text(a.text, "--text"), lengths=_ints(a.lengths),
-                  depths=_floats(a.depths), trials=a.trials, seed=a.seed, **gen_kw)
+    out = passkey(model, params, tok, read_text(a.text, "--text"), lengths=a.lengths,
+                  depths=a.depths, trials=a.trials, seed=a.seed, **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)
     return _sparse_note(a, out)
 
@@ -235,12 +246,9 @@ def cmd_mqar(a) -> dict:
 
     model, params, tok = _load(a)
     if tok is None:
-        raise SystemExit(f"error: {a.checkpoint} has no tokenizer/ folder")
-    try:
-        out = mqar(model, params, tok, pairs=a.pairs, lengths=a.lengths, num_queries=a.queries, trials=a.trials,
-                   batch_size=a.batch_size, seed=a.seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise _error(f"{a.checkpoint} has no tokenizer/ folder")
+    out = mqar(model, params, tok, pairs=a.pairs, lengths=a.lengths, num_queries=a.queries, trials=a.trials,
+               batch_size=a.batch_size, seed=a.seed)
     out.update(checkpoint=str(a.checkpoint))
     return _sparse_note(a, out)
 
@@ -253,7 +261,7 @@ def _read_speed(path: str) -> dict:
     except json.JSONDecodeError:
         out = None
     if not isinstance(out, dict) or out.get("task") != "speed":
-        raise SystemExit(f"error: {path} does not end with an eval.py speed JSON line")
+        raise _error(f"{path} does not end with an eval.py speed JSON line")
     return out
 
 
@@ -264,29 +272,26 @@ def cmd_speed(a) -> dict:
     from lizard_jax.sala import PAPER_INFLLM, sparse_checkpoint_view
 
     if a.sparse_option and not a.sparse_prefill:
-        raise SystemExit("error: --sparse-option needs --sparse-prefill")
+        raise _error("--sparse-option needs --sparse-prefill")
     sparse_opts = dict(a.sparse_option)
-    try:
-        sources = [ModelSource.parse("checkpoint", x) for x in a.checkpoint or []]
-        sources += [ModelSource.parse("random", x) for x in a.random or []]
-        if not sources and not a.sparse_prefill and not a.merge:
-            raise ValueError("give at least one --checkpoint, --random, --sparse-prefill or --merge")
-        with tempfile.TemporaryDirectory(prefix="sparse_view_") as tmp:
-            originals = {}  # label -> the checkpoint a sparse view stands for
-            for i, x in enumerate(a.sparse_prefill or []):
-                src = ModelSource.parse("checkpoint", x)
-                label = src.label if "=" in x else f"{src.label}-sparse"
-                view = sparse_checkpoint_view(src.path, Path(tmp) / str(i), **sparse_opts)  # config only, no copy
-                sources.append(ModelSource(label, "checkpoint", str(view)))
-                originals[label] = src.path
-            out = None
-            if sources:
-                opts = SpeedOptions(batch=a.batch, decode_tokens=a.decode_tokens, warmup=a.warmup, reps=a.reps)
-                out = speed_sources(sources, a.contexts, opts, dtype=a.dtype, isolate=a.isolate)
-                for label, path in originals.items():
-                    out["models"][label].update(path=path, sparse_prefill={**PAPER_INFLLM, **sparse_opts})
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        raise SystemExit(f"error: {e}") from None
+    sources = [ModelSource.parse("checkpoint", x) for x in a.checkpoint or []]
+    sources += [ModelSource.parse("random", x) for x in a.random or []]
+    if not sources and not a.sparse_prefill and not a.merge:
+        raise _error("give at least one --checkpoint, --random, --sparse-prefill or --merge")
+    with tempfile.TemporaryDirectory(prefix="sparse_view_") as tmp:
+        originals = {}  # label -> the checkpoint a sparse view stands for
+        for i, x in enumerate(a.sparse_prefill or []):
+            src = ModelSource.parse("checkpoint", x)
+            label = src.label if "=" in x else f"{src.label}-sparse"
+            view = sparse_checkpoint_view(src.path, Path(tmp) / str(i), **sparse_opts)  # config only, no copy
+            sources.append(ModelSource(label, "checkpoint", str(view)))
+            originals[label] = src.path
+        out = None
+        if sources:
+            opts = SpeedOptions(batch=a.batch, decode_tokens=a.decode_tokens, warmup=a.warmup, reps=a.reps)
+            out = speed_sources(sources, a.contexts, opts, dtype=a.dtype, isolate=a.isolate)
+            for label, path in originals.items():
+                out["models"][label].update(path=path, sparse_prefill={**PAPER_INFLLM, **sparse_opts})
     for path in a.merge or []:  # earlier runs (e.g. one model per command), on the same device and options
         old = _read_speed(path)
         if out is None:
@@ -294,10 +299,10 @@ def cmd_speed(a) -> dict:
             continue
         for key in ("device", "options"):
             if old[key] != out[key]:
-                raise SystemExit(f"error: {path} was measured with {key} {old[key]}, this run with {out[key]}")
+                raise _error(f"{path} was measured with {key} {old[key]}, this run with {out[key]}")
         clash = sorted(set(old["models"]) & set(out["models"]))
         if clash:
-            raise SystemExit(f"error: {path} repeats model label(s) {clash}; name models with LABEL=PATH")
+            raise _error(f"{path} repeats model label(s) {clash}; name models with LABEL=PATH")
         out["models"].update(old["models"])
         out["contexts"] = sorted(set(out["contexts"]) | set(old["contexts"]))
     if a.plot:
@@ -308,21 +313,42 @@ def cmd_speed(a) -> dict:
     return out
 
 
+def _devices_flag(argv: list[str]) -> int | None:
+    """passkey's --devices, read before the real parser: that one comes with lizard_jax, which imports jax."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--devices", type=int, default=None)
+    try:
+        return pre.parse_known_args(argv)[0].devices
+    except argparse.ArgumentError:  # the real parser reports it
+        return None
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n = _devices_flag(sys.argv[1:] if argv is None else argv)
+    if n is not None and n >= 1:
+        _simulate_cpu_devices(n)
+    from lizard_jax import cli
+
+    return cli.command(_run)(argv)
+
+
+def _run(argv) -> int:
+    from lizard_jax.cli import ArgumentParser, int_at_least
+
+    ap = ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="task", required=True)
     p = sub.add_parser("perplexity", help="perplexity over non-overlapping windows of a text file")
     _add_common(p)
-    p.add_argument("--text", required=True)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--text", required=True, help="text file (.txt, .txt.xz or .txt.gz)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=1024, help="window length in tokens")
+    p.add_argument("--max-tokens", type=int_at_least(2), default=None, help="score the first N tokens only")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4)
     p.set_defaults(fn=cmd_perplexity)
     p = sub.add_parser("passkey", help="passkey retrieval at several lengths and depths")
     _add_common(p)
     p.add_argument("--text", required=True, help="filler text file")
-    p.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated depths in [0, 1]")
+    p.add_argument("--lengths", type=_ints, default=[4096], help="comma-separated prompt lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0, 0.25, 0.5, 0.75, 1], help="comma-separated depths in [0, 1]")
     p.add_argument("--trials", type=int, default=1, help="trials per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     _add_generation(p)
@@ -358,8 +384,6 @@ def main(argv=None) -> int:
                    help="earlier speed results (files ending with their JSON line) to add to the table/plot")
     p.set_defaults(fn=cmd_speed)
     a = ap.parse_args(argv)
-    if getattr(a, "devices", None):
-        _simulate_cpu_devices(a.devices)
     result = a.fn(a)
     print(json.dumps(result), flush=True)
     return 0

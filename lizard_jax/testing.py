@@ -67,3 +67,22 @@ def save_tiny_teacher(path, *, seed: int = 0, **config_overrides):
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed))  # jitted: eager init is slower
     checkpoint.save(path, cfg, params, char_tokenizer(cfg.vocab_size), overwrite=True)
     return cfg
+
+
+def cli_error(capsys, main, argv, match: str) -> str:
+    """Run entry point `main(argv)` in this process and check that it failed as a user error (lizard_jax.cli):
+    exit status 2, no traceback, and stderr ending in its only `error: ...` line, which matches regex `match`.
+    Returns that line."""
+    import re
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's errors exit
+        rc = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err, f"exit status {rc}, stderr:\n{err}"
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), f"want one final error line, stderr:\n{err}"
+    assert re.search(match, errors[0]), f"{match!r} not in {errors[0]!r}"
+    return errors[0]

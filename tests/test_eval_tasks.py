@@ -18,7 +18,7 @@ from lizard_jax.eval import mqar as mq
 from lizard_jax.eval import speed as sp
 from lizard_jax.models import Transformer, init_caches, init_params
 from lizard_jax.numerics import assert_close
-from lizard_jax.testing import tiny_config
+from lizard_jax.testing import cli_error, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # eval.py, the entry point, lives at the repo root
@@ -162,8 +162,7 @@ def test_mqar_end_to_end(ckpt):
     (["--pairs", "100"], "key pool has only 21"),
 ])
 def test_mqar_bad_arguments(ckpt, capsys, args, match):
-    with pytest.raises(SystemExit, match=match):
-        eval_cli.main(["mqar", "--checkpoint", str(ckpt[2]), *args])
+    cli_error(capsys, eval_cli.main, ["mqar", "--checkpoint", str(ckpt[2]), *args], match)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,8 +244,8 @@ def test_speed_end_to_end(ckpt, tmp_path, capsys):
     assert eval_cli.main(["speed", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(merged["models"]) == ["lightning", "other", "teacher"]
-    with pytest.raises(SystemExit, match="repeats model label"):
-        eval_cli.main(["speed", "--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+    cli_error(capsys, eval_cli.main, ["speed", "--merge", tmp_path / "a.json", tmp_path / "a.json"],
+              "repeats model label")
 
 
 def test_speed_isolated_subprocess(ckpt):
@@ -267,14 +266,11 @@ def test_speed_isolated_subprocess(ckpt):
     (["--random", "CFG", "--decode-tokens", "0"], "decode_tokens must be >= 1"),
     (["--merge", "CFG"], "does not end with an eval.py speed JSON line"),
 ])
-def test_speed_bad_arguments(tmp_path, args, match):
+def test_speed_bad_arguments(tmp_path, capsys, args, match):
     cfg = tmp_path / "cfg.json"
     tiny_config().to_json(cfg)
-    with pytest.raises(SystemExit, match=match):
-        eval_cli.main(["speed", *[str(cfg) if a == "CFG" else a.replace("CFG", str(cfg)) for a in args]])
+    cli_error(capsys, eval_cli.main, ["speed", *[a.replace("CFG", str(cfg)) for a in args]], match)
 
 
 def test_speed_bad_context_list_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        eval_cli.main(["speed", "--random", "x", "--contexts", "1k"])
-    assert e.value.code == 2 and "--contexts" in capsys.readouterr().err
+    cli_error(capsys, eval_cli.main, ["speed", "--random", "x", "--contexts", "1k"], "--contexts")

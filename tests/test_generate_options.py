@@ -23,7 +23,7 @@ from lizard_jax.generate import generate
 from lizard_jax.lazy import LazyConfig
 from lizard_jax.models import Transformer, init_params
 from lizard_jax.sharding import make_mesh
-from lizard_jax.testing import char_tokenizer
+from lizard_jax.testing import char_tokenizer, cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # eval.py, the entry point, lives at the repo root
@@ -157,9 +157,8 @@ def test_eval_passkey_star_and_lazy(teacher, capsys):
     (["--prefill", "lazy", "--lazy-keep", "0.5"], "need --lazy-layers"),
     (["--prefill", "lazy", "--lazy-layers", "1", "--lazy-keep", "0.5"], "out of range"),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
-def test_eval_passkey_bad_flags(teacher, extra, match):
-    with pytest.raises(SystemExit, match=match):
-        eval_cli.main(teacher + extra)
+def test_eval_passkey_bad_flags(teacher, capsys, extra, match):
+    cli_error(capsys, eval_cli.main, teacher + extra, match)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from lizard_jax.numerics import FORMS_RTOL, rel_err
 from lizard_jax.recipes import student_config, student_params
 from lizard_jax.sala import (BEGIN, END, _split_text, check_teacher, choose_layers, hybrid_attention, main,
                              num_sparse, recipe_attention, recipe_specs, sparse_teacher)
-from lizard_jax.testing import char_tokenizer, save_tiny_teacher, tiny_config
+from lizard_jax.testing import char_tokenizer, cli_error, save_tiny_teacher, tiny_config
 from lizard_jax.textio import read_text
 from lizard_jax.train import TrainConfig
 
@@ -212,10 +212,12 @@ def test_eval_perplexity_sparse_prefill(tmp_path, capsys):
     assert same["perplexity"] == base["perplexity"] and same["sparse_prefill"]["dense_below"] == 8192
     sparse = ppl("--sparse-prefill", *SPARSE_OPTIONS)
     assert sparse["sparse_prefill"]["dense_below"] == 0 and abs(sparse["nll"] - base["nll"]) > 1e-4
-    with pytest.raises(SystemExit, match="needs --sparse-prefill"):
-        ppl("--sparse-option", "topk=4")
-    with pytest.raises(SystemExit, match="unknown InfLLM-V2 option"):
-        ppl("--sparse-prefill", "--sparse-option", "top_k=4")
+    import eval as eval_py
+
+    args = ["perplexity", "--checkpoint", teacher, "--text", text, "--seq-len", 96, "--max-tokens", 384]
+    cli_error(capsys, eval_py.main, [*args, "--sparse-option", "topk=4"], "needs --sparse-prefill")
+    cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "top_k=4"],
+              "unknown InfLLM-V2 option")
 
 
 @pytest.mark.slow
@@ -240,5 +242,7 @@ def test_eval_speed_and_passkey_take_sala_checkpoints(tmp_path, capsys):
     assert rows["sala"]["cache_bytes"] < rows["teacher-sparse"]["cache_bytes"]  # 2 of 4 layers keep KV
     out = eval_cli(capsys, "passkey", "--checkpoint", sala, "--text", text, "--lengths", 300, "--depths", 0.5)
     assert out["task"] == "passkey" and len(out["trials"]) == 1 and 0.0 <= out["accuracy"] <= 1.0
-    with pytest.raises(SystemExit, match="no full-causal softmax layer"):
-        eval_cli(capsys, "passkey", "--checkpoint", sala, "--text", text, "--lengths", 300, "--sparse-prefill")
+    import eval as eval_py
+
+    cli_error(capsys, eval_py.main, ["passkey", "--checkpoint", sala, "--text", text, "--lengths", 300,
+                                     "--sparse-prefill"], "no full-causal softmax layer")

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from lizard_jax.cli import InputError
 from lizard_jax.eval.speed import forward_at
 from lizard_jax.models import Transformer
 
@@ -69,7 +70,7 @@ class TemplateIds:
         enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
         ids = cls(*(enc(getattr(template, f.name)) for f in dataclasses.fields(template)))
         if not ids.sep:
-            raise ValueError(f"the template's separator {template.sep!r} encodes to no tokens")
+            raise InputError(f"the template's separator {template.sep!r} encodes to no tokens")
         return ids
 
     def prompt_length(self, num_pairs: int, num_queries: int) -> int:
@@ -82,7 +83,7 @@ class TemplateIds:
         one = self.prompt_length(1, num_queries)
         n = 1 + (length - one) // (2 + len(self.sep) + len(self.delim)) if length >= one else 0
         if n < num_queries:
-            raise ValueError(f"length {length} fits {n} pairs, fewer than the {num_queries} queries "
+            raise InputError(f"length {length} fits {n} pairs, fewer than the {num_queries} queries "
                              f"(needs >= {self.prompt_length(num_queries, num_queries)} tokens)")
         return n
 
@@ -99,7 +100,7 @@ def token_pool(tokenizer, pattern: re.Pattern = WORD, exclude: Sequence[int] = (
     enc = tokenizer([s for _, s in cand], add_special_tokens=False)["input_ids"] if cand else []
     pool = np.asarray([i for (i, _), e in zip(cand, enc) if list(e) == [i]], np.int32)
     if len(pool) < 4:
-        raise ValueError(f"the tokenizer has only {len(pool)} single-token words matching {pattern.pattern!r}")
+        raise InputError(f"the tokenizer has only {len(pool)} single-token words matching {pattern.pattern!r}")
     return pool[0::2], pool[1::2]
 
 
@@ -108,9 +109,9 @@ def build_prompt(rng: np.random.Generator, ids: TemplateIds, keys: np.ndarray, v
     """One prompt -> (tokens [L] int32, at [Q]: index of the last token of each query's separator, where the
     value is predicted, answers [Q])."""
     if num_pairs > len(keys):
-        raise ValueError(f"{num_pairs} pairs need distinct keys but the key pool has only {len(keys)}")
+        raise InputError(f"{num_pairs} pairs need distinct keys but the key pool has only {len(keys)}")
     if not 1 <= num_queries <= num_pairs:
-        raise ValueError(f"num_queries must be in [1, num_pairs={num_pairs}], got {num_queries}")
+        raise InputError(f"num_queries must be in [1, num_pairs={num_pairs}], got {num_queries}")
     k = rng.choice(keys, num_pairs, replace=False)
     v = rng.choice(values, num_pairs, replace=True)
     q = rng.choice(num_pairs, num_queries, replace=False)
@@ -143,22 +144,24 @@ def mqar(model: Transformer | None, params, tokenizer, *, pairs: Sequence[int] =
     (exactly N pairs, min(num_queries, N) queries) and of `lengths` (as many pairs as fit in L tokens);
     `trials` prompts each. `predict(tokens, at) -> answers` replaces the model (tests, other scorers)."""
     if not pairs and not lengths:
-        raise ValueError("give at least one of pairs or lengths")
+        raise InputError("give at least one of pairs or lengths")
     for name, v in (("num_queries", num_queries), ("trials", trials), ("batch_size", batch_size)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise InputError(f"{name} must be >= 1, got {v}")
     if any(n < 1 for n in pairs) or any(n < 1 for n in lengths):
-        raise ValueError(f"pairs and lengths must be positive, got {list(pairs)=} {list(lengths)=}")
+        raise InputError(f"pairs and lengths must be positive, got {list(pairs)=} {list(lengths)=}")
     predict = predict or model_predictor(model, params)
     ids = TemplateIds.encode(tokenizer, template)
     keys, values = token_pool(tokenizer, exclude=ids.intro + ids.sep + ids.delim + ids.bridge)
     settings = [(n, None) for n in pairs] + [(ids.pairs_for_length(n, num_queries), n) for n in lengths]
     rng = np.random.default_rng(seed)
+    # every prompt before the first forward pass: a setting that cannot be built fails before any work
+    built = [[build_prompt(rng, ids, keys, values, n, min(num_queries, n)) for _ in range(trials)]
+             for n, _ in settings]
     bar = tqdm(total=len(settings) * trials, desc="mqar", file=sys.stderr, disable=not progress)
     results, example = [], None
-    for n, length in settings:
+    for (n, length), prompts in zip(settings, built):
         q = min(num_queries, n)
-        prompts = [build_prompt(rng, ids, keys, values, n, q) for _ in range(trials)]
         example = example or tokenizer.decode(prompts[0][0])
         correct = 0
         for i in range(0, trials, batch_size):

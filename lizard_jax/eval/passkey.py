@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from lizard_jax.cli import InputError
+
 INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n\n")
 KEY = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -27,9 +29,11 @@ def build_prompt(tokenizer, filler_ids: Sequence[int], length: int, depth: float
     intro, needle, question = enc(INTRO), enc(KEY.format(key=key)), enc(QUESTION)
     n_fill = length - len(intro) - len(needle) - len(question)
     if n_fill < 0:
-        raise ValueError(f"length {length} is too short for the passkey prompt")
+        raise InputError(f"length {length} is too short for the passkey prompt: its instruction, key sentence "
+                         f"and question alone take {length - n_fill} tokens")
     if len(filler_ids) < n_fill:
-        raise ValueError(f"filler text has {len(filler_ids)} tokens, need {n_fill}")
+        raise InputError(f"filler text has {len(filler_ids)} tokens; length {length} needs {n_fill}: give a "
+                         "longer text or a shorter length")
     fill = list(filler_ids[:n_fill])
     at = int(round(depth * n_fill))
     return intro + fill[:at] + needle + fill[at:] + question
@@ -40,8 +44,12 @@ def passkey(model, params, tokenizer, filler_text: str, *, lengths: Sequence[int
             max_new_tokens: int = 8, progress: bool = True, **generate_kwargs) -> dict:
     import lizard_jax
 
+    if not all(0 <= d <= 1 for d in depths):
+        raise InputError(f"depths must be in [0, 1], got {list(depths)}")
     rng = np.random.default_rng(seed)
     filler = tokenizer(filler_text, add_special_tokens=False)["input_ids"]
+    for length in lengths:  # every length fits the text: fail before the first generation, not after
+        build_prompt(tokenizer, filler, length, 0.0, 99999)
     results = []
     total = len(lengths) * len(depths) * trials
     bar = tqdm(total=total, desc="passkey", file=sys.stderr, disable=not progress)

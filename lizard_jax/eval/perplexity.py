@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from lizard_jax.cli import InputError
 from lizard_jax.models import Transformer
 
 
 def windows(ids: np.ndarray, seq_len: int, max_tokens: int | None = None):
     """-> (tokens [N, seq_len] int32, mask [N, seq_len] bool of scored targets at position t>=1)."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise InputError(f"seq_len must be >= 2, got {seq_len}")
     ids = np.asarray(ids, np.int32)
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -33,7 +34,7 @@ def windows(ids: np.ndarray, seq_len: int, max_tokens: int | None = None):
     if rest >= 2:
         chunks.append(ids[n * seq_len:])
     if not chunks:
-        raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
+        raise InputError(f"need at least 2 tokens to score, got {len(ids)}")
     toks = np.zeros((len(chunks), seq_len), np.int32)
     mask = np.zeros((len(chunks), seq_len), bool)
     for i, c in enumerate(chunks):

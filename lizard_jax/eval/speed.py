@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lizard_jax.cli import InputError
 from lizard_jax.generate import SamplingConfig, decode_loop
 from lizard_jax.models import Transformer, abstract_params, init_caches, init_params
 
@@ -55,9 +56,9 @@ class SpeedOptions:
     def __post_init__(self):
         for name in ("batch", "decode_tokens", "reps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"SpeedOptions.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"SpeedOptions.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"SpeedOptions.warmup must be >= 0, got {self.warmup}")
+            raise InputError(f"SpeedOptions.warmup must be >= 0, got {self.warmup}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ModelSource:
 
     def __post_init__(self):
         if self.kind not in ("checkpoint", "random"):
-            raise ValueError(f"ModelSource.kind must be 'checkpoint' or 'random', got {self.kind!r}")
+            raise InputError(f"ModelSource.kind must be 'checkpoint' or 'random', got {self.kind!r}")
         if not Path(self.path).exists():
             raise FileNotFoundError(f"{self.kind} source not found: {self.path}")
 
@@ -82,7 +83,7 @@ class ModelSource:
         if not sep:
             label, path = "", value
         if not path:
-            raise ValueError(f"empty path in {value!r}; expected [LABEL=]PATH")
+            raise InputError(f"empty path in {value!r}; expected [LABEL=]PATH")
         return cls(label or Path(path).stem or Path(path).name, kind, path)
 
 
@@ -230,9 +231,9 @@ def speed(model: Transformer, params, contexts: Sequence[int], opts: SpeedOption
 def check_contexts(contexts: Sequence[int]) -> list[int]:
     contexts = [int(c) for c in contexts]
     if not contexts:
-        raise ValueError("no context lengths given")
+        raise InputError("no context lengths given")
     if any(c < 1 for c in contexts) or len(set(contexts)) != len(contexts):
-        raise ValueError(f"context lengths must be distinct positive integers, got {contexts}")
+        raise InputError(f"context lengths must be distinct positive integers, got {contexts}")
     return sorted(contexts)
 
 
@@ -292,9 +293,9 @@ def speed_sources(sources: Sequence[ModelSource], contexts: Sequence[int], opts:
     `isolate`: one fresh subprocess per (model, context), so `peak_bytes` is that context's own."""
     labels = [s.label for s in sources]
     if not sources:
-        raise ValueError("no models given")
+        raise InputError("no models given")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must be distinct, got {labels}; name them with LABEL=PATH")
+        raise InputError(f"model labels must be distinct, got {labels}; name them with LABEL=PATH")
     contexts = check_contexts(contexts)
     models, devices = {}, set()
     for src in sources:
