@@ -16,7 +16,7 @@ An adapter folder is written atomically like a checkpoint (checkpoint.write_fold
     changed   other teacher parameters the student changed (norms, kernels without an exact low-rank delta),
               stored whole
 The student is the teacher's parameters with `changed` and `new` put in and every `lora` delta added
-(`train.lora.merge_lora`). Loading checks the teacher's shapes, then its hash, and refuses another teacher.
+(`lora.merge_lora`). Loading checks the teacher's shapes, then its hash, and refuses another teacher.
 The tokenizer is the teacher's.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 from lizard_jax import checkpoint, cli
 from lizard_jax.checkpoint import ADAPTER_FORMAT, CheckpointError
 from lizard_jax.config import ModelConfig
-from lizard_jax.train.lora import IN_AXES, merge_lora
+from lizard_jax.lora import IN_AXES, merge_lora
 
 FORMAT = {"format": ADAPTER_FORMAT, "version": 1}
 INFO = "adapter.json"
@@ -140,7 +140,7 @@ def _lora_key(keys: tuple[str, ...]) -> bool:
 def diff(student_params, teacher_params, *, lora=None, lora_alpha: float | None = None) -> dict:
     """The adapter parts {new, lora, changed} (numpy) of a student relative to its teacher.
 
-    `student_params` is the student without `lora` (train.lora factors {layer: {group: {proj: {a, b}}}}, scale
+    `student_params` is the student without `lora` (lora.py factors {layer: {group: {proj: {a, b}}}}, scale
     alpha / rank); with lora=None it is the whole student, and every changed teacher kernel whose change has an
     exact low-rank form (a merged LoRA) is stored as factors."""
     flat_t = _flat(teacher_params)

@@ -1,8 +1,9 @@
 """Model checkpoints: a folder holding `config.json`, Orbax `params/` and, optionally, `tokenizer/`.
 
 Written atomically (into a temporary sibling folder, renamed into place at the end), so an interrupted
-write never leaves a folder that looks complete. `load` restores parameters straight into their shardings
-(Orbax restore with abstract targets).
+write never leaves a folder that looks complete. `restore_params` restores parameters straight into their
+shardings (Orbax restore with abstract targets). `lizard_jax.load` (`loading.py`, above this module and
+`adapter.py`) turns a folder into (model, params, tokenizer).
 """
 
 from __future__ import annotations
@@ -214,35 +215,6 @@ def restore_params(path: str | Path, cfg: ModelConfig, *, mesh=None, rules=None,
             abstract, tree, shardings)
 
     return restore_tree(path, target_of)
-
-
-def load(ckpt_dir: str | Path, mesh=None, *, rules=None, dtype: str | None = None, tokenizer: bool = True,
-         teacher: str | Path | None = None):
-    """Load a checkpoint folder -> (model, params, tokenizer or None).
-
-    `mesh`: place parameters by the sharding rules on this mesh (default: the first device).
-    `dtype`: override the compute dtype of the returned model (e.g. "bfloat16").
-    `teacher`: the teacher checkpoint folder of a student adapter (`lizard_jax.adapter`): the full student is
-    rebuilt from the teacher's weights and the adapter; the tokenizer is the teacher's.
-    """
-    from lizard_jax.models import Transformer
-
-    ckpt_dir = Path(ckpt_dir)
-    if read_format(ckpt_dir)["format"] == ADAPTER_FORMAT:
-        from lizard_jax import adapter
-
-        if teacher is None:
-            raise CheckpointError(f"{ckpt_dir} is a student adapter: it holds only what differs from its teacher; "
-                                  f"pass the teacher, lizard_jax.load({str(ckpt_dir)!r}, teacher=TEACHER_DIR)")
-        return adapter.load(ckpt_dir, teacher, mesh=mesh, rules=rules, dtype=dtype, tokenizer=tokenizer)
-    if teacher is not None:
-        raise ValueError(f"{ckpt_dir} is a full checkpoint, not an adapter: it needs no teacher=")
-    cfg = read_config(ckpt_dir)
-    if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
-    params = restore_params(ckpt_dir / "params", cfg, mesh=mesh, rules=rules)
-    tok = load_tokenizer(ckpt_dir) if tokenizer else None
-    return Transformer(cfg), params, tok
 
 
 def load_tokenizer(ckpt_dir: str | Path):

@@ -3,7 +3,9 @@
 `ModelConfig` describes a decoder: its shape, RoPE, dtypes and the per-layer attention schedule. The schedule is
 a tuple of attention *specs*, one per layer; each attention family defines its spec dataclass beside its Flax
 layer (`lizard_jax/layers/<family>.py`) and registers it with `register_attention`, so adding a family never
-touches the model. One `ModelConfig` travels with every checkpoint as `config.json`.
+touches the model. The registry is filled when `lizard_jax.layers` is imported, which `lizard_jax/__init__.py`
+does first, so it is full whenever any `lizard_jax` module is (this module imports no layer: layers sit above
+it). One `ModelConfig` travels with every checkpoint as `config.json`.
 """
 
 from __future__ import annotations
@@ -126,20 +128,13 @@ def register_attention(cls: type[AttentionSpec]) -> type[AttentionSpec]:
 
 
 def attention_kinds() -> tuple[str, ...]:
-    _load_families()
     return tuple(sorted(_SPECS))
-
-
-def _load_families() -> None:
-    # The layer modules register their specs on import.
-    import lizard_jax.layers  # noqa: F401
 
 
 def spec_from_any(value: Any, where: str = "attention") -> AttentionSpec:
     """A spec from a spec, a kind name (`"softmax"`) or a dict (`{"kind": "lizard", "window": 64}`)."""
     if isinstance(value, AttentionSpec):
         return value
-    _load_families()
     if isinstance(value, str):
         value = {"kind": value}
     if not isinstance(value, Mapping) or "kind" not in value:

@@ -16,7 +16,7 @@ from lizard_jax.recipes import student_config, student_params
 from lizard_jax.sharding import make_mesh
 from lizard_jax.convert import from_hf_model
 from lizard_jax.testing import char_tokenizer, tiny_hf_model
-from lizard_jax.train.lora import init_lora, merge_lora
+from lizard_jax.lora import init_lora, merge_lora
 
 RECIPE = {"default": {"kind": "lizard", "window": 4, "meta_tokens": 2, "gate_scale_init": 0.5},
           "layers": {1: "softmax"}}

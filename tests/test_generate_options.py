@@ -59,7 +59,7 @@ def plain(model_params):
 
 
 def spy(monkeypatch, module, name: str) -> list[dict]:
-    """Record the keyword arguments of every call of `module.name` (generate imports it at call time)."""
+    """Record the keyword arguments of every call of `module.name` (generate calls it through its module)."""
     calls, real = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     return calls

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lizard_jax.distributed.common import AXIS
 from lizard_jax.distributed.ring import ring_attention, zigzag_order
 from lizard_jax.distributed.star import ShardedKVCache, context_attention, encode_context
-from lizard_jax.generate import SamplingConfig, decode_loop
+from lizard_jax.decode import SamplingConfig, decode_loop
 
 __all__ = ["ContextParallel", "validate_context_parallel", "prefill_context_parallel", "generate_context_parallel",
            "place_params",

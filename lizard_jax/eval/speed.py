@@ -4,7 +4,7 @@ Per context length `C` (random token prompts `[batch, C]`: speed does not depend
 - prefill: one jitted program that builds empty caches for `C + decode_tokens` tokens, runs the prompt through
   the model with them and picks the first token (greedy) -- the time to first token. Logits are computed for the
   last position only (`forward_at`), so a 128K prompt never materializes `[C, vocab]` logits.
-- decode: one jitted `lax.while_loop` (`lizard_jax.generate.decode_loop`, greedy, no EOS) of `decode_tokens`
+- decode: one jitted `lax.while_loop` (`lizard_jax.decode.decode_loop`, greedy, no EOS) of `decode_tokens`
   single-token cache steps after that prefill, so the timing is not bound by kernel launches from Python. The
   loop does not donate its input caches (every rep starts from the same prefilled state), so each timed call
   also copies the caches once; that copy is included.
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.cli import InputError
-from lizard_jax.generate import SamplingConfig, decode_loop
+from lizard_jax.decode import SamplingConfig, decode_loop
 from lizard_jax.models import Transformer, abstract_params, init_caches, init_params
 
 

@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lizard_jax.generate import SamplingConfig, decode_loop
+from lizard_jax.decode import SamplingConfig, decode_loop
 from lizard_jax.lazy.config import LazyConfig
 from lizard_jax.models import Transformer
 from lizard_jax.ops.softmax import attention, visible

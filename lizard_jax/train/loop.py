@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from lizard_jax import checkpoint as ckpt_lib
 from lizard_jax.layers import layer_class
+from lizard_jax.loading import load
+from lizard_jax.lora import init_lora, merge_lora
 from lizard_jax.models import Transformer, abstract_params
 from lizard_jax.models.flops import attention_params, matmul_params
 from lizard_jax.recipes import new_param_mask, student_config, student_params
@@ -45,7 +47,6 @@ from lizard_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings
 from lizard_jax.train import losses
 from lizard_jax.train.config import StageConfig, TrainConfig
 from lizard_jax.train.data import PackedData
-from lizard_jax.train.lora import init_lora, merge_lora
 from lizard_jax.train.trees import join, split
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -119,7 +120,7 @@ class Trainer:
             jax.distributed.initialize()
         self.mesh = make_mesh(tc.mesh or {"data": -1})
         teacher_dir = resolve_teacher(tc.teacher, self.run_dir)
-        tmodel, tparams, self.tokenizer = ckpt_lib.load(teacher_dir, mesh=self.mesh)
+        tmodel, tparams, self.tokenizer = load(teacher_dir, mesh=self.mesh)
         if self.tokenizer is None:
             raise ValueError(f"teacher {teacher_dir} has no tokenizer: needed to tokenize the training data")
         self.teacher_cfg_stored = tmodel.cfg

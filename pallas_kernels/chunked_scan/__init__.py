@@ -5,13 +5,15 @@
 ``gla(q, k, v, log_g, *, initial_state=None, return_final_state=False, backend="gpu"|"tpu",
 interpret=False, block_sizes=None)``; log_g ``[..., dk]`` per dimension or ``[..., 1]`` per head (fast path).
 
-Files: ``common.py`` (BlockSizes, validation, padding, custom_vjp glue, the per-chunk math and its
-overflow argument), ``gpu.py`` (Pallas Triton), ``tpu.py`` (Mosaic), ``reference.py`` (a pure-jnp oracle
-in the same chunk form, and the float64 recurrence), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``:
-compiled GPU check), ``triton_report.py`` (compile the GPU kernels for sm_90 without a GPU: registers, spills).
+Files: ``scan.py`` (validation, padding, the custom_vjp glue, ``gla``), ``common.py`` (BlockSizes, the
+per-chunk math and its overflow argument), ``gpu.py`` (Pallas Triton), ``tpu.py`` (Mosaic), ``reference.py``
+(a pure-jnp oracle in the same chunk form, and the float64 recurrence), ``check.py``
+(``python -m pallas_kernels.chunked_scan.check``: compiled GPU check), ``triton_report.py`` (compile the GPU
+kernels for sm_90 without a GPU: registers, spills).
 """
 
-from pallas_kernels.chunked_scan.common import BlockSizes, gla
+from pallas_kernels.chunked_scan.common import BlockSizes
 from pallas_kernels.chunked_scan.reference import gla_chunk_reference
+from pallas_kernels.chunked_scan.scan import gla
 
 __all__ = ["BlockSizes", "gla", "gla_chunk_reference"]
