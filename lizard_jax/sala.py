@@ -2,12 +2,11 @@
 of which layers stay sparse in the 1 sparse : 3 Lightning hybrid.
 
 Training-free sparse prefill (`sparse_teacher`): every full-causal softmax layer of an unchanged teacher becomes
-an InfLLM-V2 layer with rope=True, qk_norm=False, output_gate=False and the paper's settings (blocks of 64, top
-64 blocks, compressed keys by mean-pooling with kernel 32 / stride 16, 1 initial block, local window 2048, dense
-below 8192 keys). It has exactly the teacher's parameters (q/k/v/o), so the teacher's checkpoint loads unchanged;
-below the threshold it makes the teacher's own attention call (equal bit for bit without a cache); above it,
-prefill and each decoded token select blocks from the cached compressed keys (`layers/sparse.py`). Sliding-window
-softmax layers (already cheap) and non-softmax layers are left as they are.
+an InfLLM-V2 layer with rope=True, qk_norm=False, output_gate=False and the paper's settings
+(`ops.sparse.settings.PAPER`). It has exactly the teacher's parameters (q/k/v/o), so the teacher's checkpoint
+loads unchanged; below the threshold it makes the teacher's own attention call (equal bit for bit without a
+cache); above it, prefill and each decoded token select blocks from the cached compressed keys
+(`layers/sparse.py`). Sliding-window softmax layers (already cheap) and non-softmax layers are left as they are.
 
     cfg = sparse_teacher(model.cfg)                     # or sparse_teacher(cfg, dense_below=4096, topk=32)
     python eval.py perplexity --checkpoint DIR --sparse-prefill ...
@@ -32,6 +31,7 @@ The result is printed, saved as JSON (scores, losses, choice) and written as the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -51,11 +51,10 @@ from lizard_jax.config import ConfigError, ModelConfig, load_yaml, spec_from_any
 from lizard_jax.layers.lightning import LightningSpec
 from lizard_jax.layers.softmax import SoftmaxSpec
 from lizard_jax.layers.sparse import SparseSpec
+from lizard_jax.ops.sparse.settings import PAPER
 from lizard_jax.textio import read_text
 
-# InfLLM-V2 as in MiniCPM-SALA (papers.md B)
-PAPER_INFLLM = dict(block_size=64, topk=64, kernel=32, stride=16, init_blocks=1, local_window=2048,
-                    dense_below=8192)
+PAPER_INFLLM = dataclasses.asdict(PAPER)  # InfLLM-V2 as in MiniCPM-SALA, as the options sparse_teacher takes
 BEGIN, END = "# BEGIN LAYER CHOICE", "# END LAYER CHOICE"
 
 

@@ -68,7 +68,7 @@ from lizard_jax.layers.common import default_positions, dtype_of, out_projection
 from lizard_jax.layers.lightning import check_spec_common, check_layer_inputs, output_gate, project_qkv
 from lizard_jax.ops.softmax import attention
 from lizard_jax.ops.sparse import InfLLMConfig, infllm_attention, num_compressed
-from lizard_jax.ops.sparse.selection import _overlap_windows
+from lizard_jax.ops.sparse.selection import overlap_windows
 
 Array = jax.Array
 _INT_MAX = jnp.iinfo(jnp.int32).max
@@ -76,16 +76,16 @@ _INT_MAX = jnp.iinfo(jnp.int32).max
 
 @register_attention
 @dataclasses.dataclass(frozen=True)
-class SparseSpec(AttentionSpec):
-    """Options of an InfLLM-V2 sparse layer (defaults: MiniCPM-SALA's sparse layers).
+class SparseSpec(AttentionSpec, InfLLMConfig):
+    """Options of an InfLLM-V2 sparse layer (defaults: MiniCPM-SALA's sparse layers): the InfLLM-V2 settings
+    it extends (`ops.sparse.InfLLMConfig`: block_size, topk, kernel, stride, init_blocks, local_window,
+    dense_below; the paper's by default) and
 
     rope: RoPE on q and k (SALA/HyPE: off; on for an unchanged teacher).
     qk_norm: per-head RMSNorm on q and k (before RoPE).
     output_gate: multiply the attention output by sigmoid(o_gate x) before o_proj.
     gate_bias_init: initial bias of o_gate (its kernel starts at 0): the layer starts as sigmoid(4) = 0.982
       times the ungated one.
-    block_size, topk, kernel, stride, init_blocks, local_window, dense_below: `ops.sparse.InfLLMConfig`
-      (paper: 64, 64, 32, 16, 1, 2048, 8192).
     impl: the block-sparse op's implementation on the no-cache path ("auto": Pallas on GPU/TPU, XLA on CPU);
       the dense path uses "xla" for "xla" and "auto" (cuDNN where it applies) otherwise; the cached path is XLA.
     """
@@ -95,27 +95,18 @@ class SparseSpec(AttentionSpec):
     qk_norm: bool = True
     output_gate: bool = True
     gate_bias_init: float = 4.0
-    block_size: int = 64
-    topk: int = 64
-    kernel: int = 32
-    stride: int = 16
-    init_blocks: int = 1
-    local_window: int = 2048
-    dense_below: int = 8192
     impl: str = "auto"
 
     def __post_init__(self):
         check_spec_common(self.kind, self.impl, self.gate_bias_init)
         try:
-            self.infllm
+            super().__post_init__()
         except ValueError as e:
             raise ConfigError(f"sparse: {e}") from None
 
     @property
     def infllm(self) -> InfLLMConfig:
-        return InfLLMConfig(block_size=self.block_size, topk=self.topk, kernel=self.kernel, stride=self.stride,
-                            init_blocks=self.init_blocks, local_window=self.local_window,
-                            dense_below=self.dense_below)
+        return self.settings()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,7 +215,7 @@ def _select_groups(q_grp, pos_grp, k_cmp, *, n_kb: int, spec: SparseSpec, scale:
     agg = (p / jnp.where(l > 0, l, 1.0)).sum(axis=(3, 4))  # [B, n, KV, NC]
 
     last = jnp.max(pos_grp, axis=-1)  # [B, n], -1 for an empty group
-    win_idx, win_valid = _overlap_windows(n_kb, n_cmp, bs, spec.kernel, spec.stride)  # [nKB, w]
+    win_idx, win_valid = overlap_windows(n_kb, n_cmp, bs, spec.kernel, spec.stride)  # [nKB, w]
     complete = win_valid & (cmp_end[win_idx] <= last[:, :, None, None, None])  # [B, n, 1, nKB, w]
     pooled = jnp.where(complete, agg[..., win_idx], -jnp.inf).max(axis=-1)  # [B, n, KV, nKB]
 

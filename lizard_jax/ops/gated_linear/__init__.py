@@ -8,50 +8,11 @@ Files: ``reference.py`` (the spec, a token-by-token scan), ``chunk.py`` (the XLA
 
 from __future__ import annotations
 
-import importlib
-
-import jax
-
 from lizard_jax.ops.gated_linear._checks import check_inputs
 from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE, gla_chunk
 from lizard_jax.ops.gated_linear.recurrent import gla_step
 from lizard_jax.ops.gated_linear.reference import gla_reference
-
-IMPLS = ("auto", "xla", "pallas")
-
-
-def resolve_impl(impl: str) -> str:
-    """"auto" -> "pallas" on GPU/TPU, "xla" on CPU; anything else but "xla"/"pallas" is an error."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-    return impl
-
-
-def _pallas_gla(q, k, v, log_g, initial_state, return_final_state):
-    try:
-        # import_module, not `from pallas_kernels import ...`: it honours sys.modules, attribute cache or not
-        chunked_scan = importlib.import_module("pallas_kernels.chunked_scan")
-    except ImportError as e:
-        raise ImportError(
-            "impl='pallas' needs the kernel module pallas_kernels.chunked_scan, which could not be "
-            f"imported ({e}); use impl='xla' for the chunked XLA form"
-        ) from e
-    backend = jax.default_backend()
-    # CPU has no Pallas lowering: run the GPU kernel in interpret mode (what the CPU tests exercise)
-    interpret = backend not in ("gpu", "tpu")
-    return chunked_scan.gla(
-        q,
-        k,
-        v,
-        log_g,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-        backend="gpu" if interpret else backend,
-        interpret=interpret,
-    )
-
+from lizard_jax.ops.impl import IMPLS, pallas_kernel, resolve_impl
 
 def gla(
     q,
@@ -89,7 +50,9 @@ def gla(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size=}")
     impl = resolve_impl(impl)
     if impl == "pallas":
-        return _pallas_gla(q, k, v, log_g, initial_state, return_final_state)
+        chunked_scan, backend = pallas_kernel("pallas_kernels.chunked_scan", "use impl='xla' for the chunked XLA form")
+        return chunked_scan.gla(q, k, v, log_g, initial_state=initial_state, return_final_state=return_final_state,
+                                **backend)
     o, ht = gla_chunk(q, k, v, log_g, initial_state, chunk_size=chunk_size)
     return (o, ht) if return_final_state else o
 

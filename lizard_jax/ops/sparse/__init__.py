@@ -7,12 +7,11 @@ Triton and Mosaic lowerings) lives in ``pallas_kernels.block_sparse``.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
 
 import jax
 
+from lizard_jax.ops.impl import IMPLS, pallas_kernel, resolve_impl
 from lizard_jax.ops.sparse.reference import (
     block_sparse_attention_reference,
     block_sparse_attention_xla,
@@ -32,26 +31,16 @@ from lizard_jax.ops.sparse.selection import (
     num_compressed,
     select_blocks,
 )
-
-IMPLS = ("auto", "xla", "pallas")
-
-
-def resolve_impl(impl: str) -> str:
-    """"auto" -> "pallas" on GPU/TPU, "xla" on CPU; anything else but "xla"/"pallas" is an error."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-    return impl
+from lizard_jax.ops.sparse.settings import PAPER, InfLLMConfig
 
 
 def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = 64, causal: bool = True,
-                           scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
-                           impl: str = "auto"):
+def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
+                           causal: bool = True, scale: float | None = None, q_offset: int | None = None,
+                           return_lse: bool = False, impl: str = "auto"):
     """Attention of each query block over its listed key blocks (see ``reference.py`` for the exact rule).
 
     q ``[batch, seq_q, heads, d]``; k, v ``[batch, seq_k, kv_heads, d]``; block_indices int32
@@ -71,44 +60,11 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     kw = dict(block_size=block_size, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
     if impl == "xla":
         return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
-    try:
-        # import_module, not `from pallas_kernels import ...`: it honours sys.modules, attribute cache or not
-        block_sparse = importlib.import_module("pallas_kernels.block_sparse")
-    except ImportError as e:
-        raise ImportError(
-            f"impl='pallas' needs pallas_kernels.block_sparse, which could not be imported ({e}); "
-            "use impl='xla' for the gather form"
-        ) from e
-    backend = jax.default_backend()
-    # CPU has no Pallas lowering: run the GPU (Triton) kernel in interpret mode (what the CPU tests exercise)
-    interpret = backend not in ("gpu", "tpu")
-    return block_sparse.block_sparse_attention(
-        q, k, v, block_indices, block_counts, **kw, backend="gpu" if interpret else backend, interpret=interpret
-    )
+    block_sparse, backend = pallas_kernel("pallas_kernels.block_sparse", "use impl='xla' for the gather form")
+    return block_sparse.block_sparse_attention(q, k, v, block_indices, block_counts, **kw, **backend)
 
 
-@dataclasses.dataclass(frozen=True)
-class InfLLMConfig:
-    """InfLLM-V2 settings (MiniCPM4 / MiniCPM-SALA: blocks of 64, top 64, kernel 32 stride 16, 1 initial
-    block, local window 2048, dense below 8192 keys)."""
-
-    block_size: int = 64
-    topk: int = 64
-    kernel: int = 32
-    stride: int = 16
-    init_blocks: int = 1
-    local_window: int = 2048
-    dense_below: int = 8192
-
-    def __post_init__(self):
-        for name in ("block_size", "topk", "kernel", "stride"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be positive")
-        if self.init_blocks < 0 or self.local_window < 0 or self.dense_below < 0:
-            raise ValueError(f"InfLLMConfig has a negative field: {self}")
-
-
-def infllm_attention(q, k, v, *, config: InfLLMConfig = InfLLMConfig(), causal: bool = True,
+def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = True,
                      scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
                      impl: str = "auto"):
     """InfLLM-V2 attention: exactly dense attention when ``seq_k < config.dense_below``, else InfLLM-V2
@@ -129,6 +85,7 @@ def infllm_attention(q, k, v, *, config: InfLLMConfig = InfLLMConfig(), causal: 
 __all__ = [
     "IMPLS",
     "InfLLMConfig",
+    "PAPER",
     "block_scores",
     "block_sparse_attention",
     "block_sparse_attention_reference",

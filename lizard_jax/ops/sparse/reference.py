@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lizard_jax.ops.sparse.settings import PAPER
+
 _NEG_INF = -jnp.inf
 
 
@@ -135,7 +137,7 @@ def dense_attention(q, k, v, *, causal: bool = True, scale: float | None = None,
     return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
 
 
-def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, block_size: int = 64,
+def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                                      causal: bool = True, scale: float | None = None,
                                      q_offset: int | None = None, return_lse: bool = False):
     """The spec: dense mask from indices/counts/causality, then masked softmax in float32."""
@@ -148,7 +150,7 @@ def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, bl
     return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
 
 
-def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_size: int = 64,
+def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                                causal: bool = True, scale: float | None = None, q_offset: int | None = None,
                                return_lse: bool = False):
     """Gather form: per query block, gather its listed key blocks and softmax over them.

@@ -31,14 +31,15 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.ops.sparse.reference import num_blocks, resolve_q_offset
+from lizard_jax.ops.sparse.settings import PAPER
 
 
-def num_compressed(seq_len: int, kernel: int = 32, stride: int = 16) -> int:
+def num_compressed(seq_len: int, kernel: int = PAPER.kernel, stride: int = PAPER.stride) -> int:
     """How many complete compressed-key windows a sequence of ``seq_len`` keys has."""
     return max(0, (seq_len - kernel) // stride + 1)
 
 
-def compress_keys(k, kernel: int = 32, stride: int = 16):
+def compress_keys(k, kernel: int = PAPER.kernel, stride: int = PAPER.stride):
     """Mean-pooled compressed keys: ``[batch, seq, kv_heads, d] -> [batch, n_cmp, kv_heads, d]`` (float32)."""
     if kernel < 1 or stride < 1:
         raise ValueError(f"{kernel=} and {stride=} must be positive")
@@ -59,7 +60,7 @@ def compress_keys(k, kernel: int = 32, stride: int = 16):
     return total / kernel
 
 
-def _overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride: int):
+def overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride: int):
     """For each key block, the compressed keys whose windows overlap it: (index [nKB, w], valid [nKB, w])."""
     lo = [max(0, -(-(j * block_size - kernel + 1) // stride)) for j in range(n_kb)]
     hi = [min(n_cmp - 1, ((j + 1) * block_size - 1) // stride) for j in range(n_kb)]
@@ -69,9 +70,9 @@ def _overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride
     return jnp.clip(idx, 0, max(n_cmp - 1, 0)), valid
 
 
-def block_scores(q, k_cmp, *, seq_k: int, block_size: int = 64, kernel: int = 32, stride: int = 16,
-                 causal: bool = True, q_offset: int | None = None, scale: float | None = None,
-                 chunk_elems: int = 1 << 26):
+def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, kernel: int = PAPER.kernel,
+                 stride: int = PAPER.stride, causal: bool = True, q_offset: int | None = None,
+                 scale: float | None = None, chunk_elems: int = 1 << 26):
     """Aggregated relevance float32 ``[batch, kv_heads, n_q_blocks, n_kv_blocks]`` (steps 2-3 above).
 
     Processed in chunks of query blocks (``lax.map``) so memory stays ~``chunk_elems`` floats.
@@ -84,7 +85,7 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = 64, kernel: int = 32
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
     n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
-    win_idx, win_valid = _overlap_windows(n_kb, n_cmp, bs, kernel, stride)
+    win_idx, win_valid = overlap_windows(n_kb, n_cmp, bs, kernel, stride)
     if n_cmp == 0:
         return jnp.full((batch, kv_heads, n_qb, n_kb), -jnp.inf, jnp.float32)
 
@@ -117,8 +118,8 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = 64, kernel: int = 32
     return jax.lax.stop_gradient(out)
 
 
-def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = 64, topk: int = 64,
-                  init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = PAPER.block_size, topk: int = PAPER.topk,
+                  init_blocks: int = PAPER.init_blocks, local_window: int = PAPER.local_window, causal: bool = True,
                   q_offset: int | None = None):
     """Step 4: ``scores [batch, kv_heads, n_q_blocks, n_kv_blocks]`` -> (block_indices, block_counts)."""
     bs = block_size
@@ -145,8 +146,9 @@ def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = 64, topk:
     return idx, counts
 
 
-def infllm_select(q, k, *, block_size: int = 64, topk: int = 64, kernel: int = 32, stride: int = 16,
-                  init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+def infllm_select(q, k, *, block_size: int = PAPER.block_size, topk: int = PAPER.topk, kernel: int = PAPER.kernel,
+                  stride: int = PAPER.stride, init_blocks: int = PAPER.init_blocks,
+                  local_window: int = PAPER.local_window, causal: bool = True,
                   q_offset: int | None = None, scale: float | None = None):
     """InfLLM-V2 selection for ``q [batch, seq_q, heads, d]`` against ``k [batch, seq_k, kv_heads, d]``.
 
@@ -159,8 +161,9 @@ def infllm_select(q, k, *, block_size: int = 64, topk: int = 64, kernel: int = 3
                                 causal=causal, q_offset=q_offset, scale=scale)
 
 
-def infllm_select_decode(q_new, k_cmp, *, seq_k: int, block_size: int = 64, topk: int = 64, kernel: int = 32,
-                         stride: int = 16, init_blocks: int = 1, local_window: int = 2048, causal: bool = True,
+def infllm_select_decode(q_new, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, topk: int = PAPER.topk,
+                         kernel: int = PAPER.kernel, stride: int = PAPER.stride, init_blocks: int = PAPER.init_blocks,
+                         local_window: int = PAPER.local_window, causal: bool = True,
                          q_offset: int | None = None, scale: float | None = None):
     """Selection for a few new query rows from cached compressed keys.
 

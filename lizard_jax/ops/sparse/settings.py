@@ -1,0 +1,39 @@
+"""InfLLM-V2 settings: the one home of the paper's values.
+
+MiniCPM4 / MiniCPM-SALA (arXiv 2509.24663, 2602.11761; reference/papers.md B): key blocks of 64, the top 64
+blocks, compressed keys mean-pooled with kernel 32 / stride 16, 1 initial block, a 2048-token local window,
+dense attention below 8192 keys. The selection functions default to `PAPER`, the sparse layer's spec extends
+`InfLLMConfig`, and `sala.sparse_teacher` starts from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLLMConfig:
+    """InfLLM-V2 settings (defaults: the paper's)."""
+
+    block_size: int = 64
+    topk: int = 64
+    kernel: int = 32
+    stride: int = 16
+    init_blocks: int = 1
+    local_window: int = 2048
+    dense_below: int = 8192
+
+    def __post_init__(self):
+        for name in ("block_size", "topk", "kernel", "stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be positive")
+        for name in ("init_blocks", "local_window", "dense_below"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be >= 0")
+
+    def settings(self) -> InfLLMConfig:
+        """The plain settings (of a subclass too, e.g. a layer spec that extends them)."""
+        return InfLLMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InfLLMConfig)})
+
+
+PAPER = InfLLMConfig()
