@@ -1,12 +1,8 @@
-"""Compile the block-sparse GPU kernels without a GPU and report their resources for sm_90 (registers, spills,
-shared memory, HGMMA count), for the default tiles and each sweep variant (``common.VARIANTS``).
+"""Compile the block-sparse GPU kernels without a GPU and report their resources for sm_90, for the default
+tiles and each sweep variant (``common.VARIANTS``); steps and columns: ``pallas_kernels/triton_report``.
 
-Step 1 (this environment's jax, CPU is enough): lower forward+backward at B1 H16 KV4 D128, block 64, bf16
-(and fp32 with its own default tiles) to Triton IR, one ``.ttir`` per kernel plus ``launch.json``.
-Step 2 (a Python with ``triton``, e.g. a venv with ``pip install triton==3.6.0``, which bundles ptxas and
-cuobjdump): compile for sm_90 and print the table; exit status 1 if a kernel fails to compile or does not fit
-an SM (shared memory over 227 KB). jax's bundled Triton is not pip's, so the numbers are a close proxy, not
-the device's own. ``--sass`` also writes each kernel's TTGIR and SASS beside its IR.
+Step 1 lowers forward+backward at B1 H16 KV4 D128, block 64, seq 1024, bf16 (and fp32 with its own default
+tiles); a kernel a variant leaves as an earlier one had it is written once.
 
     python -m pallas_kernels.block_sparse.triton_report --dump /tmp/bs_ttir [--variants default,rows256]
     /path/to/venv/bin/python -m pallas_kernels.block_sparse.triton_report --compile /tmp/bs_ttir [--sass]
@@ -14,32 +10,9 @@ the device's own. ``--sass`` also writes each kernel's TTGIR and SASS beside its
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
-import re
-import subprocess
 import sys
 
-
-@contextlib.contextmanager
-def capture_triton(modules: list):
-    """Append ``(kernel name, Triton IR text)`` to ``modules`` for every Pallas Triton kernel lowered inside."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-
-    def capture(jaxpr, *args, **kwargs):
-        result = lower(jaxpr, *args, **kwargs)
-        modules.append((jaxpr.debug_info.func_name, result.module.operation.get_asm(enable_debug_info=False)))
-        return result
-
-    registration.lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        yield modules
-    finally:
-        registration.lowering.lower_jaxpr_to_triton_module = lower
+from pallas_kernels import triton_report
 
 
 def dump(out: str, variants: list[str], seq: int = 1024) -> None:
@@ -49,9 +22,8 @@ def dump(out: str, variants: list[str], seq: int = 1024) -> None:
     from pallas_kernels.block_sparse import block_sparse_attention
     from pallas_kernels.block_sparse.common import VARIANTS
 
-    os.makedirs(out, exist_ok=True)
     bs, heads, kv_heads, d, max_blocks = 64, 16, 4, 128, 8
-    launch, seen = {}, set()
+    kernels, seen = {}, set()
     jobs = [(name, jnp.bfloat16) for name in variants] + [("default", jnp.float32)]  # fp32: its own default
     for name, dtype in jobs:
         q = jax.ShapeDtypeStruct((1, seq, heads, d), dtype)
@@ -65,120 +37,25 @@ def dump(out: str, variants: list[str], seq: int = 1024) -> None:
             o, vjp = jax.vjp(attn, q, k, v)
             return o, vjp(do)
 
-        modules = []
-        with capture_triton(modules):
-            text = jax.jit(fwd_bwd).trace(q, k, k, idx, cnt, q).lower(lowering_platforms=("cuda",)).as_text()
-        params = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
-        params = {kernel: (int(stages), int(warps)) for kernel, stages, warps in params}
-        for kernel, asm in dict(modules).items():
-            stages, warps = params[kernel]
-            if (asm, stages, warps) in seen:  # as an earlier variant's (this variant changes another pass)
-                continue
-            seen.add((asm, stages, warps))
-            path = f"{kernel}_{name}_{jnp.dtype(dtype).name}.ttir"
-            with open(os.path.join(out, path), "w") as f:
-                f.write(asm)
-            launch[path] = {"num_warps": warps, "num_stages": stages}
-    with open(os.path.join(out, "launch.json"), "w") as f:
-        json.dump(launch, f, indent=1)
-    print(f"wrote {len(launch)} kernels to {out}")
+        for kernel, lowered in triton_report.lower_for_cuda(fwd_bwd, q, k, k, idx, cnt, q).items():
+            if lowered not in seen:  # else as an earlier variant's (this variant changes another pass)
+                seen.add(lowered)
+                kernels[f"{kernel}_{name}_{jnp.dtype(dtype).name}.ttir"] = lowered
+    triton_report.write_kernels(out, kernels)
 
 
-SHARED_LIMIT = 227 * 1024  # per block on sm_90
-REGISTERS, SHARED_PER_SM = 65536, 228 * 1024
+def _dump(args) -> None:
+    from pallas_kernels.block_sparse.common import VARIANTS
+
+    dump(args.dump, args.variants.split(",") if args.variants else list(VARIANTS))
 
 
-def _loops(sass: str) -> list[int]:
-    """Instruction counts of the SASS loops (backward branches), in address order."""
-    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    sizes = []
-    for addr, text in ins:
-        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            sizes.append(sum(1 for a, _ in ins if int(m.group(1), 16) <= a <= addr))
-    return sizes
-
-
-def _make_ttir(folder: str, path: str, opts: dict) -> str:
-    """Run Triton's TTIR passes (canonicalize, combine (dot + add -> dot with accumulator), CSE, ...) on the
-    lowered IR, as XLA's Triton pipeline does on the device; ``triton.compile`` skips them for an IR file."""
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    module = ir.parse_mlir_module(os.path.join(folder, path), context)
-    module.context = context
-    backend.make_ttir(module, {}, backend.parse_options(opts), 90)
-    out = os.path.join(folder, path[:-5] + ".opt.ttir")
-    with open(out, "w") as f:
-        f.write(str(module))
-    return out
-
-
-def compile_report(folder: str, sass_files: bool = False) -> int:
-    """Compile every kernel in ``folder`` for sm_90 and print registers, stack (spills), shared memory,
-    HGMMA count, spill loads/stores, instructions per loop, and blocks per SM (0: does not fit)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with open(os.path.join(folder, "launch.json")) as f:
-        launch = json.load(f)
-    failed = 0
-    print(f"triton {triton.__version__}, sm_90")
-    print("| kernel | warps | stages | regs | stack B | shared KB | HGMMA | LDL/STL | loop instrs | blocks/SM |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for path, opts in sorted(launch.items()):
-        name = path[:-5]
-        try:
-            kernel = triton.compile(_make_ttir(folder, path, opts), target=GPUTarget("cuda", 90, 32),
-                                    options=opts)
-        except Exception as e:  # report every kernel
-            failed += 1
-            print(f"| {name} | {opts['num_warps']} | {opts['num_stages']} | FAIL {type(e).__name__} | | | | | | |")
-            continue
-        base = os.path.join(folder, name)
-        with open(base + ".cubin", "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", base + ".cubin"],
-                               capture_output=True, text=True).stdout
-        regs, stack = (int(x) for x in re.search(r"REG:(\d+).*STACK:(\d+)", usage).groups())
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", base + ".cubin"],
-                              capture_output=True, text=True).stdout
-        if sass_files:
-            with open(base + ".sass", "w") as f:
-                f.write(sass)
-            with open(base + ".ttgir", "w") as f:
-                f.write(kernel.asm["ttgir"])
-        shared = kernel.metadata.shared
-        threads = 32 * opts["num_warps"]
-        blocks = 0 if shared > SHARED_LIMIT else min(REGISTERS // (max(regs, 1) * threads),
-                                                      SHARED_PER_SM // (shared + 1024))
-        failed += blocks == 0
-        print(f"| {name} | {opts['num_warps']} | {opts['num_stages']} | {regs} | {stack} | {shared // 1024} | "
-              f"{sass.count('HGMMA')} | {sass.count('LDL')}/{sass.count('STL')} | "
-              f"{'/'.join(map(str, _loops(sass)))} | {blocks} |")
-    return 1 if failed else 0
+def _options(parser) -> None:
+    parser.add_argument("--variants", default=None, help="comma-separated names from common.VARIANTS (all)")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dump", metavar="DIR", help="step 1: write the kernels' Triton IR to DIR")
-    parser.add_argument("--variants", default=None, help="comma-separated names from common.VARIANTS (all)")
-    parser.add_argument("--compile", metavar="DIR", help="step 2: compile DIR's kernels for sm_90, report")
-    parser.add_argument("--sass", action="store_true", help="with --compile: also write .ttgir and .sass")
-    args = parser.parse_args(argv)
-    if args.dump:
-        from pallas_kernels.block_sparse.common import VARIANTS
-
-        dump(args.dump, args.variants.split(",") if args.variants else list(VARIANTS))
-    if args.compile:
-        return compile_report(args.compile, args.sass)
-    return 0
+    return triton_report.main(argv, __doc__, _dump, _options)
 
 
 if __name__ == "__main__":
