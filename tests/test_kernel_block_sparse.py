@@ -25,8 +25,10 @@ CASES = [
     (1, 20, 90, 4, 1, 16, 16, 4, True),  # decoding-like: q_offset = 70, not block aligned
     (1, 130, 130, 2, 1, 16, 64, 2, True),  # block 64
     (1, 200, 200, 1, 1, 16, 128, 2, True),  # block 128, MHA with one head
+    (3, 40, 40, 3, 1, 48, 16, 2, True),  # batch 3, GQA 3, d 48 padded to 64 (Triton)
+    (1, 32, 32, 2, 1, 128, 16, 2, True),  # the production head dim
 ]
-TPU_CASES = [CASES[i] for i in (0, 1, 2, 4)]
+TPU_CASES = [CASES[i] for i in (0, 1, 2, 4, 8)]
 
 
 def case_id(c, dtype="fp32"):

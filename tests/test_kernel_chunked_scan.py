@@ -118,6 +118,8 @@ CASES = [
     Case(2, 130, 3, 32, 32, "weak", dtype="bfloat16"),
     Case(1, 37, 1, 16, 16, "strong", per_head=True, dtype="bfloat16", h0=False, ht=False),
     Case(1, 70, 2, 32, 64, "mixed", block_sizes=SMALL),  # chunks of 16: fast and exact paths side by side
+    Case(3, 20, 1, 24, 40, "weak", per_head=True),  # batch 3, head dims padded inside (24 -> 32, 40 -> 64)
+    Case(1, 16, 2, 128, 128, "moderate"),  # the production tile: dk = dv = 128, default block sizes
 ]
 
 SLOW_CASES = [
@@ -132,8 +134,8 @@ SLOW_CASES = [
 
 
 # the TPU kernels run in the slower TPU interpret mode: by default a subset covering the fast, exact and
-# per-head paths, bf16 and T=1; every case under -m slow
-TPU_CASES = [CASES[i] for i in (0, 2, 3, 5)]
+# per-head paths, bf16, T=1 and the 128 tile; every case under -m slow
+TPU_CASES = [CASES[i] for i in (0, 2, 3, 5, 8)]
 
 
 class TestGLAKernelGPU:
@@ -189,7 +191,6 @@ def test_100k_tokens_strong_decay():
     assert_errs(run_case(case, "gpu", seed=11), "float32")
 
 
-@pytest.mark.slow
 def test_under_shard_map():
     """Batch-sharded over the simulated CPU devices, as the ops layer runs it."""
     from jax.sharding import Mesh, PartitionSpec as P
