@@ -94,16 +94,13 @@ def test_student_is_refused_with_the_reason(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_export_round_trip(tmp_path):
+def test_smollm2_export_round_trip(tmp_path, smollm2):
     """The shipped SmolLM2-135M teacher: convert -> export -> from_pretrained gives back every tensor exactly, the
-    same logits as the original transformers model, and the same tokenizer."""
+    same logits as the original transformers model, and the same tokenizer (conftest converts it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lizard_jax.convert import load_hf, shipped_smollm2
-
-    hf, tok = load_hf(shipped_smollm2())
-    convert_model(hf, tmp_path / "ck", tokenizer=tok)
-    assert main([str(tmp_path / "ck"), "--out", str(tmp_path / "hf")]) == 0
+    hf, tok, ck = smollm2
+    assert main([str(ck), "--out", str(tmp_path / "hf")]) == 0
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     want, got = hf.state_dict(), back.state_dict()
     assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
@@ -114,6 +111,6 @@ def test_smollm2_export_round_trip(tmp_path):
     assert back_tok.chat_template == tok.chat_template
     ref, out = _hf_logits(hf, [ids]), _hf_logits(back, [ids])
     assert rel_err(out, ref) <= 1e-4
-    model, params, _ = lizard_jax.load(tmp_path / "ck")
+    model, params, _ = lizard_jax.load(ck)
     print(f"exported vs transformers rel {rel_err(out, ref):.2e}; vs lizard_jax "
           f"{rel_err(out, model.apply({'params': params}, jnp.asarray([ids]))):.2e}")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import lizard_jax
-from lizard_jax.convert import convert, shipped_smollm2
 from lizard_jax.generate import SamplingConfig, _generate, left_pad
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
 from lizard_jax.numerics import FORMS_RTOL, assert_close
@@ -20,10 +19,9 @@ GREEDY = SamplingConfig()
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lazy_smollm2") / "ck"
-    convert(shipped_smollm2(), out)
-    model, params, tok = lizard_jax.load(out)
+def smollm2(smollm2):
+    """conftest's converted teacher, loaded, with two left-padded prompts of real text."""
+    model, params, tok = lizard_jax.load(smollm2[2])
     ids = tok(read_text(WIKI)[:20000], add_special_tokens=False)["input_ids"]
     toks, pos = left_pad([ids[:500], ids[1000:1300]], model.cfg.pad_token_id)
     return model, params, tok, toks, pos

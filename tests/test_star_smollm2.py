@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from lizard_jax.convert import convert, shipped_smollm2
 from lizard_jax.textio import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +37,11 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def passkey_args(tmp_path_factory):
+def passkey_args(tmp_path_factory, smollm2):
     root = tmp_path_factory.mktemp("star_smollm2")
-    convert(shipped_smollm2(), root / "ck")
     filler = root / "filler.txt"
     filler.write_text(read_text(TEXT)[:200_000], encoding="utf-8")
-    return ["passkey", "--checkpoint", str(root / "ck"), "--text", str(filler), "--lengths", "8192",
+    return ["passkey", "--checkpoint", str(smollm2[2]), "--text", str(filler), "--lengths", "8192",
             "--depths", "0,0.25,0.5,0.75,1"]
 
 
