@@ -13,9 +13,12 @@ import argparse
 import json
 import sys
 
+from lizard_jax import cli
 
+
+@cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training YAML (configs/*.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ap.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint")

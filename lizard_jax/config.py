@@ -65,13 +65,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(annotation):
         return value if isinstance(value, annotation) else from_dict(annotation, value, where)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        hint = " (YAML reads 1e-3 as a string; write 1.0e-3)" if isinstance(value, str) and _is_float(value) else ""
+        raise ConfigError(f"{where}: expected a number, got {value!r}{hint}")
     if annotation in (int, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
         return value
     return value
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def from_dict(cls, data: Mapping[str, Any], where: str | None = None):
@@ -83,6 +94,10 @@ def from_dict(cls, data: Mapping[str, Any], where: str | None = None):
     try:
         return cls(**kwargs)
     except TypeError as e:  # a missing required field
+        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # a range check: say which section it is in
+        if str(e).startswith(where):
+            raise
         raise ConfigError(f"{where}: {e}") from None
 
 

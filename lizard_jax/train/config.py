@@ -9,6 +9,12 @@ from typing import Any
 from lizard_jax.config import ConfigError, from_dict, to_dict
 
 
+def _require(ok: bool, key: str, want: str, value) -> None:
+    """One range check: field `key` must be `want` (written as `ok`, so that a NaN fails it too)."""
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """source: "text" (plain files; documents split at blank lines), "jsonl" (one JSON object a line; `text_key`
@@ -34,8 +40,9 @@ class DataConfig:
             raise ConfigError(f"data.paths is empty for source {self.source!r}")
         if self.source == "tfds" and not self.tfds_name:
             raise ConfigError("data.tfds_name is required for source 'tfds'")
-        if self.seq_len < 2 or self.batch_size < 1:
-            raise ConfigError(f"data.seq_len must be >= 2 and batch_size >= 1, got {self.seq_len}, {self.batch_size}")
+        _require(self.seq_len >= 2, "seq_len", ">= 2 (a token to predict from and one to predict)", self.seq_len)
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+        _require(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", "null or >= 2", self.max_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +52,8 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        _require(self.rank >= 1, "rank", ">= 1", self.rank)
+        _require(self.alpha > 0, "alpha", "> 0", self.alpha)
         allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         bad = set(self.targets) - allowed
         if bad:
@@ -84,8 +91,14 @@ class StageConfig:
     train: str | None = None
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0 or not 0 <= self.warmup <= 1:
-            raise ConfigError(f"stage: need steps >= 0, lr > 0, 0 <= warmup <= 1 (got {self})")
+        _require(self.steps >= 0, "steps", ">= 0", self.steps)
+        _require(self.lr > 0, "lr", "> 0", self.lr)
+        _require(0 <= self.warmup <= 1, "warmup", "in [0, 1] (a fraction of the steps)", self.warmup)
+        _require(0 <= self.end_lr_factor <= 1, "end_lr_factor", "in [0, 1]", self.end_lr_factor)
+        _require(self.kd_weight >= 0, "kd_weight", ">= 0", self.kd_weight)
+        _require(self.kd_temperature > 0, "kd_temperature", "> 0", self.kd_temperature)
+        _require(self.seq_len is None or self.seq_len >= 2, "seq_len", "null or >= 2", self.seq_len)
+        _require(self.batch_size is None or self.batch_size >= 1, "batch_size", "null or >= 1", self.batch_size)
         if self.loss not in ("mse", "smooth_l1"):
             raise ConfigError(f"stage.loss must be mse or smooth_l1, got {self.loss!r}")
         if self.train not in (None, *TRAIN_SCOPES):
@@ -110,12 +123,23 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
 
+    def __post_init__(self):
+        for name in ("b1", "b2"):
+            _require(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
+        _require(self.eps > 0, "eps", "> 0", self.eps)
+        _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _require(self.clip > 0, "clip", "> 0 (the global gradient norm clip)", self.clip)
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     keep: int = 3
     async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every >= 1, "every", ">= 1 (steps between checkpoints)", self.every)
+        _require(self.keep >= 1, "keep", ">= 1", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +174,11 @@ class TrainConfig:
             raise ConfigError("the data section is required")
         if self.student.attention is None:
             raise ConfigError("student.attention (the recipe's attention schedule) is required")
-        if self.mesh is not None and not isinstance(self.mesh, dict):
-            raise ConfigError(f"mesh must be a mapping of axis -> size, got {self.mesh!r}")
+        if self.mesh is not None and not (isinstance(self.mesh, dict) and all(
+                isinstance(n, int) and not isinstance(n, bool) and (n >= 1 or n == -1) for n in self.mesh.values())):
+            raise ConfigError(f"mesh must be a mapping of axis -> size (>= 1, or -1 for the rest), got {self.mesh!r}")
+        _require(self.seed >= 0, "seed", ">= 0", self.seed)
+        _require(self.log_every >= 1, "log_every", ">= 1", self.log_every)
         if self.stage1.lora is not None:
             raise ConfigError("stage1.lora / stage1.train 'lora' is not supported: LoRA trains in stage 2")
 

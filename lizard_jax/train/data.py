@@ -9,6 +9,7 @@ batches it would have seen.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -16,8 +17,13 @@ from typing import Iterator
 
 import numpy as np
 
+from lizard_jax.cli import InputError
 from lizard_jax.textio import read_text
 from lizard_jax.train.config import DataConfig
+
+
+class DataError(InputError):
+    """Training data that cannot be used: a corrupt record, a missing field, an unknown dataset, too few tokens."""
 
 
 def read_documents(cfg: DataConfig) -> Iterator[str]:
@@ -36,25 +42,44 @@ def read_documents(cfg: DataConfig) -> Iterator[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{n}: not valid JSON: {e}") from None
+                    raise DataError(f"{p}:{n}: not valid JSON: {e}") from None
                 yield _format(obj, cfg, f"{p}:{n}")
     else:
         import tensorflow_datasets as tfds
 
-        ds = tfds.load(cfg.tfds_name, split=cfg.tfds_split, shuffle_files=False, data_dir=cfg.tfds_data_dir)
-        for ex in tfds.as_numpy(ds):
+        builder = tfds_builder(cfg)
+        builder.download_and_prepare()
+        for ex in tfds.as_numpy(builder.as_dataset(split=cfg.tfds_split, shuffle_files=False)):
             yield _format({k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in ex.items()}, cfg,
                           cfg.tfds_name)
 
 
+def tfds_builder(cfg: DataConfig):
+    """The TFDS builder of `data.tfds_name`. TFDS finds a name in its own registry and in `tfds_data_dir`, so an
+    unknown name fails here without the network."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("data.source 'tfds' needs TensorFlow Datasets: pip install tensorflow-datasets") from None
+    try:
+        return tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir)
+    except tfds.core.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)  # the community list would need the network
+        close = difflib.get_close_matches(cfg.tfds_name.split("/")[0], known, n=3)
+        raise DataError(f"data.tfds_name {cfg.tfds_name!r}: no such TFDS dataset"
+                        + (f"; close names: {close}" if close else "")) from None
+
+
 def _format(obj: dict, cfg: DataConfig, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object (a record with fields), got {type(obj).__name__}")
     if cfg.template is not None:
         try:
             return cfg.template.format(**obj)
         except KeyError as e:
-            raise ValueError(f"{where}: template field {e} missing; record has {sorted(obj)}") from None
+            raise DataError(f"{where}: data.template field {e} missing; record has {sorted(obj)}") from None
     if cfg.text_key not in obj:
-        raise ValueError(f"{where}: no {cfg.text_key!r} field; record has {sorted(obj)}")
+        raise DataError(f"{where}: no {cfg.text_key!r} field (data.text_key); record has {sorted(obj)}")
     return str(obj[cfg.text_key])
 
 
@@ -80,11 +105,12 @@ class PackedData:
             self._tokens = self._local_tokens(cache_dir)
             self.num_sequences = (len(self._tokens) - 1) // self.seq_len
             if self.num_sequences < self.batch_size:
-                raise ValueError(
-                    f"data has {len(self._tokens)} tokens: fewer than one batch of {self.batch_size} x "
-                    f"{self.seq_len + 1}"
-                )
+                raise DataError(
+                    f"data.paths {list(cfg.paths)} give {len(self._tokens)} tokens, fewer than one batch of "
+                    f"{self.batch_size} sequences of {self.seq_len} + 1 tokens ({self.batch_size * self.seq_len + 1}): "
+                    "give more text or a smaller batch_size / seq_len")
         else:
+            tfds_builder(cfg)  # an unknown dataset fails now, before the first step compiles
             self.num_sequences = None
 
     @property
@@ -153,6 +179,6 @@ class PackedData:
 
     def restore(self, state: dict) -> None:
         if state.get("seq_len") != self.seq_len:
-            raise ValueError(f"checkpoint data seq_len {state.get('seq_len')} != configured {self.seq_len}")
+            raise DataError(f"checkpoint data seq_len {state.get('seq_len')} != configured {self.seq_len}")
         self.position = int(state["position"])
         self._stream = None

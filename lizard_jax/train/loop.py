@@ -37,6 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from lizard_jax import checkpoint as ckpt_lib
+from lizard_jax.cli import UserError
+from lizard_jax.config import ConfigError
 from lizard_jax.layers import layer_class
 from lizard_jax.loading import load
 from lizard_jax.lora import init_lora, merge_lora
@@ -51,6 +53,10 @@ from lizard_jax.train.trees import join, split
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+class LossNotFinite(UserError, FloatingPointError):
+    """Training diverged: a NaN or infinite loss. The run stops before checkpointing the state that produced it."""
 
 
 def log(msg: str) -> None:
@@ -118,11 +124,15 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if tc.distributed:
             jax.distributed.initialize()
-        self.mesh = make_mesh(tc.mesh or {"data": -1})
+        try:
+            self.mesh = make_mesh(tc.mesh or {"data": -1})
+        except ValueError as e:  # make_mesh only validates the shape against the devices here
+            raise ConfigError(f"mesh {tc.mesh}: {e}") from None
         teacher_dir = resolve_teacher(tc.teacher, self.run_dir)
         tmodel, tparams, self.tokenizer = load(teacher_dir, mesh=self.mesh)
         if self.tokenizer is None:
-            raise ValueError(f"teacher {teacher_dir} has no tokenizer: needed to tokenize the training data")
+            raise ckpt_lib.CheckpointError(f"teacher {teacher_dir} has no tokenizer/ folder: train.py needs it to "
+                                           "tokenize the training data")
         self.teacher_cfg_stored = tmodel.cfg
         self.teacher_cfg = tmodel.cfg.replace(dtype=tc.dtype)
         self.teacher = Transformer(self.teacher_cfg, remat=tc.remat)
@@ -131,16 +141,18 @@ class Trainer:
         self.student = Transformer(self.student_cfg, remat=tc.remat)
         self.converted = _converted_layers(self.student_cfg)
         if not self.converted:
-            raise ValueError("the recipe converts no layer: every student layer is softmax")
+            raise ConfigError("student.attention: the recipe converts no layer (every student layer is softmax)")
+        eos = (self.teacher_cfg.eos_token_ids or (self.tokenizer.eos_token_id,))[0]
+        self.eos_id = int(eos)
+        self.data_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
+        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axes))
+        # each stage's data before the student's parameters compile: bad data fails in seconds, not minutes
+        self.data = {i: self._data(i, sc) for i, sc in ((1, tc.stage1), (2, tc.stage2)) if sc.steps > 0}
         init = student_params(self.student_cfg, tparams, jax.random.key(tc.seed))
         init = jax.device_put(init, param_shardings(abstract_params(self.student_cfg), self.mesh, DEFAULT_RULES))
         self.new_mask = new_param_mask(init, tparams)
         new, self.frozen = split(init, self.new_mask)
         self.init_new = new
-        eos = (self.teacher_cfg.eos_token_ids or (self.tokenizer.eos_token_id,))[0]
-        self.eos_id = int(eos)
-        self.data_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
-        self.batch_sharding = NamedSharding(self.mesh, P(self.data_axes))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         (self.run_dir / "train_config.json").write_text(json.dumps(config_dict or tc.to_dict(), indent=2) + "\n")
         import orbax.checkpoint as ocp
@@ -248,7 +260,8 @@ class Trainer:
                           cache_dir=self.run_dir / "data_cache", seq_len=sc.seq_len, batch_size=sc.batch_size)
         n_dev = math.prod(self.mesh.shape[a] for a in self.data_axes)
         if data.batch_size % n_dev:
-            raise ValueError(f"batch size {data.batch_size} is not divisible by the {n_dev} data-parallel devices")
+            raise ConfigError(f"stage{index}: batch size {data.batch_size} is not divisible by the {n_dev} "
+                              "data-parallel devices of the mesh")
         return data
 
     def _global_batch(self, batch: np.ndarray):
@@ -329,7 +342,7 @@ class Trainer:
                 continue
             trainable = self._trainable_init(index, new, params)
             stage, state = self._make_stage(index, trainable, carry)
-            data = self._data(index, sc)
+            data = self.data[index]
             if start_meta is not None and index == start_stage:
                 state = self._restore_state(start_step, state)
                 data.restore(start_meta["data"])
@@ -348,12 +361,12 @@ class Trainer:
     def _train_stage(self, stage: Stage, state, data: PackedData, offset: int, steps: int):
         tc = self.tc
         done = int(state["step"])
-        bar = tqdm(total=steps, initial=done, desc=f"stage {stage.index}", file=sys.stderr, dynamic_ncols=True)
         tokens_per_step = data.batch_size * data.seq_len
         flops = self._model_flops_per_token(stage.index) * tokens_per_step
         t_last, n_last = time.perf_counter(), done
         loss_sum = 0.0  # on device: summing does not wait for the step
-        with self.metrics_path.open("a") as mf:
+        with (tqdm(total=steps, initial=done, desc=f"stage {stage.index}", file=sys.stderr, dynamic_ncols=True) as bar,
+              self.metrics_path.open("a") as mf):
             while done < steps:
                 batch = self._global_batch(data.next_batch())
                 state, m = stage.step_fn(state, self.frozen, self.teacher_params, batch)
@@ -362,8 +375,7 @@ class Trainer:
                 if done % tc.log_every == 0 or done == steps:
                     loss = float(loss_sum) / (done - n_last)  # mean over the steps since the last record
                     loss_sum = 0.0
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"stage {stage.index} step {done}: loss is {loss}")
+                    self._check_loss(stage, offset + done, loss)
                     now = time.perf_counter()
                     tps = (done - n_last) * tokens_per_step / (now - t_last)
                     rec = {"stage": stage.index, "step": offset + done, "stage_step": done, "loss": loss,
@@ -377,9 +389,20 @@ class Trainer:
                     t_last, n_last = now, done
                 bar.update(1)
                 if done % tc.checkpoint.every == 0 or done == steps:
+                    self._check_loss(stage, offset + done, float(loss_sum))  # steps not logged yet
                     self._save(offset + done, stage, state, data, force=done == steps)
-        bar.close()
         return state
+
+    def _check_loss(self, stage: Stage, global_step: int, loss: float) -> None:
+        """Stop at a NaN / infinite loss (a sum over steps, so one bad step is enough), before its state is saved."""
+        if math.isfinite(loss):
+            return
+        self.manager.wait_until_finished()
+        last = self.manager.latest_step()
+        kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was written"
+        raise LossNotFinite(f"stage {stage.index}, step {global_step}: the loss is {loss} (training diverged); "
+                            f"{kept} in {self.run_dir}/checkpoints. Lower stage{stage.index}.lr or raise its "
+                            "warmup and train again")
 
     def export(self) -> Path:
         """Write the trained student as a normal lizard_jax checkpoint (LoRA merged), and beside it run_dir/adapter:
