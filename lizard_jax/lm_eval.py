@@ -17,6 +17,7 @@ unless a task asks for do_sample); stop strings are cut after generation.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from lizard_jax.checkpoint import CheckpointError, read_format
+from lizard_jax.cli import InputError, command
 
 try:
     import lm_eval.models  # noqa: F401  (fills the registry with lm_eval's own models before ours is added)
@@ -56,7 +60,7 @@ class LizardLM(TemplateLM):
         self.checkpoint = str(checkpoint)
         self.model, self.params, self.tokenizer = lizard_jax.load(checkpoint, teacher=teacher, dtype=dtype)
         if self.tokenizer is None:
-            raise ValueError(f"{checkpoint} has no tokenizer: lm-eval tasks are text")
+            raise CheckpointError(f"{checkpoint} has no tokenizer/ folder: lm-eval tasks are text")
         if str(batch_size).startswith("auto"):
             log.warning("batch_size %s: lizard_jax uses a fixed batch, %d", batch_size, DEFAULT_BATCH)
             batch_size = DEFAULT_BATCH
@@ -65,7 +69,7 @@ class LizardLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         if self.batch_size < 1 or self.max_length < 2 or self.max_gen_toks < 1:
-            raise ValueError(f"need batch_size >= 1, max_length >= 2, max_gen_toks >= 1; got "
+            raise InputError(f"need batch_size >= 1, max_length >= 2, max_gen_toks >= 1; got "
                              f"{self.batch_size}, {self.max_length}, {self.max_gen_toks}")
 
     # ---- tokens
@@ -185,13 +189,29 @@ class LizardLM(TemplateLM):
         return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_model_args(argv: list[str]) -> None:
+    """A missing or broken checkpoint / teacher in --model_args fails now, not after lm-eval has indexed its tasks
+    (~20 s)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model_args", default="")
+    model_args = pre.parse_known_args(argv)[0].model_args or ""
+    kv = dict(x.split("=", 1) for x in model_args.split(",") if "=" in x)
+    for key in ("checkpoint", "teacher"):
+        if key in kv:
+            read_format(kv[key].strip())
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
     """lm_eval's command line with the "lizard_jax" model registered (module doc)."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else argv
+    _check_model_args(argv)
+    sys.argv = ["lm_eval", *argv]
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

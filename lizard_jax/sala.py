@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from lizard_jax import cli
+from lizard_jax.cli import InputError
 from lizard_jax.config import ConfigError, ModelConfig, load_yaml, spec_from_any, to_dict
 from lizard_jax.layers.lightning import LightningSpec
 from lizard_jax.layers.softmax import SoftmaxSpec
@@ -304,7 +306,7 @@ def linearized_losses(teacher_cfg: ModelConfig, teacher_params, student_cfg: Mod
 def _split_text(text: str, eval_fraction: float) -> tuple[str, str]:
     """(training part, held-out tail of about `eval_fraction` of the characters), cut at a blank line."""
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise InputError(f"eval_fraction (--eval-fraction) must be in (0, 1), got {eval_fraction}")
     at = int(len(text) * (1 - eval_fraction))
     blank = text.find("\n\n", at)
     at = blank if blank > 0 else at
@@ -367,7 +369,8 @@ def select_layers(teacher: str | Path, attention: Mapping[str, Any], text: str |
         ids = np.asarray(trainer.tokenizer(held_out, add_special_tokens=False)["input_ids"], np.int32)
         n_win = min(len(ids) // (seq_len + 1), max(1, eval_tokens // seq_len))
         if n_win < 1:
-            raise ValueError(f"held-out text has {len(ids)} tokens: fewer than one window of {seq_len + 1}")
+            raise InputError(f"held-out text has {len(ids)} tokens: fewer than one window of {seq_len + 1} (give a "
+                             "longer --text / --eval-text or a smaller --seq-len)")
         windows = ids[: n_win * (seq_len + 1)].reshape(n_win, seq_len + 1)
         log(f"scoring {tcfg.num_layers} layers on {n_win} held-out windows of {seq_len} tokens")
         t0 = time.perf_counter()
@@ -430,9 +433,10 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+@cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lizard_jax.sala", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m lizard_jax.sala", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("select", help="measure which layers stay sparse (loss rise when only that one is linear)")
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder (or smollm2 / a HF folder)")
@@ -440,11 +444,12 @@ def main(argv=None) -> int:
     p.add_argument("--text", required=True, help="training text; its last --eval-fraction is held out")
     p.add_argument("--eval-text", default=None, help="held-out text for the scores (default: --text's tail)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--eval-tokens", type=int, default=65536, help="at most this many held-out tokens scored")
-    p.add_argument("--steps", type=int, default=200, help="attention-transfer steps")
+    p.add_argument("--eval-tokens", type=cli.int_at_least(2), default=65536,
+                   help="at most this many held-out tokens scored")
+    p.add_argument("--steps", type=cli.int_at_least(0), default=200, help="attention-transfer steps")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=cli.int_at_least(2), default=512)
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=8)
     p.add_argument("--train", default="converted_layers", choices=["new", "converted_layers"],
                    help="what attention transfer trains")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of sparse layers (rounded half up)")
@@ -458,14 +463,11 @@ def main(argv=None) -> int:
     p.add_argument("--update-config", default=None,
                    help=f"also replace the block between '{BEGIN}' and '{END}' of this YAML file")
     a = ap.parse_args(argv)
-    try:
-        attention = recipe_attention(load_yaml(a.recipe), a.recipe)
-        result = select_layers(a.teacher, attention, a.text, eval_text=a.eval_text, steps=a.steps, lr=a.lr,
-                               seq_len=a.seq_len, batch_size=a.batch_size, train=a.train, ratio=a.ratio,
-                               keep=a.keep, seed=a.seed, dtype=a.dtype, eval_tokens=a.eval_tokens,
-                               eval_fraction=a.eval_fraction, run_dir=a.run_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    attention = recipe_attention(load_yaml(a.recipe), a.recipe)
+    result = select_layers(a.teacher, attention, a.text, eval_text=a.eval_text, steps=a.steps, lr=a.lr,
+                           seq_len=a.seq_len, batch_size=a.batch_size, train=a.train, ratio=a.ratio, keep=a.keep,
+                           seed=a.seed, dtype=a.dtype, eval_tokens=a.eval_tokens, eval_fraction=a.eval_fraction,
+                           run_dir=a.run_dir)
     result["command"] = "python -m lizard_jax.sala " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_scores(result), file=sys.stderr)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

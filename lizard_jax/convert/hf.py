@@ -7,6 +7,7 @@ dequantizes); this module only maps names and layouts.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def load_hf(src: str | Path):
         folder = src
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **kw)
-    except (OSError, ValueError) as e:  # transformers' errors for corrupt weights or a corrupt .gguf
+    except (OSError, ValueError, struct.error) as e:  # transformers' errors for corrupt weights or a corrupt .gguf
         raise ConversionError(f"{src}: transformers cannot read the model: {e}") from None
     if type(model).__name__ not in SUPPORTED:
         raise ConversionError(f"unsupported architecture {type(model).__name__!r}; supported: {sorted(SUPPORTED)}")
