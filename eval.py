@@ -349,7 +349,7 @@ def _run(argv) -> int:
     p.add_argument("--text", required=True, help="filler text file")
     p.add_argument("--lengths", type=_ints, default=[4096], help="comma-separated prompt lengths in tokens")
     p.add_argument("--depths", type=_floats, default=[0, 0.25, 0.5, 0.75, 1], help="comma-separated depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=1, help="trials per (length, depth)")
+    p.add_argument("--trials", type=int_at_least(1), default=1, help="trials per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     _add_generation(p)
     p.set_defaults(fn=cmd_passkey)

@@ -463,6 +463,11 @@ def main(argv=None) -> int:
     p.add_argument("--update-config", default=None,
                    help=f"also replace the block between '{BEGIN}' and '{END}' of this YAML file")
     a = ap.parse_args(argv)
+    for flag, path in (("--out", a.out), ("--yaml", a.yaml)):  # written after minutes of work: check them first
+        if path and not Path(path).absolute().parent.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: folder {Path(path).absolute().parent} does not exist")
+    if a.update_config and not Path(a.update_config).is_file():
+        raise FileNotFoundError(f"--update-config {a.update_config}: no such file")
     attention = recipe_attention(load_yaml(a.recipe), a.recipe)
     result = select_layers(a.teacher, attention, a.text, eval_text=a.eval_text, steps=a.steps, lr=a.lr,
                            seq_len=a.seq_len, batch_size=a.batch_size, train=a.train, ratio=a.ratio, keep=a.keep,

@@ -192,6 +192,7 @@ ROWS = [
     ("eval", [*PASSKEY, "--text", "{short}", "--lengths", "300"], "filler text has .* tokens; length 300 needs"),
     ("eval", [*PASSKEY, "--text", "{text}", "--lengths", "10"], "length 10 is too short for the passkey prompt"),
     ("eval", [*PASSKEY, "--text", "{text}", "--lengths", "300", "--depths", "2"], r"depths must be in \[0, 1\]"),
+    ("eval", [*PASSKEY, "--text", "{text}", "--trials", "0"], "argument --trials: must be >= 1, got 0"),
     ("eval", [*PASSKEY, "--text", "{text}", "--lengths", "4k"], "argument --lengths: expected comma-separated ints"),
     ("eval", ["mqar", "--checkpoint", "{teacher}", "--queries", "0"], "num_queries must be >= 1"),
     ("eval", ["speed", "--checkpoint", "{tmp}/nockpt"], "checkpoint source not found"),
@@ -228,6 +229,8 @@ ROWS = [
     ("sala", [*SELECT, "--seq-len", "1"], "argument --seq-len: must be >= 2, got 1"),
     ("sala", [*SELECT[:4], "{tmp}/norecipe.yaml", *SELECT[5:]], "config file not found: .*norecipe.yaml"),
     ("sala", [*SELECT[:4], "{lizard_recipe}", *SELECT[5:]], "a SALA recipe needs a lightning and a sparse spec"),
+    ("sala", [*SELECT[:-1], "{tmp}/nodir/select.json"], "--out .*select.json: folder .*nodir does not exist"),
+    ("sala", [*SELECT, "--update-config", "{tmp}/nocfg.yaml"], "--update-config .*nocfg.yaml: no such file"),
     ("sala", [*SELECT, "--eval-fraction", "1.5"], r"eval_fraction \(--eval-fraction\) must be in \(0, 1\)"),
     ("sala", [*SELECT[:6], "{tmp}/missing.txt", *SELECT[7:]], "--text .*missing.txt: no such file"),
 ]
