@@ -32,11 +32,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lizard_jax import checkpoint, cli
 from lizard_jax.checkpoint import ADAPTER_FORMAT, CheckpointError
 from lizard_jax.config import ModelConfig
 from lizard_jax.lora import IN_AXES, merge_lora
+from lizard_jax.models import Transformer, abstract_params
+from lizard_jax.sharding import DEFAULT_RULES, param_shardings
 
 FORMAT = {"format": ADAPTER_FORMAT, "version": 1}
 INFO = "adapter.json"
@@ -176,8 +179,6 @@ def diff(student_params, teacher_params, *, lora=None, lora_alpha: float | None 
 
 def rebuild(student_cfg: ModelConfig, teacher_params, parts: dict):
     """The full student parameters from its teacher's and the adapter parts."""
-    from lizard_jax.models import abstract_params
-
     flat_t, put = _flat(teacher_params), {**_flat(parts.get("changed", {})), **_flat(parts.get("new", {}))}
 
     def pick(path, _):
@@ -243,11 +244,6 @@ def read_info(adapter_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 def load(adapter_dir: str | Path, teacher_dir: str | Path, *, mesh=None, rules=None, dtype: str | None = None,
          tokenizer: bool = True):
     """(model, params, tokenizer) of the student rebuilt from `teacher_dir` and the adapter (`lizard_jax.load`)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lizard_jax.models import Transformer, abstract_params
-    from lizard_jax.sharding import DEFAULT_RULES, param_shardings
-
     adapter_dir, teacher_dir = Path(adapter_dir), Path(teacher_dir)
     cfg, info = read_info(adapter_dir)
     teacher_cfg = checkpoint.read_config(teacher_dir)

@@ -18,10 +18,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from lizard_jax.cli import UserError
 from lizard_jax.config import ConfigError, ModelConfig
+from lizard_jax.models import abstract_params
+from lizard_jax.sharding import DEFAULT_RULES, param_shardings
 
 FORMAT = {"format": "lizard_jax.model", "version": 1}
 ADAPTER_FORMAT = "lizard_jax.adapter"  # lizard_jax/adapter.py
@@ -40,8 +42,6 @@ def _checkpointer():
 
 def check_params(cfg: ModelConfig, params, what: str = "parameters") -> None:
     """Raise a clear error if `params` (arrays or shape structs) do not have exactly cfg's names and shapes."""
-    from lizard_jax.models import abstract_params
-
     want = nn.unbox(abstract_params(cfg))
     want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
     got_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -181,8 +181,6 @@ def restore_tree(path: str | Path, target_of: Callable[[Any], Any] | None = None
     if not tree:
         raise CheckpointError(f"cannot read checkpoint metadata at {path}: empty or missing")
     if target_of is None:
-        from jax.sharding import SingleDeviceSharding
-
         dev = SingleDeviceSharding(jax.devices()[0])
         target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
     else:
@@ -195,11 +193,6 @@ def restore_tree(path: str | Path, target_of: Callable[[Any], Any] | None = None
 
 def restore_params(path: str | Path, cfg: ModelConfig, *, mesh=None, rules=None, dtype: str | None = None):
     """Restore an Orbax parameter tree for `cfg`, placed by the sharding rules on `mesh` (or one device)."""
-    from jax.sharding import SingleDeviceSharding
-
-    from lizard_jax.models import abstract_params
-    from lizard_jax.sharding import DEFAULT_RULES, param_shardings
-
     path = Path(path).absolute()
     boxed = abstract_params(cfg)
     if mesh is not None:

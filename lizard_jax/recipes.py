@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import ConfigError, ModelConfig, spec_from_any
+from lizard_jax.models import Transformer
 
 _KEYS = {"default", "pattern", "layers"}
 
@@ -57,8 +58,6 @@ def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | No
     the rest are initialised by the student's modules. Teacher parameters the student lacks are dropped.
     The student's attention projections (`TEACHER_PROJECTIONS`) must come from the teacher: a teacher without
     them (or with other shapes) is a ConfigError, not a silently random layer."""
-    from lizard_jax.models import Transformer
-
     model, tokens = Transformer(student), jnp.zeros((1, 8), jnp.int32)
     flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
     abstract = nn.unbox(jax.eval_shape(model.init, key, tokens)["params"])  # checked before the costly init

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lizard_jax import checkpoint
 from lizard_jax.convert.hf import (
     SUPPORTED,
     ConversionError,
@@ -28,8 +29,6 @@ def convert_model(model, out: str | Path, *, tokenizer=None, dtype: str = "float
     `dtype` is the stored parameter dtype; the config's compute dtype is set to it too (bf16 params compute in
     bf16 unless loaded with `load(..., dtype=...)`).
     """
-    from lizard_jax import checkpoint
-
     cfg, params = from_hf_model(model, dtype=dtype)
     checkpoint.save(out, cfg, params, tokenizer, overwrite=overwrite)
     return cfg

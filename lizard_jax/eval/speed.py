@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.cli import InputError
+from lizard_jax.checkpoint import read_config, restore_params
+from lizard_jax.config import ModelConfig
 from lizard_jax.decode import SamplingConfig, decode_loop
 from lizard_jax.models import Transformer, abstract_params, init_caches, init_params
 
@@ -252,17 +254,12 @@ def format_row(r: dict) -> str:
 
 def source_config(src: ModelSource, dtype: str | None = None):
     """The ModelConfig of a source; `dtype` sets both the compute and the parameter dtype (as served)."""
-    from lizard_jax.checkpoint import read_config
-    from lizard_jax.config import ModelConfig
-
     cfg = read_config(src.path) if src.kind == "checkpoint" else ModelConfig.from_json(src.path)
     return cfg if dtype is None else cfg.replace(dtype=dtype, param_dtype=dtype)
 
 
 def load_source(src: ModelSource, dtype: str | None = None):
     """-> (model, params): restored from the checkpoint (cast to `dtype` if given) or random."""
-    from lizard_jax.checkpoint import restore_params
-
     cfg = source_config(src, dtype)
     if src.kind == "checkpoint":
         params = restore_params(Path(src.path) / "params", cfg, dtype=dtype)
