@@ -3,10 +3,10 @@
 A user error is an input the user can fix: a missing, empty, corrupt or wrong-kind file, an unknown or mistyped
 config key, a value out of range, a bad flag. The library raises `UserError` subclasses for them
 (`config.ConfigError`, `checkpoint.CheckpointError`, `convert.ConversionError`, `export.ExportError`,
-`train.data.DataError`, `InputError` for a bad argument); missing / existing / wrong-kind paths are Python's own
-OSError subclasses. Every entry point is a `@command` function `main(argv) -> int`: it returns 2 after printing
-such an error and lets anything else (a bug) propagate with its traceback. `ArgumentParser` makes argparse's own
-errors the same one line.
+`train.data.DataError`, `train.loop.LossNotFinite`, `InputError` for a bad argument); missing / existing /
+wrong-kind paths are Python's own OSError subclasses. Every entry point is a `@command` function
+`main(argv) -> int`: it returns 2 after printing such an error and lets anything else (a bug) propagate with its
+traceback. `ArgumentParser` makes argparse's own errors the same one line.
 
 This module imports nothing of lizard_jax, so that every layer of the library can raise its errors.
 """
