@@ -91,18 +91,34 @@ def test_left_padded_batch_equals_single_prompts():
         assert_close(out[i, -len(p):], ref[0], rtol=1e-5)
 
 
-def test_generation_stops_at_eos_and_samples_reproducibly():
-    cfg = tiny_config(eos_token_ids=(5,))
+def test_generation_stops_at_eos():
+    """With EOS set to a token greedy decoding produces mid-row, the row ends just before it; the other row
+    continues unchanged up to its own first EOS (or to max_new_tokens)."""
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(3))
+    prompts = [[7, 8, 9], [10, 11]]
+    free = lizard_jax.generate(Transformer(cfg), params, prompts, max_new_tokens=12, stop_at_eos=False).tokens
+    assert all(len(row) == 12 for row in free)  # without EOS stopping, all tokens are produced
+    cut = next(i for i, t in enumerate(free[0]) if i >= 3 and t not in free[0][:i])
+    eos = free[0][cut]
+    got = lizard_jax.generate(Transformer(cfg.replace(eos_token_ids=(eos,))), params, prompts, max_new_tokens=12)
+    assert got.tokens[0] == free[0][:cut]
+    assert got.tokens[1] == free[1][:free[1].index(eos) if eos in free[1] else 12]
+
+
+def test_sampling_depends_on_seed_and_temperature_greedy_does_not():
+    cfg = tiny_config()
     params = init_params(cfg, jax.random.key(3))
     model = Transformer(cfg)
-    prompts = [[7, 8, 9], [10, 11]]
-    a = lizard_jax.generate(model, params, prompts, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=1)
-    b = lizard_jax.generate(model, params, prompts, max_new_tokens=30, temperature=1.0, top_p=0.9, seed=1)
-    assert a.tokens == b.tokens
-    assert all(5 not in t for t in a.tokens)
-    greedy = lizard_jax.generate(model, params, prompts, max_new_tokens=30, stop_at_eos=False)
-    for row in greedy.tokens:  # without EOS stopping, all tokens are produced
-        assert len(row) == 30
+    run = lambda **kw: lizard_jax.generate(model, params, [[7, 8, 9], [10, 11]], max_new_tokens=16,
+                                           stop_at_eos=False, **kw).tokens
+    a = run(temperature=1.0, seed=1)
+    assert a == run(temperature=1.0, seed=1)
+    assert a != run(temperature=1.0, seed=2)
+    assert a != run(temperature=3.0, seed=1)
+    greedy = run(seed=1)
+    assert greedy == run(seed=2) != a
+    assert run(temperature=1.0, top_p=1e-6, seed=2) == greedy  # a nucleus of one token is the argmax
 
 
 def test_top_p_keeps_smallest_nucleus():
