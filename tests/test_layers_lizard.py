@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lizard_jax.config import ConfigError, spec_from_any
+from lizard_jax.config import ConfigError, attention_kinds, spec_from_any
 from lizard_jax.layers import layer_class
 from lizard_jax.layers.common import KVCache
 from lizard_jax.layers.gla import GLASpec
@@ -23,10 +23,9 @@ from lizard_jax.layers.sliding_window import SlidingWindowSpec
 from lizard_jax.models import Transformer, init_caches, init_params
 from lizard_jax.numerics import FORMS_RTOL, assert_close, rel_err
 from lizard_jax.recipes import new_param_mask, student_config, student_params
-from lizard_jax.testing import tiny_config
+from lizard_jax.testing import randomize, run_chunks, tiny_config
 
 CFG = tiny_config()  # d_model 64, 4 heads, 2 kv heads (GQA), head_dim 16
-TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 SPECS = {
     "linear-hedgehog": LinearSpec(chunk_size=8),
@@ -59,28 +58,6 @@ def path_name(path) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
-def randomize(params, key):
-    """Non-trivial weights: teacher projections ~ N(0, 2.25 / fan_in) (peaked attention), every new parameter
-    moved off its structured init (identity maps, constant gates / logits / alpha), so no bug hides behind it."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, p), k in zip(leaves, keys):
-        name = path_name(path)
-        n = jax.random.normal(k, p.shape, p.dtype)
-        parts = name.split("/")
-        if len(parts) == 2 and parts[0] in TEACHER:
-            fan = p.shape[0] * (p.shape[1] if parts[0] == "o_proj" else 1)
-            out.append(1.5 * n / np.sqrt(fan))
-        elif parts[-1] == "w" and parts[0].startswith("feature"):
-            out.append(p + 0.3 * n / np.sqrt(p.shape[1]))
-        elif p.ndim >= 2 and parts[-1] != "meta_logits":  # gate / output-gate kernels
-            out.append(p + n / np.sqrt(p.shape[0]))
-        else:  # biases, meta logits, alpha, norm scales
-            out.append(p + 0.5 * n)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 @functools.lru_cache(maxsize=None)
 def fresh_params(spec):
     """The layer's own initial parameters (jit-compiled init, once per spec)."""
@@ -97,21 +74,6 @@ def make_layer(name, seed=0):
 
 def make_x(seed, batch, seq):
     return jax.random.normal(jax.random.key(seed), (batch, seq, CFG.d_model))
-
-
-def run_chunks(layer, params, x, sizes, spec, max_len=64):
-    """Feed x through the cache in chunks of `sizes` (one jitted step); returns the concatenated outputs."""
-    b, t, _ = x.shape
-    assert sum(sizes) == t
-    cache = type(layer).init_cache(layer.cfg, spec, b, max_len)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    step = jax.jit(lambda p, xs, ps, c: layer.apply({"params": p}, xs, ps, c))
-    outs, a = [], 0
-    for n in sizes:
-        y, cache = step(params, x[:, a:a + n], pos[:, a:a + n], cache)
-        outs.append(y)
-        a += n
-    return jnp.concatenate(outs, axis=1)
 
 
 def forward_and_grads(layer):
@@ -146,7 +108,7 @@ def test_prefill_chunked_prefill_and_decode_agree(name):
     layer, params, spec = make_layer(name, seed=seq)
     x = make_x(seq, 2, seq)
     full = jax.jit(lambda x: layer.apply({"params": params}, x)[0])(x)
-    got = run_chunks(layer, params, x, [1, 1, 1, 8, 1, 1] + [8] * ((seq - 13) // 8), spec)
+    got, _ = run_chunks(layer, params, x, [1, 1, 1, 8, 1, 1] + [8] * ((seq - 13) // 8), max_len=64)
     err = rel_err(got, full)
     assert err <= FORMS_RTOL, f"{name}: rel err {err:.2e}"
 
@@ -156,7 +118,7 @@ def test_decoding_far_past_the_ring():
     layer, params, spec = make_layer("lizard-w5-m2")
     x = make_x(3, 1, 40)
     full = jax.jit(lambda x: layer.apply({"params": params}, x)[0])(x)
-    assert_close(run_chunks(layer, params, x, [9] + [1] * 31, spec, max_len=40), full, rtol=FORMS_RTOL)
+    assert_close(run_chunks(layer, params, x, [9] + [1] * 31, max_len=40)[0], full, rtol=FORMS_RTOL)
 
 
 @pytest.mark.parametrize("name", ["linear-hedgehog", "linear-elu-rope", "gla", "swa-w5-m3", "lizard-w5-m2"])
@@ -471,6 +433,30 @@ def test_decode_state_does_not_grow_with_max_len(name):
 def test_specs_reject_bad_options(value, match):
     with pytest.raises(ConfigError, match=match):
         spec_from_any(value)
+
+
+@pytest.mark.parametrize("kind", attention_kinds())
+def test_every_layer_checks_its_inputs(kind):
+    """Every layer calls the one input check (layers.common.check_layer_inputs) first, and its errors name the
+    layer. No parameters are needed: the check runs before any is read."""
+    layer = layer_class(kind)(CFG, spec_from_any(kind))
+    apply = lambda *a: layer.apply({"params": {}}, *a)  # noqa: E731
+    x = jnp.zeros((2, 5, CFG.d_model))
+    pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^{name}: x must be \[batch, seq, d_model=64\], got x.shape=\(5, 64\)"):
+        apply(x[0])
+    with pytest.raises(TypeError, match=rf"^{name}: x must be floating"):
+        apply(x.astype(jnp.int32))
+    with pytest.raises(ValueError, match=rf"^{name}: positions must be \[batch, seq\] = \(2, 5\)"):
+        apply(x, pos[:, :3])
+    with pytest.raises(TypeError, match=rf"^{name}: positions must be integers"):
+        apply(x, pos.astype(jnp.float32))
+    wrong = KVCache.create(2, 8, 2, 16, jnp.float32) if kind in ("linear", "gla") else LinearCache.create(2, 4, 16, 17)
+    with pytest.raises(TypeError, match=rf"^{name}: cache must be a"):
+        apply(x, pos, wrong)
+    with pytest.raises(ValueError, match=rf"^{name}: cache batch mismatch: the cache was built for batch 3"):
+        apply(x, pos, type(layer).init_cache(CFG, layer.spec, 3, 16))
 
 
 @pytest.mark.parametrize("name", ["linear-hedgehog", "gla", "swa-w5-m3", "lizard-w5-m2"])

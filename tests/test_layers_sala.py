@@ -31,11 +31,10 @@ from lizard_jax.ops.sparse import (block_sparse_attention, compress_keys, infllm
                                    infllm_select_decode, num_compressed)
 from lizard_jax.recipes import new_param_mask, student_config, student_params
 from lizard_jax.sala import recipe_attention
-from lizard_jax.testing import tiny_config
+from lizard_jax.testing import TEACHER_PROJECTIONS, randomize, run_chunks, tiny_config
 from lizard_jax.train import TrainConfig
 
 CFG = tiny_config()  # d_model 64, 4 query heads, 2 kv heads (GQA), head_dim 16
-TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")
 # small InfLLM-V2 settings: blocks of 16, windows 8/4, 1 initial block + 1 local block + 1 more (topk 2)
 SMALL = dict(block_size=16, topk=2, kernel=8, stride=4, init_blocks=1, local_window=16)
 SPARSE = SparseSpec(**SMALL, dense_below=0)
@@ -45,24 +44,6 @@ TEACHER_SPARSE = SparseSpec(**SMALL, dense_below=64, rope=True, qk_norm=False, o
 
 def path_name(path) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def randomize(params, key):
-    """Teacher projections ~ 1.5 N(0, 1/fan_in) (peaked attention); every new parameter moved off its init
-    (norm scales 1, gate kernel 0 / bias 4), so no bug hides behind it."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = []
-    for (path, p), k in zip(leaves, jax.random.split(key, len(leaves))):
-        name = path_name(path)
-        n = jax.random.normal(k, p.shape, p.dtype)
-        if name.endswith("norm/scale"):
-            out.append(p + 0.3 * n)
-        elif name.endswith("bias"):
-            out.append(p + n)
-        else:
-            fan = p.shape[0] if not name.endswith("o_proj/kernel") else p.shape[0] * p.shape[1]
-            out.append(1.5 * n / np.sqrt(fan))
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def make_layer(spec, seed=0, cfg=CFG):
@@ -82,21 +63,6 @@ def make_x(seed, batch, seq, cfg=CFG):
 
 def arange_pos(batch, seq, start=0):
     return jnp.broadcast_to(jnp.arange(start, start + seq, dtype=jnp.int32), (batch, seq))
-
-
-def run_chunks(layer, params, x, sizes, max_len, positions=None):
-    """Feed x through a fresh cache in chunks of `sizes`; returns (outputs concatenated, final cache)."""
-    b, t, _ = x.shape
-    assert sum(sizes) == t
-    cache = type(layer).init_cache(layer.cfg, layer.spec, b, max_len)
-    pos = arange_pos(b, t) if positions is None else positions
-    step = jax.jit(lambda p, xs, ps, c: layer.apply({"params": p}, xs, ps, c))
-    outs, a = [], 0
-    for n in sizes:
-        y, cache = step(params, x[:, a:a + n], pos[:, a:a + n], cache)
-        outs.append(y)
-        a += n
-    return jnp.concatenate(outs, axis=1), cache
 
 
 def left_pad(x, pad):
@@ -266,7 +232,7 @@ def test_sparse_dense_regime_is_the_teacher_layer_exactly():
     padding too; through the cache (any chunks) equal to the teacher's KV-cache path."""
     teacher = SoftmaxAttention(CFG, SoftmaxSpec())
     layer, params = make_layer(TEACHER_SPARSE, seed=7)
-    assert set(params) == set(TEACHER)
+    assert set(params) == set(TEACHER_PROJECTIONS)
     x = make_x(7, 2, 45)
     for pos in (None, left_pad(x, 9)):
         want, _ = jit_apply(teacher)(params, x, pos)
@@ -616,7 +582,7 @@ def test_sala_student_params_copy_the_teacher():
         want |= {f"layers_{i}/attn/{n}" for n in names}
     assert new == want
     for i in range(5):
-        for n in TEACHER:
+        for n in TEACHER_PROJECTIONS:
             np.testing.assert_array_equal(params[f"layers_{i}"]["attn"][n]["kernel"],
                                           teacher[f"layers_{i}"]["attn"][n]["kernel"])
     tokens = jnp.arange(40, dtype=jnp.int32)[None] % teacher_cfg.vocab_size

@@ -116,9 +116,48 @@ def qkv_projection(cfg: ModelConfig, x):
     return q, k, v
 
 
+def project_qkv(cfg: ModelConfig, x, positions, *, rope: bool, qk_norm: bool = False):
+    """The teacher's q/k/v projections, optional per-head QK RMSNorm (before RoPE), optional RoPE (positions None:
+    arange). Creates q_proj/k_proj/v_proj (and q_norm/k_norm) inside the calling compact method."""
+    q, k, v = qkv_projection(cfg, x)
+    if qk_norm:
+        norm = lambda name: RMSNorm(cfg.rms_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
+        q, k = norm("q_norm")(q), norm("k_norm")(k)
+    if rope:
+        pos = positions if positions is not None else default_positions(*x.shape[:2])
+        q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
+    return q, k, v
+
+
 def out_projection(cfg: ModelConfig, name: str = "o_proj") -> nn.DenseGeneral:
     """o_proj: [B,T,H,Dh] -> [B,T,D] (create inside a compact method)."""
     return dense(cfg.d_model, axis=(-2, -1), names=("heads", "head_dim", "embed"), cfg=cfg, name=name)
+
+
+def check_layer_inputs(layer: str, cfg: ModelConfig, x, positions, cache, cache_type: type | None) -> None:
+    """Clear errors at every layer's boundary (`layer` names it): x `[batch, seq, d_model]` floating, positions
+    `[batch, seq]` integer or None, a cache of `cache_type` (None: any cache with `attend`, e.g. Star Attention's
+    sharded one) holding the batch of x. Shapes and dtypes are static, so this costs nothing under jit."""
+    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"{layer}: x must be [batch, seq, d_model={cfg.d_model}], got {x.shape=}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{layer}: x must be floating, got {x.dtype=}")
+    if positions is not None:
+        if positions.shape != x.shape[:2]:
+            raise ValueError(f"{layer}: positions must be [batch, seq] = {x.shape[:2]}, got {positions.shape=}")
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise TypeError(f"{layer}: positions must be integers, got {positions.dtype=}")
+    if cache is None:
+        return
+    if cache_type is None and not callable(getattr(cache, "attend", None)):
+        raise TypeError(f"{layer}: cache must be a KVCache (from init_cache) or another cache with an `attend` "
+                        f"method, got {type(cache).__name__}")
+    if cache_type is not None and not isinstance(cache, cache_type):
+        raise TypeError(f"{layer}: cache must be a {cache_type.__name__} (from init_cache), got {type(cache).__name__}")
+    batch = jax.tree_util.tree_leaves(cache)[0].shape[0]  # every cache's arrays lead with the batch
+    if batch != x.shape[0]:
+        raise ValueError(f"{layer}: cache batch mismatch: the cache was built for batch {batch}, x has batch "
+                         f"{x.shape[0]}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,9 +167,10 @@ def out_projection(cfg: ModelConfig, name: str = "o_proj") -> nn.DenseGeneral:
 @flax.struct.dataclass
 class KVCache:
     """Keys/values of past tokens; `attend` is how a softmax-type layer attends over them (other cache types,
-    e.g. Star Attention's sharded one, provide the same method). k, v `[batch, size, kv_heads, head_dim]`; pos `[batch, size]` int32 position
-    of each slot (-1 = empty or padding); index: int32 scalar, tokens written so far. `ring` caches keep the
-    last `size` tokens (sliding windows) at slot `index % size`; full caches hold up to `size` tokens."""
+    e.g. Star Attention's sharded one, provide the same method). k, v `[batch, size, kv_heads, head_dim]`; pos
+    `[batch, size]` int32 position of each slot (-1 = empty or padding); index: int32 scalar, tokens written so
+    far. `ring` caches keep the last `size` tokens (sliding windows) at slot `index % size`; full caches hold up
+    to `size` tokens."""
 
     k: Array
     v: Array

@@ -30,21 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import (
-    INIT_STD,
-    RMSNorm,
-    apply_rope,
-    default_positions,
-    dense,
-    dtype_of,
-    out_projection,
-    qkv_projection,
-)
+from lizard_jax.layers.common import INIT_STD, RMSNorm, check_layer_inputs, dense, dtype_of, out_projection, project_qkv
 from lizard_jax.layers.linear import (
     FeatureMap,
     LinearCache,
     check_impl,
-    check_layer_inputs,
     check_map_options,
     feature_out_dim,
     recurrent_attention,
@@ -150,11 +140,8 @@ class GatedLinearAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: LinearCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, LinearCache)
-        q, k, v = qkv_projection(cfg, x)
-        if spec.rope:
-            pos = positions if positions is not None else default_positions(*x.shape[:2])
-            q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
+        check_layer_inputs("GatedLinearAttention", cfg, x, positions, cache, LinearCache)
+        q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         heads = cfg.num_heads
         if spec.feature_map == "identity":
             q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)

@@ -43,43 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import (RMSNorm, apply_rope, default_positions, dtype_of, out_projection,
-                                      qkv_projection)
+from lizard_jax.layers.common import RMSNorm, check_layer_inputs, dtype_of, out_projection, project_qkv
+from lizard_jax.ops.impl import IMPLS
 from lizard_jax.ops.lightning import lightning_attention, lightning_slopes, lightning_step
-
-IMPLS = ("auto", "xla", "pallas")
-
-
-def check_layer_inputs(cfg: ModelConfig, x, positions, cache, cache_type, layer: str) -> None:
-    """Clear errors at a layer's boundary: x `[batch, seq, d_model]` floating, positions `[batch, seq]` int,
-    a cache of the layer's own type with the batch of x (positions=None with a cache: an unpadded first prefill)."""
-    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-        raise ValueError(f"{layer}: x must be [batch, seq, d_model={cfg.d_model}], got {x.shape=}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{layer}: x must be floating, got {x.dtype=}")
-    if positions is not None:
-        if positions.shape != x.shape[:2]:
-            raise ValueError(f"{layer}: {positions.shape=} must be [batch, seq] = {x.shape[:2]}")
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise TypeError(f"{layer}: positions must be integers, got {positions.dtype=}")
-    if cache is not None:
-        if not isinstance(cache, cache_type):
-            raise TypeError(f"{layer}: cache must be a {cache_type.__name__}, got {type(cache).__name__}")
-        if cache.batch != x.shape[0]:
-            raise ValueError(f"{layer}: cache batch {cache.batch} != {x.shape[0]=}")
-
-
-def project_qkv(cfg: ModelConfig, x, positions, *, qk_norm: bool, rope: bool):
-    """Teacher q/k/v projections, optional per-head QK RMSNorm (before RoPE), optional RoPE.
-    Creates q_proj/k_proj/v_proj (and q_norm/k_norm) inside the calling compact method."""
-    q, k, v = qkv_projection(cfg, x)
-    if qk_norm:
-        norm = lambda name: RMSNorm(cfg.rms_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name=name)
-        q, k = norm("q_norm")(q), norm("k_norm")(k)
-    if rope:
-        pos = positions if positions is not None else default_positions(*x.shape[:2])
-        q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
-    return q, k, v
 
 
 def output_gate(cfg: ModelConfig, x, bias_init: float, name: str):
@@ -153,7 +119,7 @@ class LightningAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: LightningCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, LightningCache, "LightningAttention")
+        check_layer_inputs("LightningAttention", cfg, x, positions, cache, LightningCache)
         q, k, v = project_qkv(cfg, x, positions, qk_norm=spec.qk_norm, rope=spec.rope)
         group = cfg.num_heads // cfg.num_kv_heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # kv head h // group -> query head h

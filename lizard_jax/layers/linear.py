@@ -26,15 +26,15 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import apply_rope, default_positions, dtype_of, out_projection, qkv_projection
+from lizard_jax.layers.common import check_layer_inputs, dtype_of, out_projection, project_qkv
 from lizard_jax.ops.gated_linear import gla, gla_step
+from lizard_jax.ops.impl import IMPLS
 from lizard_jax.ops.linear import FEATURE_MAPS, get_feature_map, linear_attention, linear_attention_step
 
 Array = jax.Array
 
 LEARNABLE_MAPS = ("t2r", "hedgehog", "hedgehog_exp")  # maps with a projection w (and t2r's bias b)
 FIXED_MAPS = ("elu_plus_one", "relu")  # parameter-free, feature dim = head_dim
-IMPLS = ("auto", "xla", "pallas")
 FORMS = ("chunk", "quadratic")
 
 
@@ -63,25 +63,6 @@ def check_impl(where: str, impl: str, chunk_size: int, form: str = "chunk") -> N
         raise ConfigError(f"{where}: impl='pallas' applies to form='chunk' only")
     if chunk_size < 1:
         raise ConfigError(f"{where}.chunk_size must be >= 1, got {chunk_size}")
-
-
-def check_layer_inputs(cfg: ModelConfig, x, positions, cache, cache_type) -> None:
-    """Shape/dtype checks at a layer's boundary (every layer of this family set calls it first)."""
-    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-        raise ValueError(f"x must be [batch, seq, d_model={cfg.d_model}], got {x.shape=}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating array, got {x.dtype=}")
-    if positions is not None:
-        if positions.shape != x.shape[:2]:
-            raise ValueError(f"positions must be [batch, seq] = {x.shape[:2]}, got {positions.shape=}")
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise TypeError(f"positions must be an integer array, got {positions.dtype=}")
-    if cache is not None:
-        if not isinstance(cache, cache_type):
-            raise TypeError(f"cache must be a {cache_type.__name__} (from init_cache), got {type(cache).__name__}")
-        batch = jax.tree_util.tree_leaves(cache)[0].shape[0]
-        if batch != x.shape[0]:
-            raise ValueError(f"cache was built for batch {batch}, got x with batch {x.shape[0]}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,11 +213,8 @@ class LinearAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: LinearCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, LinearCache)
-        q, k, v = qkv_projection(cfg, x)
-        if spec.rope:
-            pos = positions if positions is not None else default_positions(*x.shape[:2])
-            q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
+        check_layer_inputs("LinearAttention", cfg, x, positions, cache, LinearCache)
+        q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         heads = cfg.num_heads
         phi_q = FeatureMap(cfg, spec.feature_map, spec.feature_dim, name="feature_q")(q)
         phi_k = FeatureMap(cfg, spec.feature_map, spec.feature_dim, name="feature_k")(repeat_kv(k, heads))

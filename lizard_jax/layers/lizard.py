@@ -50,12 +50,11 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ModelConfig, register_attention
-from lizard_jax.layers.common import KVCache, dtype_of, out_projection, qkv_projection
+from lizard_jax.layers.common import KVCache, check_layer_inputs, dtype_of, out_projection, qkv_projection
 from lizard_jax.layers.gla import LogGate, check_gate_options
 from lizard_jax.layers.linear import (
     FeatureMap,
     check_impl,
-    check_layer_inputs,
     check_map_options,
     feature_out_dim,
     recurrent_attention,
@@ -126,7 +125,7 @@ class LizardAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: LizardCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, LizardCache)
+        check_layer_inputs("LizardAttention", cfg, x, positions, cache, LizardCache)
         q, k, v = qkv_projection(cfg, x)
         heads = cfg.num_heads
 

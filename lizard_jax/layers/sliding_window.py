@@ -19,8 +19,8 @@ from typing import ClassVar
 import flax.linen as nn
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import KVCache, apply_rope, default_positions, dtype_of, out_projection, qkv_projection
-from lizard_jax.layers.linear import check_layer_inputs
+from lizard_jax.layers.common import (KVCache, apply_rope, check_layer_inputs, default_positions, dtype_of,
+                                      out_projection, qkv_projection)
 from lizard_jax.layers.softmax import SoftmaxAttention
 from lizard_jax.ops.softmax import attention
 
@@ -94,7 +94,7 @@ class SlidingWindowAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: KVCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, KVCache)
+        check_layer_inputs("SlidingWindowAttention", cfg, x, positions, cache, KVCache)
         q, k, v = qkv_projection(cfg, x)
         sinks = meta_logits(self, cfg.num_heads, spec.meta_tokens, spec.meta_init)
         o, cache = local_attention(cfg, q, k, v, positions, cache, window=spec.window, sinks=sinks, rope=spec.rope,

@@ -8,7 +8,7 @@ from typing import ClassVar
 import flax.linen as nn
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import KVCache, apply_rope, default_positions, dtype_of, out_projection, qkv_projection
+from lizard_jax.layers.common import KVCache, check_layer_inputs, dtype_of, out_projection, project_qkv
 from lizard_jax.ops.softmax import attention
 
 
@@ -51,11 +51,8 @@ class SoftmaxAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: KVCache | None = None):
         cfg, spec = self.cfg, self.spec
-        q, k, v = qkv_projection(cfg, x)
-        if spec.rope:
-            pos = positions if positions is not None else default_positions(*x.shape[:2])
-            q = apply_rope(q, pos, cfg.rope)
-            k = apply_rope(k, pos, cfg.rope)
+        check_layer_inputs("SoftmaxAttention", cfg, x, positions, cache, None)
+        q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         if cache is None:
             o = attention(q, k, v, q_positions=positions, k_positions=positions, window=spec.window,
                           impl=spec.impl)

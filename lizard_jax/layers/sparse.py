@@ -64,8 +64,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import default_positions, dtype_of, out_projection
-from lizard_jax.layers.lightning import check_spec_common, check_layer_inputs, output_gate, project_qkv
+from lizard_jax.layers.common import check_layer_inputs, default_positions, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.lightning import check_spec_common, output_gate
 from lizard_jax.ops.softmax import attention
 from lizard_jax.ops.sparse import InfLLMConfig, infllm_attention, num_compressed
 from lizard_jax.ops.sparse.selection import overlap_windows
@@ -106,7 +106,8 @@ class SparseSpec(AttentionSpec, InfLLMConfig):
 
     @property
     def infllm(self) -> InfLLMConfig:
-        return self.settings()
+        """The plain InfLLM-V2 settings, as the ops take them."""
+        return InfLLMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InfLLMConfig)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class SparseAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions=None, cache: SparseCache | None = None):
         cfg, spec = self.cfg, self.spec
-        check_layer_inputs(cfg, x, positions, cache, SparseCache, "SparseAttention")
+        check_layer_inputs("SparseAttention", cfg, x, positions, cache, SparseCache)
         q, k, v = project_qkv(cfg, x, positions, qk_norm=spec.qk_norm, rope=spec.rope)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         batch, t = x.shape[:2]

@@ -31,9 +31,5 @@ class InfLLMConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be >= 0")
 
-    def settings(self) -> InfLLMConfig:
-        """The plain settings (of a subclass too, e.g. a layer spec that extends them)."""
-        return InfLLMConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InfLLMConfig)})
-
 
 PAPER = InfLLMConfig()
