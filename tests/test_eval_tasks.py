@@ -145,14 +145,19 @@ def test_batched_scoring_equals_greedy_generation(ckpt, tok):
         np.testing.assert_array_equal(pred[b], [g[0] for g in gen.tokens])
 
 
-def test_mqar_end_to_end(ckpt):
-    _, _, path = ckpt
+def test_mqar_end_to_end(ckpt, tok):
+    """eval.py mqar scores the saved model exactly as the library does with the same settings; an untrained
+    model is no better than chance."""
+    cfg, params, path = ckpt
     rc, out, err = run_eval("mqar", "--checkpoint", path, "--pairs", "4", "--lengths", "96", "--queries", "4",
-                            "--trials", "3", "--batch-size", "2")
+                            "--trials", "3", "--batch-size", "2", "--seed", "5")
     assert rc == 0, err
-    assert out["task"] == "mqar" and 0.0 <= out["accuracy"] <= 1.0
+    ref = mq.mqar(Transformer(cfg), params, tok, pairs=(4,), lengths=(96,), num_queries=4, trials=3,
+                  batch_size=2, seed=5, progress=False)
+    assert out == {**json.loads(json.dumps(ref)), "checkpoint": str(path)}
     assert set(out["by_pairs"]) == {"4"} and set(out["by_length"]) == {"96"}
     assert out["settings"][-1]["prompt_tokens"] <= 96 and out["pool"] == {"keys": 21, "values": 21}
+    assert out["accuracy"] <= 2 * out["chance"]
 
 
 @pytest.mark.parametrize("args,match", [
