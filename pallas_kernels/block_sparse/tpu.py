@@ -50,11 +50,17 @@ def _interpret(st: Static):
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: Static):
+def _query_block_step():
+    """In the forward / dq grid (batch b, kv head h, query block i, step t): (i, t, max_blocks, flat), flat the
+    row of (b, h, i) in the flattened block schedule."""
     b, h, i, t = (pl.program_id(a) for a in range(4))
     kv_heads, n_qb, max_blocks = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
+    return i, t, max_blocks, (b * kv_heads + h) * n_qb + i
+
+
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: Static):
+    i, t, max_blocks, flat = _query_block_step()
     group, bs, d = q_ref.shape
-    flat = (b * kv_heads + h) * n_qb + i
 
     @pl.when(t == 0)
     def _init():
@@ -87,10 +93,8 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_s
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, st: Static):
-    b, h, i, t = (pl.program_id(a) for a in range(4))
-    kv_heads, n_qb, max_blocks = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
+    i, t, max_blocks, flat = _query_block_step()
     group, bs, d = q_ref.shape
-    flat = (b * kv_heads + h) * n_qb + i
 
     @pl.when(t == 0)
     def _init():
