@@ -143,6 +143,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The run's closing summary: teacher and student perplexity on the same tokens (the first `max_tokens` of
+    `text`, windows of `seq_len`, as `eval.py perplexity`) and the decode state each keeps at `seq_len` tokens;
+    printed with `note` and written to run_dir/summary.json."""
+
+    text: str
+    max_tokens: int = 4096
+    seq_len: int = 1024
+    batch_size: int = 4
+    note: str | None = None
+
+    def __post_init__(self):
+        _require(self.max_tokens >= 2, "max_tokens", ">= 2", self.max_tokens)
+        _require(self.seq_len >= 2, "seq_len", ">= 2 (a token to predict from and one to predict)", self.seq_len)
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class StudentConfig:
     """The recipe: `attention` in `lizard_jax.recipes.student_config` format."""
 
@@ -165,6 +183,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log_every: int = 10
     export: str | None = None
+    eval: EvalConfig | None = None
     distributed: bool = False
 
     def __post_init__(self):

@@ -39,6 +39,8 @@ from tqdm import tqdm
 from lizard_jax import checkpoint as ckpt_lib
 from lizard_jax.cli import UserError
 from lizard_jax.config import ConfigError
+from lizard_jax.eval.perplexity import perplexity, windows
+from lizard_jax.eval.speed import cache_bytes
 from lizard_jax.layers import layer_class
 from lizard_jax.loading import load
 from lizard_jax.lora import init_lora, merge_lora
@@ -46,6 +48,7 @@ from lizard_jax.models import Transformer, abstract_params
 from lizard_jax.models.flops import attention_params, matmul_params
 from lizard_jax.recipes import new_param_mask, student_config, student_params
 from lizard_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings
+from lizard_jax.textio import read_text
 from lizard_jax.train import losses
 from lizard_jax.train.config import StageConfig, TrainConfig
 from lizard_jax.train.data import PackedData
@@ -104,8 +107,8 @@ def _converted_layers(cfg) -> list[int]:
 
 
 def _schedule(sc: StageConfig):
-    warm = int(round(sc.warmup * sc.steps))
-    return optax.warmup_cosine_decay_schedule(0.0, sc.lr, max(warm, 1), max(sc.steps, warm + 1),
+    warm = max(int(round(sc.warmup * sc.steps)), 1)  # optax needs >= 1 warm-up and >= 1 decay step
+    return optax.warmup_cosine_decay_schedule(0.0, sc.lr, warm, max(sc.steps, warm + 1),
                                               end_value=sc.lr * sc.end_lr_factor)
 
 
@@ -146,6 +149,11 @@ class Trainer:
         self.eos_id = int(eos)
         self.data_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
         self.batch_sharding = NamedSharding(self.mesh, P(self.data_axes))
+        self.eval_ids = None
+        if tc.eval is not None:  # read and checked now: a bad eval section fails before training, not after it
+            text = read_text(tc.eval.text, "eval.text")
+            self.eval_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            windows(self.eval_ids, tc.eval.seq_len, tc.eval.max_tokens)
         # each stage's data before the student's parameters compile: bad data fails in seconds, not minutes
         self.data = {i: self._data(i, sc) for i, sc in ((1, tc.stage1), (2, tc.stage2)) if sc.steps > 0}
         init = student_params(self.student_cfg, tparams, jax.random.key(tc.seed))
@@ -356,6 +364,8 @@ class Trainer:
         self.final_new, self.frozen = split(params, trained)  # everything any stage trained, and the rest
         out = self.export()
         self.plot()
+        if tc.eval is not None:
+            self.summarize()
         return out
 
     def _train_stage(self, stage: Stage, state, data: PackedData, offset: int, steps: int):
@@ -417,13 +427,38 @@ class Trainer:
         host = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(cfg.param_dtype),
                                                    tree)
         out = Path(self.tc.export) if self.tc.export else self.run_dir / "student"
-        ckpt_lib.save(out, cfg, host(merge_lora(params, lora, alpha) if lora else params), self.tokenizer,
-                      overwrite=True)
+        ckpt_lib.save(out, cfg, host(self.trained_params()), self.tokenizer, overwrite=True)
         log(f"exported student -> {out}")
         a = adapter.save(self.run_dir / "adapter", cfg, host(params), stored, self.teacher_params,
                          lora=jax.device_get(lora) if lora else None, lora_alpha=alpha, overwrite=True,
                          source={"train_config": self.tc.to_dict()})
         log(f"student adapter ({adapter.folder_bytes(a) / 2**20:.2f} MiB) -> {a}")
+        return out
+
+    def trained_params(self):
+        """The trained student's parameters (LoRA merged), on the devices; after `run`."""
+        params = join(self.final_new, self.frozen)
+        lora = getattr(self, "final_lora", None)
+        return merge_lora(params, lora, self.tc.stage2.lora.alpha) if lora else params
+
+    def summarize(self) -> dict:
+        """Teacher and student side by side on the same evaluation tokens (`tc.eval`): perplexity, and the bytes
+        of the decode state each keeps at the evaluated length (the teacher's KV cache grows with it; the
+        student's linear-attention state and window do not). Printed as a table on stdout and written to
+        run_dir/summary.json; after `run`."""
+        ev = self.tc.eval
+        models = {"teacher": (self.teacher, self.teacher_params), "student": (self.student, self.trained_params())}
+        out = {"text": ev.text, "max_tokens": ev.max_tokens, "seq_len": ev.seq_len, "dtype": self.tc.dtype}
+        for name, (model, params) in models.items():
+            log(f"summary: {name} perplexity on the first {ev.max_tokens} tokens of {ev.text}")
+            r = perplexity(model, params, self.eval_ids, seq_len=ev.seq_len, max_tokens=ev.max_tokens,
+                           batch_size=ev.batch_size)
+            out["scored_tokens"] = r["tokens"]
+            out[name] = {"perplexity": r["perplexity"], "nll": r["nll"],
+                         "decode_state_bytes": cache_bytes(model.cfg, 1, ev.seq_len)}
+        out["note"] = ev.note
+        (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(format_summary(out), flush=True)
         return out
 
     def plot(self) -> Path | None:
@@ -450,3 +485,18 @@ class Trainer:
         plt.close(fig)
         return path
 
+
+def format_summary(s: dict) -> str:
+    """The table `Trainer.summarize` prints: teacher and student columns, then the note."""
+    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    t, st = s["teacher"], s["student"]
+    rows = [("", "teacher", "student"),
+            ("perplexity", f"{t['perplexity']:.3f}", f"{st['perplexity']:.3f}"),
+            (f"decode state at {s['seq_len']} tokens", mib(t["decode_state_bytes"]), mib(st["decode_state_bytes"]))]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"teacher vs student on {s['text']}: the first {s['max_tokens']} tokens in windows of {s['seq_len']} "
+             f"({s['scored_tokens']} scored), {s['dtype']}"]
+    lines += [f"  {a:<{w}}  {b:>12}  {c:>12}" for a, b, c in rows]
+    if s["note"]:
+        lines.append(s["note"])
+    return "\n".join(lines)
