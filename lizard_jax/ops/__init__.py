@@ -4,7 +4,8 @@
     gated_linear/   gla, gla_step: gated linear attention (the chunked scan's oracle)
     lightning/      lightning_attention: GLA with one fixed decay per head
     linear/         linear_attention with feature maps (elu+1, relu, T2R, Hedgehog)
-    sparse/         InfLLM-V2 block selection and block_sparse_attention
+    sparse/         InfLLM-V2 block selection and block_sparse_attention (settings.py: the paper's settings)
+    impl.py         resolve_impl and the Pallas kernel import, shared by the folders with a kernel
 """
 
 from lizard_jax.ops.gated_linear import gla, gla_step
