@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,22 +131,32 @@ def test_resume_reproduces_uninterrupted_curve(full_run, teacher, tmp_path, monk
 
 
 def test_kill9_then_resume(teacher, tmp_path):
-    """A process killed at a random moment resumes from the last complete checkpoint."""
+    """A process killed mid-run (a checkpoint saved, the run not finished) resumes from its last complete
+    checkpoint and finishes the curve."""
     cfg = config(teacher, tmp_path / "k", **{"stage1.steps": 60, "stage2.steps": 0})
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "c.json")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckdir = tmp_path / "k" / "checkpoints"
+    saved = lambda: [int(p.name) for p in ckdir.iterdir() if p.name.isdigit()] if ckdir.is_dir() else []
     deadline = time.time() + 240
-    while time.time() < deadline and not (ckdir.is_dir() and any(p.name.isdigit() and int(p.name) >= 9
-                                                                  for p in ckdir.iterdir())):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True)
+    while proc.poll() is None and time.time() < deadline and not any(s >= 9 for s in saved()):
+        time.sleep(0.05)
+    try:
+        assert proc.poll() is None, f"train.py exited ({proc.returncode}) before the kill: nothing was tested"
+        assert any(s >= 9 for s in saved()), f"no checkpoint >= step 9 within 240 s: {saved()}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = [s for s, _ in curve(tmp_path / "k")]
+    assert before and before[-1] < 60, f"the run had finished before the kill (logged steps {before[-3:]})"
+    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "resuming at global step" in res.stderr
+    resumed = re.search(r"resuming at global step (\d+)", res.stderr)
+    assert resumed and 9 <= int(resumed.group(1)) <= before[-1], res.stderr[-2000:]
     steps = [s for s, _ in curve(tmp_path / "k")]
     assert steps == sorted(set(steps)) and steps[-1] == 60
 
