@@ -154,7 +154,9 @@ def check_layer_inputs(layer: str, cfg: ModelConfig, x, positions, cache, cache_
                         f"method, got {type(cache).__name__}")
     if cache_type is not None and not isinstance(cache, cache_type):
         raise TypeError(f"{layer}: cache must be a {cache_type.__name__} (from init_cache), got {type(cache).__name__}")
-    batch = jax.tree_util.tree_leaves(cache)[0].shape[0]  # every cache's arrays lead with the batch
+    if cache_type is None and not isinstance(cache, KVCache):
+        return  # a foreign cache (Star's sharded, LazyLLM's) lays its batch out its own way and checks it itself
+    batch = jax.tree_util.tree_leaves(cache)[0].shape[0]  # our caches' arrays lead with the batch
     if batch != x.shape[0]:
         raise ValueError(f"{layer}: cache batch mismatch: the cache was built for batch {batch}, x has batch "
                          f"{x.shape[0]}")
