@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lizard_jax.numerics import RTOL, rel_err
+from lizard_jax.numerics import RTOL, rel_err, scale_floor
 from pallas_kernels.block_sparse import block_sparse_attention, oracle
 
 
@@ -57,6 +57,7 @@ def check(seq: int = 4096, heads: int = 16, kv_heads: int = 4, d: int = 128, bs:
                    dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv).items()}
             up = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
             errs = {n: 0.0 for n in got}
+            floor = scale_floor(dtype, RTOL[jnp.dtype(dtype).name])
             for g in (range(kv_heads) if all_kv_heads else sorted({0, kv_heads - 1})):
                 hs = slice(g * group, (g + 1) * group)
                 ref = oracle.attention(up(q)[:, :, hs], up(k)[:, :, g : g + 1], up(v)[:, :, g : g + 1],
@@ -70,7 +71,7 @@ def check(seq: int = 4096, heads: int = 16, kv_heads: int = 4, d: int = 128, bs:
                             errs[n] = float("inf")
                             continue
                         a, r = np.where(np.isinf(r), 0, a), np.where(np.isinf(r), 0, r)
-                    errs[n] = max(errs[n], rel_err(a, r))
+                    errs[n] = max(errs[n], rel_err(a, r, floor=floor))
             tol = RTOL[jnp.dtype(dtype).name]
             rows.append(dict(dtype=jnp.dtype(dtype).name, selection=sel_name, seconds_incl_compile=seconds,
                              tol=tol, ok=all(e <= tol for e in errs.values()), **errs))
