@@ -22,7 +22,6 @@ every kernel and op has its own cases.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 # dtype name -> relative tolerance
@@ -34,6 +33,13 @@ RTOL = {
 }
 # the tighter bound for two float32 forms of the same algorithm (quadratic == chunked == recurrent)
 FORMS_RTOL = 1e-5
+# dtype name -> machine epsilon (the spacing of floats at 1.0)
+EPS = {
+    "float64": 2.0 ** -52,
+    "float32": 2.0 ** -23,
+    "bfloat16": 2.0 ** -7,
+    "float16": 2.0 ** -10,
+}
 # rounding noise allowed at the global scale, in units of the dtype's eps
 ROUNDINGS = 4
 
@@ -43,7 +49,7 @@ def scale_floor(dtype, rtol: float) -> float:
     for an exact comparison (rtol 0), where any difference fails whatever the scale."""
     if rtol <= 0:
         return 1.0
-    return min(1.0, ROUNDINGS * float(ml_dtypes.finfo(np.dtype(dtype)).eps) / rtol)
+    return min(1.0, ROUNDINGS * EPS[np.dtype(dtype).name] / rtol)
 
 
 # the floor of a float32 comparison at RTOL["float32"]: rel_err's default
