@@ -95,3 +95,27 @@ def test_main_job_two_steps_per_stage(smollm2, tmp_path, monkeypatch, capsys):
     assert "teacher vs student" in out and "tiny CPU demo" in out and "configs/lizard_smollm2.yaml" in out
     assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(run)  # train.py's JSON line stays last
     assert (run / "student" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("missing.txt", "eval.text {d}/missing.txt: no such file"),
+    ("one_token.txt", "eval.text {d}/one_token.txt: need at least 2 tokens to score, got 1"),
+])
+def test_bad_eval_section_fails_before_training(tmp_path, capsys, text, message):
+    """The summary's text is read and checked when the trainer starts, not after the run: one error line, exit 2,
+    no checkpoint written."""
+    from lizard_jax.testing import save_tiny_teacher
+
+    save_tiny_teacher(tmp_path / "teacher")
+    (tmp_path / "one_token.txt").write_text("a")  # the tiny teacher's tokenizer: one character, one token
+    cfg = {"teacher": str(tmp_path / "teacher"), "run_dir": str(tmp_path / "run"), "dtype": "float32",
+           "student": {"attention": {"default": {"kind": "lizard", "window": 4}}}, "mesh": {"data": 1},
+           "data": {"source": "text", "paths": [str(ROOT / "data" / "tinyshakespeare" / "input.txt.xz")],
+                    "seq_len": 16, "batch_size": 1, "max_tokens": 2000},
+           "stage1": {"steps": 2}, "eval": {"text": str(tmp_path / text), "seq_len": 8}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert _train_main()(["--config", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: " + message.format(d=tmp_path)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from lizard_jax import checkpoint as ckpt_lib
-from lizard_jax.cli import UserError
+from lizard_jax.cli import InputError, UserError
 from lizard_jax.config import ConfigError
 from lizard_jax.eval.perplexity import perplexity, windows
 from lizard_jax.eval.speed import cache_bytes
@@ -153,7 +153,10 @@ class Trainer:
         if tc.eval is not None:  # read and checked now: a bad eval section fails before training, not after it
             text = read_text(tc.eval.text, "eval.text")
             self.eval_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            windows(self.eval_ids, tc.eval.seq_len, tc.eval.max_tokens)
+            try:
+                windows(self.eval_ids, tc.eval.seq_len, tc.eval.max_tokens)
+            except InputError as e:
+                raise InputError(f"eval.text {tc.eval.text}: {e}") from None
         # each stage's data before the student's parameters compile: bad data fails in seconds, not minutes
         self.data = {i: self._data(i, sc) for i, sc in ((1, tc.stage1), (2, tc.stage2)) if sc.steps > 0}
         init = student_params(self.student_cfg, tparams, jax.random.key(tc.seed))
