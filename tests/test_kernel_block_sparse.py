@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lizard_jax.numerics import RTOL, assert_close
+from lizard_jax.numerics import assert_close
 from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, oracle
 from pallas_kernels.block_sparse.common import dkv_work_items
 
@@ -59,11 +59,11 @@ def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selec
     empty = np.isinf(lse_r)
     assert np.array_equal(np.isinf(np.asarray(lse)), empty), "lse -inf rows differ"
     assert np.all(np.asarray(o.astype(jnp.float32))[np.transpose(empty, (0, 2, 1))] == 0), "empty rows not 0"
-    assert_close(o.astype(jnp.float32), o_r, rtol=RTOL[name], name="o")
-    assert_close(np.where(empty, 0, lse), np.where(empty, 0, lse_r), rtol=RTOL[name], name="lse")
-    assert_close(dq.astype(jnp.float32), dq_r, rtol=RTOL[name], name="dq")
-    assert_close(dk.astype(jnp.float32), dk_r, rtol=RTOL[name], name="dk")
-    assert_close(dv.astype(jnp.float32), dv_r, rtol=RTOL[name], name="dv")
+    assert_close(o.astype(jnp.float32), o_r, dtype=name, name="o")
+    assert_close(np.where(empty, 0, lse), np.where(empty, 0, lse_r), dtype=name, name="lse")
+    assert_close(dq.astype(jnp.float32), dq_r, dtype=name, name="dq")
+    assert_close(dk.astype(jnp.float32), dk_r, dtype=name, name="dk")
+    assert_close(dv.astype(jnp.float32), dv_r, dtype=name, name="dv")
 
 
 def pytest_generate_tests(metafunc):
