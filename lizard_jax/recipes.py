@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import ConfigError, ModelConfig, spec_from_any
+from lizard_jax.layers import layer_class
+from lizard_jax.layers.common import dtype_of
 from lizard_jax.models import Transformer
 
 _KEYS = {"default", "pattern", "layers"}
@@ -72,16 +74,48 @@ def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | No
         raise ConfigError(f"the teacher lacks {len(missing)} attention projection(s) the student needs, e.g. "
                           f"{missing[:3]}: a recipe converts a softmax teacher whose layers have "
                           f"{'/'.join(TEACHER_PROJECTIONS)} of the student's shapes")
-    # jitted: an eager init of the whole model takes about twice as long
-    init = nn.unbox(jax.jit(model.init)(key, tokens)["params"])
-
-    def pick(path, new):
+    # Only the attention layers differ from the teacher: initialise each on its own, one compile per distinct spec
+    # (a whole-model init of a 30-layer teacher compiles for a minute on a CPU). A student with other new
+    # parameters falls back to the whole model's init.
+    def from_teacher(path, x):
         old = flat_t.get(jax.tree_util.keystr(path))
-        if old is not None and old.shape == new.shape:
-            new = old
-        return new.astype(dtype) if dtype else new
+        return old is not None and old.shape == x.shape
 
-    return jax.tree_util.tree_map_with_path(pick, init)
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    attn_only = all(from_teacher(p, x) or _in_attention(p) for p, x in leaves)
+    if attn_only:
+        todo = sorted({int(p[0].key.removeprefix("layers_")) for p, x in leaves if not from_teacher(p, x)})
+        inits: dict = {}
+        x0 = jnp.zeros((1, 8, student.d_model), dtype_of(student.dtype))
+        for i in todo:
+            spec = student.attention[i]
+            if spec not in inits:
+                layer = layer_class(spec.kind)(student, spec)
+                inits[spec] = jax.jit(lambda k, layer=layer: nn.unbox(layer.init(k, x0, None, None)["params"]))
+        init = {f"layers_{i}": {"attn": inits[student.attention[i]](jax.random.fold_in(key, i))} for i in todo}
+    else:  # jitted: an eager init of the whole model takes about twice as long
+        init = nn.unbox(jax.jit(model.init)(key, tokens)["params"])
+
+    def pick(path, x):
+        if from_teacher(path, x):
+            x = flat_t[jax.tree_util.keystr(path)]
+        else:
+            x = _get(init, path)
+        return x.astype(dtype) if dtype else x
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _in_attention(path) -> bool:
+    """Whether a parameter path lies under layers_i/attn."""
+    keys = [getattr(p, "key", None) for p in path]
+    return len(keys) > 2 and str(keys[0]).startswith("layers_") and keys[1] == "attn"
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p.key]
+    return tree
 
 
 def new_param_mask(student_params_tree, teacher_params) -> Any:
