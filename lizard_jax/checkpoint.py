@@ -216,5 +216,9 @@ def load_tokenizer(ckpt_dir: str | Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt tokenizer.json
+        raise CheckpointError(f"{path}: unreadable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                              ) from e
 

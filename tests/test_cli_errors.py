@@ -48,6 +48,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
     copy("notok", lambda p: shutil.rmtree(p / "tokenizer"))
     copy("badconfig", lambda p: (p / "config.json").write_text("{not json"))
+    copy("badtok", lambda p: (p / "tokenizer" / "tokenizer.json").write_text("{not json"))
     copy("badparams", lambda p: [f.write_bytes(b"garbage") for f in (p / "params").rglob("*") if f.is_file()])
     student = student_config(tcfg, {"default": {"kind": "lizard", "window": 8, "meta_tokens": 2}})
     copy("studentcfg", lambda p: student.to_json(p / "config.json"))  # export refuses it from the config alone
@@ -175,6 +176,7 @@ ROWS = [
     ("eval", ["perplexity", "--checkpoint", "{badparams}", "--text", "{text}"],
      "checkpoint .*badparams/params|cannot read checkpoint metadata"),
     ("eval", ["perplexity", "--checkpoint", "{notok}", "--text", "{text}"], "notok has no tokenizer/ folder"),
+    ("eval", ["perplexity", "--checkpoint", "{badtok}", "--text", "{text}"], "badtok/tokenizer: unreadable tokenizer"),
     ("eval", ["perplexity", "--checkpoint", "{adapter}", "--text", "{text}"], "student adapter: .*pass the teacher"),
     ("eval", ["perplexity", "--checkpoint", "{teacher}", "--teacher", "{teacher}", "--text", "{text}"],
      "is a full checkpoint, not an adapter"),
