@@ -20,7 +20,7 @@ from lizard_jax.textio import read_text
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT / "data" / "wikitext-2" / "valid.txt.xz"
-NEW = {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha"}
+NEW = {"feature_q/w", "feature_k/w", "gate/w", "gate/b", "meta_logits", "alpha", "gate_scale"}
 
 
 def path_name(path) -> str:
