@@ -63,11 +63,16 @@ def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | No
     model, tokens = Transformer(student), jnp.zeros((1, 8), jnp.int32)
     flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
     abstract = nn.unbox(jax.eval_shape(model.init, key, tokens)["params"])  # checked before the costly init
-    missing = []
-    for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+
+    def from_teacher(path, x):
         old = flat_t.get(jax.tree_util.keystr(path))
-        needed = any(getattr(p, "key", None) in TEACHER_PROJECTIONS for p in path)
-        if needed and (old is None or old.shape != x.shape):
+        return old is not None and old.shape == x.shape
+
+    missing = []
+    for path, x in leaves:
+        if any(getattr(p, "key", None) in TEACHER_PROJECTIONS for p in path) and not from_teacher(path, x):
+            old = flat_t.get(jax.tree_util.keystr(path))
             have = "absent" if old is None else f"shape {old.shape}"
             missing.append(f"{'/'.join(str(getattr(p, 'key', p)) for p in path)} {x.shape} ({have})")
     if missing:
@@ -77,11 +82,6 @@ def student_params(student: ModelConfig, teacher_params, key, *, dtype: str | No
     # Only the attention layers differ from the teacher: initialise each on its own, one compile per distinct spec
     # (a whole-model init of a 30-layer teacher compiles for a minute on a CPU). A student with other new
     # parameters falls back to the whole model's init.
-    def from_teacher(path, x):
-        old = flat_t.get(jax.tree_util.keystr(path))
-        return old is not None and old.shape == x.shape
-
-    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
     attn_only = all(from_teacher(p, x) or _in_attention(p) for p, x in leaves)
     if attn_only:
         todo = sorted({int(p[0].key.removeprefix("layers_")) for p, x in leaves if not from_teacher(p, x)})
