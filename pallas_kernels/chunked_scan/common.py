@@ -48,6 +48,9 @@ from jax import lax
 F32 = jnp.float32
 FOLD_LIMIT = 40.0
 BACKENDS = ("gpu", "tpu")
+# v1: per-chunk states through HBM (GPU forward 2 launches, backward 4). v2: state carried on chip (GPU forward
+# 1 launch, backward 2; TPU chunk 128 and, where the states fit VMEM, a backward without HBM states).
+VARIANTS = ("v1", "v2")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,6 +71,9 @@ class BlockSizes:
         tiles), ``block_k_dqk`` the dk axis of the dq/dk/dlog_g pass.
       Triton launch: ``num_warps_states`` (both sequential passes), ``num_warps`` (output pass),
         ``num_warps_bwd`` (dv and dq/dk passes), ``num_stages`` (software pipelining of the sequential loops).
+    variant "v2" (``gpu_v2.py``) reads: ``block_v`` and ``num_warps`` (the one-launch forward, whole dk per
+    program), ``block_k``/``block_v``/``num_warps_states`` (the backward's states pass, as v1), ``block_v_bwd``
+    and ``num_warps_bwd`` (the fused reverse-time pass, whole dk per program).
     """
 
     chunk: int = 64
@@ -100,9 +106,13 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.num_stages={self.num_stages!r} must be an int >= 1")
 
     @classmethod
-    def get_default(cls, dk: int, dv: int, *, chunk: int = 64) -> "BlockSizes":
+    def get_default(cls, dk: int, dv: int, *, chunk: int | None = None, backend: str = "gpu",
+                    variant: str = "v1") -> "BlockSizes":
         """Defaults for padded head dims ``dk``, ``dv`` (tiles never exceed the dims). The warp counts keep
-        the output and gradient passes off local memory at dk = dv = 128 (Triton 3.6 resource report)."""
+        the output and gradient passes off local memory at dk = dv = 128 (Triton 3.6 resource report).
+        chunk: 64, except TPU v2: 128 (one MXU-wide tile per product)."""
+        if chunk is None:
+            chunk = 128 if (backend, variant) == ("tpu", "v2") else 64
         bk, bv = min(64, dk), min(64, dv)
         wide = 8 if max(dk, dv) >= 128 else 4
         return cls(chunk=chunk, block_k=bk, block_v=bv, block_v_out=bv, block_k_bwd=bk, block_v_bwd=bv,
@@ -126,6 +136,7 @@ class Config:
     backend: str
     interpret: bool
     dtype: str  # operand dtype of the matrix products (that of q, k, v)
+    variant: str = "v1"  # one of VARIANTS
 
     @property
     def chunk(self) -> int:

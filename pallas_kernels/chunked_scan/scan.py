@@ -12,15 +12,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunked_scan import gpu, tpu
-from pallas_kernels.chunked_scan.common import BACKENDS, DTYPES, F32, BlockSizes, Config
+from pallas_kernels.chunked_scan import gpu, gpu_v2, tpu
+from pallas_kernels.chunked_scan.common import BACKENDS, DTYPES, F32, VARIANTS, BlockSizes, Config
 
-
-_BACKENDS = {"gpu": gpu, "tpu": tpu}
+# (backend, variant) -> the module with forward(cfg, ...) and backward(cfg, ...); the TPU module reads the
+# variant itself (v2: a chunk of 128 and, where the states fit VMEM, a backward without HBM states)
+_KERNELS = {("gpu", "v1"): gpu, ("gpu", "v2"): gpu_v2, ("tpu", "v1"): tpu, ("tpu", "v2"): tpu}
 
 
 def _forward(cfg, q, k, v, g, h0):
-    return _BACKENDS[cfg.backend].forward(cfg, q, k, v, g, h0)
+    return _KERNELS[cfg.backend, cfg.variant].forward(cfg, q, k, v, g, h0)
 
 
 def _forward_res(cfg, q, k, v, g, h0):
@@ -31,7 +32,7 @@ def _forward_res(cfg, q, k, v, g, h0):
 def _backward(cfg, res, cts):
     q, k, v, g, h0 = res
     do, dht = cts
-    dq, dk, dv, dg, dh0 = _BACKENDS[cfg.backend].backward(cfg, q, k, v, g, h0, do, dht.astype(F32))
+    dq, dk, dv, dg, dh0 = _KERNELS[cfg.backend, cfg.variant].backward(cfg, q, k, v, g, h0, do, dht.astype(F32))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), dh0.astype(h0.dtype)
 
 
@@ -65,6 +66,7 @@ def gla(
     backend: str = "gpu",
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
+    variant: str = "v1",
 ):
     """Chunkwise-parallel gated linear attention as Pallas kernels, differentiable.
 
@@ -76,13 +78,19 @@ def gla(
       return_final_state: also return S_T, ``[batch, heads, dk, dv]`` float32.
       backend: "gpu" (Pallas Triton) or "tpu" (Mosaic). interpret: run the kernels in interpret mode
         (the TPU backend uses TPU interpret mode).
-      block_sizes: ``BlockSizes``; default ``BlockSizes.get_default`` for the padded head dims.
+      block_sizes: ``BlockSizes``; default ``BlockSizes.get_default`` for the padded head dims, backend and
+        variant.
+      variant: one of ``VARIANTS``. "v1": per-chunk states through HBM (GPU: forward 2 launches, backward 4).
+        "v2": the state carried on chip (GPU, ``gpu_v2.py``: forward 1 launch, backward 2; TPU: chunk 128,
+        backward without HBM states where they fit VMEM). Same results to the tolerances.
 
     Returns:
       o ``[batch, seq, heads, dv]`` in v's dtype, or ``(o, S_T)``. No scaling is applied inside.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{backend=} is not one of {BACKENDS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"{variant=} is not one of {VARIANTS}")
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, seq, heads, dk]; got {q.shape=}")
     if k.shape != q.shape:
@@ -102,7 +110,7 @@ def gla(
 
     dkp, dvp = _pad_dim(backend, dk), _pad_dim(backend, dv)
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(dkp, dvp)
+        block_sizes = BlockSizes.get_default(dkp, dvp, backend=backend, variant=variant)
     if backend == "gpu":
         block_sizes.check_dims(dkp, dvp)
     chunk = block_sizes.chunk
@@ -116,7 +124,8 @@ def gla(
     h0 = jnp.zeros((batch, heads, dkp, dvp), F32) if initial_state is None else _pad_to(
         initial_state.astype(F32), (batch, heads, dkp, dvp))
 
-    cfg = Config(block_sizes=block_sizes, backend=backend, interpret=bool(interpret), dtype=jnp.dtype(q.dtype).name)
+    cfg = Config(block_sizes=block_sizes, backend=backend, interpret=bool(interpret), dtype=jnp.dtype(q.dtype).name,
+                 variant=variant)
     o, ht = _gla_vjp(cfg)(qp, kp, vp, gp, h0)
     o = o[:, :seq, :, :dv]
     if return_final_state:
