@@ -8,6 +8,12 @@ chunk ``[C, d]``. Grid (batch, heads, chunk): batch and heads "parallel", the ch
 Forward: one kernel, outputs and the final state. Backward: the same kernel recomputes the state entering
 each chunk (stored in the operand dtype), then one reverse-time kernel carries the state gradient and writes
 dq, dk, dv, dlog_g per chunk and dh0 at the end.
+
+Variant v2 (``cfg.variant``): the same forward at a chunk of 128 (``BlockSizes.get_default``: one MXU-wide tile
+per product), and where every chunk's state fits ``V2_STATES_VMEM`` bytes of VMEM (float32) ONE backward
+kernel over grid (batch, head, 2 * chunks): steps 0..N-1 walk forwards and keep the state entering each chunk
+in VMEM scratch, steps N..2N-1 walk backwards as v1's reverse-time kernel, reading the states from VMEM; the
+per-chunk states never go to HBM (and stay float32). Longer sequences take v1's two kernels.
 """
 
 from __future__ import annotations
@@ -94,6 +100,44 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, dht_ref, dq_ref,
         dh0_ref[...] = dh_scr[...]
 
 
+def _fused_backward_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h0_ref, dht_ref, dq_ref, dk_ref, dv_ref, dg_ref,
+                           dh0_ref, states_scr, carry_scr, *, ops, n_chunks):
+    """v2: steps s < N carry the state forwards into ``states_scr``; steps s >= N carry its gradient back."""
+    s = pl.program_id(2)
+    gates = chunk_gates(g_ref[...].astype(F32), ops)
+    k, v = k_ref[...], v_ref[...]
+
+    @pl.when(s == 0)
+    def _():
+        carry_scr[...] = h0_ref[...]
+
+    @pl.when(s < n_chunks)
+    def _():
+        h = carry_scr[...]
+        states_scr[s] = h
+        carry_scr[...] = state_update(h, k, v, gates, ops)
+
+    @pl.when(s == n_chunks)
+    def _():
+        carry_scr[...] = dht_ref[...]
+
+    @pl.when(s >= n_chunks)
+    def _():
+        dh = carry_scr[...]  # gradient of the state leaving chunk n
+        q, do = q_ref[...], do_ref[...]
+        h = states_scr[2 * n_chunks - 1 - s]
+        dv_ref[...] = chunk_dv(q, k, gates, do, dh, ops).astype(dv_ref.dtype)
+        dq, dk, dg = chunk_dqk(q, k, gates, v, do, h, dh, ops)
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        dg_ref[...] = dg.astype(dg_ref.dtype)
+        carry_scr[...] = dstate_update(dh, q, do, gates, ops)
+
+    @pl.when(s == 2 * n_chunks - 1)
+    def _():
+        dh0_ref[...] = carry_scr[...]
+
+
 def _specs(chunk, dk, dv, ng, n_chunks, reverse=False):
     """BlockSpecs on [B, H, T, d] arrays, chunk order forwards or backwards."""
     if reverse:
@@ -146,6 +190,50 @@ def _run_forward(cfg: Config, q, k, v, g, h0, emit_output):
     )(*args)
 
 
+V2_STATES_VMEM = 8 * 1024 * 1024  # bytes of float32 states the v2 backward keeps in VMEM (T 16K at C 128, d 128)
+
+
+def _fused_backward(cfg: Config, q, k, v, g, h0, do, dht):
+    """v2 on [B, H, T, d] arrays: one kernel, states in VMEM (see the module docstring)."""
+    batch, heads, seq, dk = q.shape
+    dv, ng, chunk = v.shape[-1], g.shape[-1], cfg.chunk
+    n = seq // chunk
+
+    def read(b, h, s):  # chunk s forwards, then 2N-1-s backwards
+        return b, h, jnp.where(s < n, s, 2 * n - 1 - s), 0
+
+    def write(b, h, s):  # parked on chunk N-1 (the first written) during the forward walk: no write-back
+        return b, h, jnp.where(s < n, n - 1, 2 * n - 1 - s), 0
+
+    def blocks(width, index):
+        return pl.BlockSpec((None, None, chunk, width), index)
+
+    state = pl.BlockSpec((None, None, dk, dv), lambda b, h, s: (b, h, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_fused_backward_kernel, ops=MatOps.for_config(cfg), n_chunks=n),
+        grid=(batch, heads, 2 * n),
+        in_specs=[blocks(dk, read), blocks(dk, read), blocks(dv, read), blocks(ng, read), blocks(dv, read),
+                  state, state],
+        out_specs=[blocks(dk, write), blocks(dk, write), blocks(dv, write), blocks(ng, write), state],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(g.shape, F32),
+            jax.ShapeDtypeStruct((batch, heads, dk, dv), F32),
+        ],
+        scratch_shapes=[pltpu.VMEM((n, dk, dv), F32), pltpu.VMEM((dk, dv), F32)],
+        compiler_params=_SEMANTICS,
+        interpret=_interpret(cfg),
+        name="gla_v2_backward",
+    )(q, k, v, g, do, h0, dht)
+
+
+def states_fit_vmem(cfg: Config, seq: int, dk: int, dv: int) -> bool:
+    """Whether the v2 backward keeps the states in VMEM (one kernel) at these padded sizes."""
+    return cfg.variant == "v2" and (seq // cfg.chunk) * dk * dv * 4 <= V2_STATES_VMEM
+
+
 def forward(cfg: Config, q, k, v, g, h0):
     """(o [B,T,H,dv] in v's dtype, ht [B,H,dk,dv] float32)."""
     o, ht = _run_forward(cfg, _bhtd(q), _bhtd(k), _bhtd(v), _bhtd(g), h0, emit_output=True)
@@ -155,6 +243,9 @@ def forward(cfg: Config, q, k, v, g, h0):
 def backward(cfg: Config, q, k, v, g, h0, do, dht):
     """(dq, dk, dv, dlog_g float32, dh0 float32)."""
     q, k, v, g, do = (_bhtd(x) for x in (q, k, v, g, do.astype(v.dtype)))
+    if states_fit_vmem(cfg, q.shape[2], q.shape[3], v.shape[3]):
+        dq, dk_, dv_, dg, dh0 = _fused_backward(cfg, q, k, v, g, h0, do, dht)
+        return _bhtd(dq), _bhtd(dk_), _bhtd(dv_), _bhtd(dg), dh0
     states, _ = _run_forward(cfg, None, k, v, g, h0, emit_output=False)
     batch, heads, seq, dk = q.shape
     dv, ng, chunk = v.shape[-1], g.shape[-1], cfg.chunk
