@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from lizard_jax import numerics
-from pallas_kernels.chunked_scan import BlockSizes, gla, gla_chunk_reference
+from pallas_kernels.chunked_scan import VARIANTS, BlockSizes, gla, gla_chunk_reference
+from pallas_kernels.chunked_scan import tpu as tpu_kernels
 from pallas_kernels.chunked_scan.reference import recurrence_f64 as oracle
 
 
@@ -71,13 +72,13 @@ def make_inputs(case: Case, seed: int):
     return q, k, v, log_g, h0, do, dht
 
 
-def run_case(case: Case, backend: str, seed: int = 0):
+def run_case(case: Case, backend: str, seed: int = 0, variant: str = "v1"):
     """Relative errors of o, S_T and every gradient against the oracle."""
     q, k, v, log_g, h0, do, dht = make_inputs(case, seed)
 
     def f(q, k, v, log_g, h0):
         return gla(q, k, v, log_g, initial_state=h0 if case.h0 else None, return_final_state=True,
-                   backend=backend, interpret=True, block_sizes=case.block_sizes)
+                   backend=backend, interpret=True, block_sizes=case.block_sizes, variant=variant)
 
     (o, ht), vjp = jax.vjp(f, q, k, v, log_g, h0)
     dht_used = dht if case.ht else jnp.zeros_like(dht)
@@ -141,8 +142,29 @@ SLOW_CASES = [
 TPU_CASES = [CASES[i] for i in (0, 2, 3, 5, 8)]
 
 
+# variant v2, a few small cases each (interpret mode is slow here): ragged lengths, dk != dv, h0/ht,
+# per-dimension and per-head, bf16, the exact path, the 128 tile; SMALL at dv 64 gives the GPU backward
+# four dv tiles whose dq/dk/dlog_g shares add up
+V2_CASES = [CASES[i] for i in (0, 1, 2, 4, 5, 6, 8)] + [Case(1, 150, 1, 16, 16, "extreme", block_sizes=SMALL)]
+# TPU v2 runs a chunk of 128 by default: lengths past it (several chunks, ragged) and one at chunks of 16
+V2_TPU_CASES = [
+    Case(1, 300, 2, 32, 64, "mixed"),
+    Case(1, 37, 1, 16, 16, "strong", per_head=True, dtype="bfloat16", h0=False, ht=False),
+    Case(1, 16, 2, 128, 128, "moderate"),
+    Case(1, 150, 1, 16, 16, "extreme", block_sizes=SMALL),
+]
+
+
+def _v2_id(case):
+    return f"v2-{case.id}"
+
+
 class TestGLAKernelGPU:
     BACKEND = "gpu"  # the Triton kernels, in Pallas interpret mode
+
+    @pytest.mark.parametrize("case", V2_CASES, ids=_v2_id)
+    def test_v2_against_recurrence(self, case):
+        assert_errs(run_case(case, self.BACKEND, seed=zlib.crc32(case.id.encode()), variant="v2"), case.dtype)
 
     @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
     def test_against_recurrence(self, case):
@@ -161,6 +183,16 @@ class TestGLAKernelGPU:
 
 class TestGLAKernelTPU(TestGLAKernelGPU):
     BACKEND = "tpu"  # the Mosaic kernels, in TPU interpret mode
+
+    @pytest.mark.parametrize("case", V2_TPU_CASES, ids=_v2_id)
+    def test_v2_against_recurrence(self, case):
+        super().test_v2_against_recurrence(case)
+
+    def test_v2_long_sequence_falls_back_to_hbm_states(self, monkeypatch):
+        """States over the VMEM budget: v2 takes v1's two backward kernels, same results."""
+        monkeypatch.setattr(tpu_kernels, "V2_STATES_VMEM", 0)
+        case = Case(1, 300, 1, 16, 32, "moderate")
+        assert_errs(run_case(case, self.BACKEND, seed=4, variant="v2"), case.dtype)
 
     @pytest.mark.parametrize("case", TPU_CASES, ids=lambda c: c.id)
     def test_against_recurrence(self, case):
@@ -218,6 +250,7 @@ def test_under_shard_map():
         (dict(g_shape=(1, 8, 2, 4)), "per dimension"),
         (dict(h0_shape=(1, 2, 16, 8)), "initial_state"),
         (dict(backend="cuda"), "backend"),
+        (dict(variant="v3"), "variant"),
         (dict(v_dtype=jnp.bfloat16), "share one dtype"),
     ],
 )
@@ -228,7 +261,14 @@ def test_validation(kwargs, match):
     g = -jnp.ones(kwargs.get("g_shape", q.shape))
     h0 = jnp.ones(kwargs["h0_shape"]) if "h0_shape" in kwargs else None
     with pytest.raises(ValueError, match=match):
-        gla(q, k, v, g, initial_state=h0, backend=kwargs.get("backend", "gpu"), interpret=True)
+        gla(q, k, v, g, initial_state=h0, backend=kwargs.get("backend", "gpu"), interpret=True,
+            variant=kwargs.get("variant", "v1"))
+
+
+def test_variants_exported():
+    assert VARIANTS == ("v1", "v2")
+    assert BlockSizes.get_default(128, 128, backend="tpu", variant="v2").chunk == 128
+    assert BlockSizes.get_default(128, 128, backend="gpu", variant="v2").chunk == 64
 
 
 def test_block_sizes_validated():
