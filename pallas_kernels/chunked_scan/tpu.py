@@ -202,7 +202,8 @@ def _fused_backward(cfg: Config, q, k, v, g, h0, do, dht):
     def read(b, h, s):  # chunk s forwards, then 2N-1-s backwards
         return b, h, jnp.where(s < n, s, 2 * n - 1 - s), 0
 
-    def write(b, h, s):  # parked on chunk N-1 (the first written) during the forward walk: no write-back
+    def park(b, h, s):  # parked on chunk N-1 (the first one used) during the forward walk: the outputs are
+        # not written back and q, do not fetched before the backward walk needs them (read once, written once)
         return b, h, jnp.where(s < n, n - 1, 2 * n - 1 - s), 0
 
     def blocks(width, index):
@@ -212,9 +213,9 @@ def _fused_backward(cfg: Config, q, k, v, g, h0, do, dht):
     return pl.pallas_call(
         functools.partial(_fused_backward_kernel, ops=MatOps.for_config(cfg), n_chunks=n),
         grid=(batch, heads, 2 * n),
-        in_specs=[blocks(dk, read), blocks(dk, read), blocks(dv, read), blocks(ng, read), blocks(dv, read),
+        in_specs=[blocks(dk, park), blocks(dk, read), blocks(dv, read), blocks(ng, read), blocks(dv, park),
                   state, state],
-        out_specs=[blocks(dk, write), blocks(dk, write), blocks(dv, write), blocks(ng, write), state],
+        out_specs=[blocks(dk, park), blocks(dk, park), blocks(dv, park), blocks(ng, park), state],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct(k.shape, k.dtype),
