@@ -1,5 +1,9 @@
 """LazyLLM on a tiny random teacher: schedule errors, keep 1.0 == plain generation, the gather path == the masked
-spec, nested kept sets, the at-most-once counter, revived KV == recomputation from the Aux Cache, batch sharding."""
+spec, nested kept sets, the at-most-once counter, revived KV == recomputation from the Aux Cache, batch sharding;
+decoding in both modes ("attend_all", "paper"); the module docstring's example runs."""
+
+import dataclasses
+import doctest
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ from lizard_jax.config import ConfigError, ModelConfig
 from lizard_jax.generate import SamplingConfig, _generate, left_pad
 from lizard_jax.layers.common import KVCache
 from lizard_jax.layers.softmax import SoftmaxSpec
+import lizard_jax.lazy
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
 from lizard_jax.lazy.prune import _step, stack_layers
 from lizard_jax.models import Transformer, init_params
@@ -48,8 +53,9 @@ def prompts(lengths, seed=0, bucket=16):
     (dict(layers=(1,), keep=(), top_k=(0,)), "integers >= 1"),
     (dict(layers=(1,), keep=(0.5,), bucket=0), "bucket must be >= 1"),
     (dict(layers=(1,), keep=(0.5,), revive_buckets=(8, 4)), "revive_buckets"),
+    (dict(layers=(1,), keep=(0.5,), decode="lazy"), r"decode must be one of \('attend_all', 'paper'\), got 'lazy'"),
 ], ids=["zero", "above-one", "unsorted", "repeated", "negative", "lengths", "growing", "both", "topk-zero",
-        "bucket", "revive-buckets"])
+        "bucket", "revive-buckets", "decode-mode"])
 def test_bad_schedule_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         LazyConfig(**kw)
@@ -67,6 +73,11 @@ def test_layer_out_of_range(layers):
         jax.eval_shape(lambda: lazy_prefill(model, {}, toks, pos, lazy=lazy))
 
 
+def test_module_docstring_example_runs():
+    res = doctest.testmod(lizard_jax.lazy, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted >= 10 and res.failed == 0, res
+
+
 def test_budgets_bucketed_and_nested():
     lazy = LazyConfig(layers=(0, 2), keep=(0.5, 0.3), bucket=64)
     assert lazy.budgets(1024) == (512, 320)
@@ -80,11 +91,12 @@ def test_budgets_bucketed_and_nested():
 # exactness
 
 
+@pytest.mark.parametrize("decode", ["attend_all", "paper"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"], ids=["B2-ragged-fp32", "B2-ragged-bf16"])
-def test_keep_one_is_plain_generation(dtype):
+def test_keep_one_is_plain_generation(dtype, decode):
     model, params = tiny(layers=3, dtype=dtype)
     toks, pos = prompts([45, 20])
-    lazy = LazyConfig(layers=(0, 1), keep=(1.0, 1.0))
+    lazy = LazyConfig(layers=(0, 1), keep=(1.0, 1.0), decode=decode)
     new = 12
     ref = _generate(model, params, toks, pos, jax.random.key(1), max_new_tokens=new, sampling=GREEDY, eos_ids=(),
                     cache_len=toks.shape[1] + new)
@@ -150,20 +162,22 @@ LAZY = LazyConfig(layers=(0, 2), keep=(0.4, 0.2), bucket=4, revive_buckets=(2, 8
 NEW = 16
 
 
-@pytest.fixture(scope="module")
-def run():
-    """A lazy greedy generation (B4, ragged) shared by the decoding tests."""
+@pytest.fixture(scope="module", params=["attend_all", "paper"])
+def run(request):
+    """A lazy greedy generation (B4, ragged) shared by the decoding tests, in each decode mode."""
+    lazy = dataclasses.replace(LAZY, decode=request.param)
     model, params = tiny(layers=4)
     toks, pos = prompts([70, 41, 12, 66], seed=2)
-    out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=LAZY, max_new_tokens=NEW,
+    out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=lazy, max_new_tokens=NEW,
                         sampling=GREEDY, eos_ids=())
-    _, st0 = lazy_prefill(model, params, toks, pos, lazy=LAZY, cache_len=toks.shape[1] + NEW)
-    return model, params, toks, pos, out, st0
+    _, st0 = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)
+    return model, params, toks, pos, out, st0, lazy
 
 
 def test_counter_at_most_once_per_layer(run):
-    model, params, toks, pos, out, st0 = run
-    _, st = lazy_logprobs(model, params, toks, pos, out, lazy=LAZY)
+    """Over the prefill and every decoding step (teacher-forced on the generated tokens)."""
+    model, params, toks, pos, out, st0, lazy = run
+    _, st = lazy_logprobs(model, params, toks, pos, out, lazy=lazy)
     counts, counts0 = np.asarray(st.counts), np.asarray(st0.counts)
     p = toks.shape[1]
     real = np.asarray(pos) >= 0
@@ -177,33 +191,51 @@ def test_counter_at_most_once_per_layer(run):
 
 def test_generation_is_teacher_forcing(run):
     """Greedy generation picks each step's argmax of the same decode steps, taken one at a time here."""
-    model, params, toks, pos, out, st = run
-    logits = lazy_prefill(model, params, toks, pos, lazy=LAZY, cache_len=toks.shape[1] + NEW)[0]
+    model, params, toks, pos, out, st, lazy = run
+    logits = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)[0]
     last = jnp.max(pos, axis=1)
     for s in range(NEW):
         np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(out[:, s]))
-        lg, st = STEP(model, params, stack_layers(model, params, LAZY), LAZY, out[:, s:s + 1], (last + 1 + s)[:, None], st)
+        lg, st = STEP(model, params, stack_layers(model, params, lazy), lazy, out[:, s:s + 1], (last + 1 + s)[:, None], st)
         logits = lg[:, -1]
 
 
 def test_revived_kv_is_recomputation_from_aux(run):
-    model, params, toks, pos, out, st0 = run
+    """A token dropped at step t (no KV in a stage: not among that stage's keys) and revived at step t + 1 >= 2 has,
+    at every layer it resumed, the KV of running the layer from its Aux Cache state over that step's keys of the
+    layer (its stage's `active` prompt tokens and the generated ones; "paper": fewer than all with KV there)."""
+    model, params, toks, pos, out, st0, lazy = run
     cfg = model.cfg
     p = toks.shape[1]
-    _, st1 = STEP(model, params, stack_layers(model, params, LAZY), LAZY, out[:, :1], jnp.max(pos, 1)[:, None] + 1, st0)
-    d0, d1 = np.asarray(st0.depth), np.asarray(st1.depth)
-    revived = np.argwhere(d1[:, :p] > d0[:, :p])
-    assert len(revived) > 0, "the first decode step revived nothing"
+    stacked = stack_layers(model, params, lazy)
+    stage_of = {i: j for j, (a, e) in enumerate(lazy.stages(cfg.num_layers)) for i in range(a, e + 1)}
+    last = jnp.max(pos, 1)[:, None]
+    st, narrowed = st0, False
+    for step in range(NEW - 1):
+        _, nxt = STEP(model, params, stacked, lazy, out[:, step:step + 1], last + 1 + step, st)
+        d0, d1 = np.asarray(st.depth), np.asarray(nxt.depth)
+        revived = np.argwhere(d1[:, :p] > d0[:, :p])
+        if step >= 1 and len(revived):
+            break
+        st = nxt
+    else:
+        pytest.fail("no decoding step after the first revived a token")
+    st1 = nxt
     s = st1.depth.shape[1]
     pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)
     for b, t in revived:
-        h = st0.aux[b:b + 1, t:t + 1]
+        h = st.aux[b:b + 1, t:t + 1]
         tpos = st1.slot_pos[b:b + 1, t:t + 1]
         for i in range(d0[b, t], d1[b, t]):
-            # the layer's own cache after the step, without token t, plus a free slot: the plain layer appends t
+            stage = stage_of[i]
+            assert not bool(st.active[stage, b, t]), "a token without KV in a stage was one of its keys"
+            assert bool(st1.active[stage, b, t])
+            keys = np.concatenate([np.asarray(st1.active[stage, b]), np.ones(s - p, bool)])
+            kpos = jnp.where(keys, st1.kv(i)[2][b], -1)
+            narrowed |= bool(jnp.any((kpos < 0) & (st1.kv(i)[2][b] >= 0)))
+            # the step's keys of the layer without token t, plus a free slot: the plain layer appends t
             cache = KVCache(k=pad(st1.kv(i)[0][b:b + 1]), v=pad(st1.kv(i)[1][b:b + 1]),
-                            pos=jnp.concatenate([st1.kv(i)[2][b:b + 1].at[:, t].set(-1), -jnp.ones((1, 1), jnp.int32)],
-                                                axis=1),
+                            pos=jnp.concatenate([kpos[None].at[:, t].set(-1), -jnp.ones((1, 1), jnp.int32)], axis=1),
                             index=jnp.int32(s))
             h, cache = model.apply({"params": params}, h, tpos, cache, method=lambda m, *a, i=i: m.layers[i](*a))
             assert_close(st1.kv(i)[0][b, t], cache.k[0, s], rtol=FORMS_RTOL, name=f"revived k layer {i}")
@@ -213,13 +245,35 @@ def test_revived_kv_is_recomputation_from_aux(run):
             assert_close(st1.aux[b, t], h[0, 0], rtol=FORMS_RTOL, name="aux after revival")
     # tokens that were not revived keep their Aux Cache entry
     same = (d1[:, :p] == d0[:, :p])[..., None]
-    np.testing.assert_array_equal(np.where(same, st1.aux, 0), np.where(same, st0.aux, 0))
+    np.testing.assert_array_equal(np.where(same, st1.aux, 0), np.where(same, st.aux, 0))
+    assert narrowed == (lazy.decode == "paper"), "paper mode must leave out some tokens with KV; attend_all none"
+
+
+def test_paper_decode_keys_are_budgets_and_nested(run):
+    """"paper": each stage after a pruning layer attends to exactly min(budget, candidates) prompt tokens, nested
+    with depth; "attend_all": to every prompt token with KV there."""
+    model, params, toks, pos, out, st0, lazy = run
+    p = toks.shape[1]
+    _, st = STEP(model, params, stack_layers(model, params, lazy), lazy, out[:, :1], jnp.max(pos, 1)[:, None] + 1,
+                 st0)
+    active = np.asarray(st.active)
+    real = (np.asarray(pos) >= 0).sum(-1)
+    np.testing.assert_array_equal(active[0].sum(-1), real)
+    stages = lazy.stages(model.cfg.num_layers)
+    for j, budget in enumerate(lazy.budgets(p)):
+        has_kv = np.asarray(st.kv(stages[j + 1][0])[2][:, :p]) >= 0
+        if lazy.decode == "paper":
+            np.testing.assert_array_equal(active[j + 1].sum(-1), np.minimum(budget, real))
+            assert (active[j + 1] <= active[j]).all(), "kept sets are not nested"
+            assert (active[j + 1] <= has_kv).all()
+        else:
+            np.testing.assert_array_equal(active[j + 1], has_kv)
 
 
 def test_batch_sharded_equals_unsharded(run):
-    model, params, toks, pos, out, _ = run
+    model, params, toks, pos, out, _, lazy = run
     mesh = make_mesh({"data": 4}, devices=jax.devices()[:4])
     shard = NamedSharding(mesh, P("data"))
     got = generate_lazy(model, params, jax.device_put(toks, shard), jax.device_put(pos, shard), jax.random.key(0),
-                        lazy=LAZY, max_new_tokens=NEW, sampling=GREEDY, eos_ids=())
+                        lazy=lazy, max_new_tokens=NEW, sampling=GREEDY, eos_ids=())
     np.testing.assert_array_equal(np.asarray(got), np.asarray(out))

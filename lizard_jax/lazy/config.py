@@ -12,6 +12,7 @@ from lizard_jax.config import ConfigError
 # prune after the layers at these fractions of the depth, keeping these fractions of the prompt.
 DEFAULT_DEPTHS = (0.15, 0.4, 0.7)
 DEFAULT_KEEP = (0.5, 0.25, 0.15)
+DECODE_MODES = ("attend_all", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,18 @@ class LazyConfig:
     revive_buckets: during decoding, the number of pruned tokens a step revives at a stage is rounded up to the
       next of these sizes (0 and the stage's budget are always added), so a decode step holds one compiled
       branch per size and a step that revives nothing costs what a plain decode step costs.
+    decode: what a decoding step attends to after a pruning layer (both revive the same way: a token the newest
+      token selects at a pruning layer that has no KV at the next layer resumes from its Aux Cache state).
+      "paper" (LazyLLM's decoding): at each pruning layer the newest token's scores choose the `budget` prompt
+        tokens (among those it attended to at that layer: kept sets stay nested) that take part from the next
+        layer on; it and the revived tokens attend only to those (plus every generated token) until the next
+        pruning layer. A token left out keeps its KV and may be chosen again at a later step. The keys are
+        gathered, `[B, budget + generated]` per layer: static shapes, bucketed with the prompt.
+      "attend_all" (the default): the scores only choose whom to revive; every token with KV at a layer is a
+        key there. Same per-token compute as "paper" (same revival), a superset of its keys, so it cannot lose
+        context that "paper" keeps; "paper" reads fewer keys per step. Default until the SmolLM2 passkey /
+        perplexity tables (issue #17) show "paper" keeps retrieval: the measured default prefill schedule
+        already lost keys, and "paper" only narrows what decoding sees.
 
     `LazyConfig.default(num_layers)` is the measured default schedule (see `DEFAULT_DEPTHS`).
     """
@@ -46,6 +59,7 @@ class LazyConfig:
     recent_tokens: int = 0
     pool: int = 1
     revive_buckets: tuple[int, ...] = (16, 128, 1024)
+    decode: str = "attend_all"
 
     def __post_init__(self):
         for name in ("layers", "keep", "top_k", "revive_buckets"):
@@ -75,6 +89,8 @@ class LazyConfig:
                               f"{self.recent_tokens}")
         if self.pool < 1 or self.pool % 2 == 0:
             raise ConfigError(f"LazyConfig.pool must be an odd number >= 1, got {self.pool}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"LazyConfig.decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if self.bucket < 1:
             raise ConfigError(f"LazyConfig.bucket must be >= 1, got {self.bucket}")
         if any(b < 1 for b in self.revive_buckets) or any(

@@ -22,6 +22,13 @@ the Aux Cache and they run the next stage together with the new token, written i
 computed at most once per layer over the whole generation (`counts` proves it). The number revived per step is
 rounded up to a size of `LazyConfig.revive_buckets` and `lax.switch` picks the branch: one program per prompt
 bucket, and a step that revives nothing costs a plain decode step.
+
+What a decoding step attends to is `LazyConfig.decode`. "attend_all": the scores only choose whom to revive; every
+token with KV at a layer is a key there. "paper" (LazyLLM's decoding): at each pruning layer the newest token's
+scores (over the prompt tokens it attended to there) choose the `budget` prompt tokens that take part in the next
+stage; the new token and the revived tokens attend only to those and to the generated tokens, whose slots are
+gathered into `[B, budget + generated]` keys per layer (`_View.key_slots`). A token left out keeps its KV and
+takes part again whenever a later step chooses it. `LazyState.active` records each stage's keys of the last step.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ class LazyState:
     its last computed layer (the Aux Cache; meaningful where depth < L). depth `[B, S]` int32: layers computed.
     slot_pos `[B, S]`: the true position of each slot's token (-1: padding or not generated yet). counts
     `[L, B, S]` int32: how often each token was computed at each layer (never above 1). step: tokens generated.
+    active `[stages, B, P]` bool: the prompt tokens that were keys at each stage's layers in the latest step
+    (prefill: the kept sets; decode "paper": the newest token's choice; "attend_all": every token with KV there).
     """
 
     k: tuple[Array, ...]
@@ -60,6 +69,7 @@ class LazyState:
     slot_pos: Array
     counts: Array
     step: Array
+    active: Array
     segments: tuple[tuple[int, int], ...] = flax.struct.field(pytree_node=False, default=())
 
     def kv(self, layer: int) -> tuple[Array, Array, Array]:
@@ -83,8 +93,10 @@ class _View:
 
     k, v, pos: the segment's stacked caches and `layer`, this layer's index in them. slots `[B, T]`: where the
     chunk's tokens are written (an out-of-range slot, `S`, writes nothing). local: attend within the chunk only (a
-    pruned prefill chunk: the cache holds nothing else yet). want_score: also return `score [B, keys]`, the mean
-    over query heads of the last query's attention probabilities.
+    pruned prefill chunk: the cache holds nothing else yet). key_slots `[B, K]`: when given (decode "paper"), the
+    keys are only these slots of the layer's cache, gathered after the chunk is written (`S`: no key).
+    want_score: also return `score [B, keys]` (`[B, S]` in slot order with key_slots, 0 elsewhere), the mean over
+    query heads of the last query's attention probabilities.
     """
 
     k: Array
@@ -93,6 +105,7 @@ class _View:
     layer: Array | int
     slots: Array
     score: Array | None = None
+    key_slots: Array | None = None
     local: bool = flax.struct.field(pytree_node=False, default=False)
     want_score: bool = flax.struct.field(pytree_node=False, default=False)
 
@@ -109,12 +122,20 @@ class _View:
             keys = (k_new, v_new, positions)
         else:
             keys = tuple(jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False) for a in (k, v, pos))
+            if self.key_slots is not None:
+                ok = self.key_slots < keys[2].shape[1]
+                idx = jnp.where(ok, self.key_slots, 0)
+                keys = (jnp.take_along_axis(keys[0], idx[..., None, None], axis=1),
+                        jnp.take_along_axis(keys[1], idx[..., None, None], axis=1),
+                        jnp.where(ok, jnp.take_along_axis(keys[2], idx, axis=1), -1))
         o = attention(q, keys[0], keys[1], q_positions=positions, k_positions=keys[2], window=window, sinks=sinks,
                       scale=scale, impl=impl)
         score = self.score
         if self.want_score:
             score = last_query_scores(q[:, -1], keys[0], positions[:, -1], keys[2], window=window, sinks=sinks,
                                       scale=scale)
+            if self.key_slots is not None and not self.local:  # back to slot order
+                score = jnp.zeros(self.pos.shape[1:], jnp.float32).at[b, self.key_slots].set(score, mode="drop")
         return o, self.replace(k=k, v=v, pos=pos, score=score)
 
 
@@ -171,7 +192,7 @@ def stack_layers(model: Transformer, params, lazy: LazyConfig) -> tuple:
 
 
 def _run(model, params, stacked, state: LazyState, first: int, last: int, x, positions, slots, *, local: bool,
-         score: bool):
+         score: bool, key_slots=None):
     """Layers first..last on the chunk x `[B, T, D]` (tokens at `positions`, written to `slots`) -> (x, the
     last layer's scores if `score` else None, state). With `stacked` (see `stack_layers`) each segment is one
     `lax.scan` (decoding: small programs), else the layers are unrolled (prefill: no stacked copy of the weights)."""
@@ -185,7 +206,7 @@ def _run(model, params, stacked, state: LazyState, first: int, last: int, x, pos
 
         def layer(carry, j, lp, want, a=a):
             x, k, v, pos, counts, sc = carry
-            view = _View(k, v, pos, j, slots, local=local, want_score=want)
+            view = _View(k, v, pos, j, slots, key_slots=key_slots, local=local, want_score=want)
             x, view = _apply_layer(model, a, lp, x, positions, view)
             counts = counts.at[a + j, b, slots].add(real, mode="drop")
             return x, view.k, view.v, view.pos, counts, view.score if want else sc
@@ -240,6 +261,7 @@ def _init_state(model: Transformer, lazy: LazyConfig, positions, cache_len: int)
         slot_pos=empty.at[:, :p].set(positions.astype(jnp.int32)),
         counts=jnp.zeros((n, bsz, cache_len), jnp.int32),
         step=jnp.zeros((), jnp.int32),
+        active=jnp.zeros((len(lazy.stages(n)), bsz, p), bool),
         segments=segments,
     )
 
@@ -272,7 +294,8 @@ def _prefill(model: Transformer, params, tokens, positions, lazy: LazyConfig, ca
         x = jnp.take_along_axis(x, keep[..., None], axis=1)
         slots = jnp.take_along_axis(slots, keep, axis=1)
         pos = jnp.take_along_axis(pos, keep, axis=1)
-    state = state.replace(depth=state.depth.at[b, slots].set(n_layers))
+    state = state.replace(depth=state.depth.at[b, slots].set(n_layers),
+                          active=jnp.stack([state.counts[f, :, :p] > 0 for f, _ in stages]))
     return _head(model, params, x[:, -1]), state
 
 
@@ -293,9 +316,9 @@ def _revive_sizes(lazy: LazyConfig, budget: int) -> tuple[int, ...]:
 
 
 def _stage_step(model, params, stacked, first: int, last: int, n_revive: int, score_next: bool, x, pos, slots,
-                score, need, state: LazyState):
+                score, need, state: LazyState, key_slots=None):
     """One decode stage: the new token x `[B, 1, D]` plus the `n_revive` best-scored tokens of `need [B, S]`
-    (fewer are real if fewer need it) -> (new token's x, next scores, state)."""
+    (fewer are real if fewer need it) -> (new token's x, next scores, state). key_slots: see `_View`."""
     b = jnp.arange(x.shape[0])[:, None]
     p, s = state.aux.shape[1], state.depth.shape[1]
     if n_revive:
@@ -308,7 +331,7 @@ def _stage_step(model, params, stacked, first: int, last: int, n_revive: int, sc
         pos = jnp.concatenate([r_pos, pos], axis=1)
         slots = jnp.concatenate([r_slots, slots], axis=1)
     x, new_score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
-                               score=score_next)
+                               score=score_next, key_slots=key_slots)
     if n_revive:
         r_x = x[:, :n_revive]
         state = state.replace(aux=state.aux.at[b, r_slots].set(r_x.astype(state.aux.dtype), mode="drop"),
@@ -318,6 +341,8 @@ def _stage_step(model, params, stacked, first: int, last: int, n_revive: int, sc
 
 def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
     """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state). `stacked`: `stack_layers(...)`."""
+    if lazy.decode == "paper":
+        return _step_paper(model, params, stacked, lazy, tok, pos, state)
     n_layers = model.cfg.num_layers
     p = state.aux.shape[1]
     stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
@@ -347,7 +372,49 @@ def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state
         branches = [functools.partial(_stage_step, model, params, stacked, first, last, r, score_next)
                     for r in sizes]
         x, score, state = jax.lax.switch(branch, branches, x, pos, slots, score, need, state)
+    state = state.replace(active=jnp.stack([state.kv(f)[2][:, :p] >= 0 for f, _ in stages]))
     return _head(model, params, x), state
+
+
+def _step_paper(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
+    """`_step` in LazyLLM's decode mode: at each pruning layer the newest token's scores choose the `budget` prompt
+    tokens (among the ones it attended to there) that take part in the next stage; the chosen ones without KV
+    there are revived from the Aux Cache, and the stage's keys are gathered: the chosen prompt slots and every
+    generated slot, `[B, budget + generated]`."""
+    n_layers = model.cfg.num_layers
+    p, s = state.aux.shape[1], state.depth.shape[1]
+    stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
+    bsz = tok.shape[0]
+    b = jnp.arange(bsz)[:, None]
+    slot = p + state.step
+    slots = jnp.full((bsz, 1), slot, jnp.int32)
+    pos = pos.astype(jnp.int32)
+    state = state.replace(slot_pos=state.slot_pos.at[:, slot].set(pos[:, 0]),
+                          depth=state.depth.at[:, slot].set(n_layers), step=state.step + 1)
+    x = _embed(model, params, tok)
+    first, last = stages[0]
+    x, score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
+                           score=len(stages) > 1)
+    cand = state.kv(last)[2][:, :p] >= 0  # prompt tokens the new token attended to at the pruning layer
+    active = [cand]
+    generated = jnp.broadcast_to(jnp.arange(p, s, dtype=jnp.int32), (bsz, s - p))
+    for j, (first, last) in enumerate(stages[1:]):
+        score_next = j + 2 < len(stages)
+        ranked = _rank(lazy, score[:, :p], jnp.where(cand, state.slot_pos[:, :p], -1), pos[:, 0])
+        idx = jax.lax.top_k(ranked, budgets[j])[1]
+        ok = jnp.take_along_axis(ranked, idx, axis=1) > -jnp.inf
+        chosen = jnp.where(ok, idx, s)  # slot S: no key
+        cand = jnp.zeros((bsz, p), bool).at[b, chosen].set(True, mode="drop")
+        active.append(cand)
+        revive = ok & (jnp.take_along_axis(state.depth, idx, axis=1) == first)  # chosen, no KV in this stage
+        need = jnp.zeros((bsz, s), bool).at[b, jnp.where(revive, idx, s)].set(True, mode="drop")
+        key_slots = jnp.concatenate([chosen, generated], axis=1)
+        sizes = _revive_sizes(lazy, budgets[j])
+        branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(need, axis=1)))
+        branches = [functools.partial(_stage_step, model, params, stacked, first, last, r, score_next,
+                                      key_slots=key_slots) for r in sizes]
+        x, score, state = jax.lax.switch(branch, branches, x, pos, slots, score, need, state)
+    return _head(model, params, x), state.replace(active=jnp.stack(active))
 
 
 # ----------------------------------------------------------------------------------------------------------
