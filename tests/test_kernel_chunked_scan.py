@@ -277,3 +277,32 @@ def test_block_sizes_validated():
     with pytest.raises(ValueError, match="does not divide"):
         gla(jnp.ones((1, 8, 1, 16)), jnp.ones((1, 8, 1, 16)), jnp.ones((1, 8, 1, 16)), -jnp.ones((1, 8, 1, 16)),
             interpret=True, block_sizes=BlockSizes(block_k=32))
+
+
+def test_cost_model():
+    """cost.py: v2's GPU forward reads q, k, v, g (and h0) once and writes o and the final state once, nothing
+    else; v1 adds the per-chunk states' HBM round trip; launches and FLOPs as the kernels are written."""
+    from pallas_kernels.chunked_scan.cost import cost
+
+    b, t, h, d = 2, 1000, 3, 128
+    seq = 1024  # padded to whole chunks of 64
+    for per_dim in (True, False):
+        kw = dict(batch=b, seq=t, heads=h, dk=d, dv=d, per_dim=per_dim, dtype="bfloat16")
+        v1, v2 = cost("v1", mode="fwd", **kw), cost("v2", mode="fwd", **kw)
+        tokens = b * seq * h
+        io = 2 * tokens * (3 * d + (d if per_dim else 1)) + 2 * tokens * d + 2 * b * h * d * d * 4
+        assert v2.hbm_bytes == io and v2.launches == 1
+        states = b * h * (seq // 64) * d * d * 2
+        assert v1.hbm_bytes == io + 2 * states + 2 * tokens * (2 * d + (d if per_dim else 1)) and v1.launches == 2
+        assert 0 < v2.flops <= v1.flops
+        f1, f2 = cost("v1", mode="fwd_bwd", **kw), cost("v2", mode="fwd_bwd", **kw)
+        assert (f1.launches, f2.launches) == (6, 4)  # v2: forward, states, fused backward, dv-tile share sum
+        assert f2.flops < f1.flops
+        # dv in two tiles, v2 writes float32 dq/dk shares (per dim: more bytes than v1); in one tile, fewest
+        one_tile = dataclasses.replace(BlockSizes.get_default(d, d, variant="v2"), block_v_bwd=d)
+        f2_one = cost("v2", mode="fwd_bwd", block_sizes=one_tile, **kw)
+        assert f2_one.launches == 3 and f2_one.hbm_bytes < min(f1.hbm_bytes, f2.hbm_bytes)
+        t1, t2 = (cost(var, mode="fwd_bwd", backend="tpu", **kw) for var in VARIANTS)
+        assert (t1.launches, t2.launches) == (3, 2) and t2.hbm_bytes < t1.hbm_bytes
+    with pytest.raises(ValueError, match="mode"):
+        cost("v2", batch=1, seq=8, heads=1, dk=16, dv=16, per_dim=True, dtype="float32", mode="bwd")

@@ -22,7 +22,7 @@ Backward, TWO launches (v1: four):
      shares go to float32 ``[dv tiles, B, T, H, dk]`` arrays summed by XLA afterwards: at dv = 128, bv = 64
      that is 2 x 4 bytes written and read per dq/dk element, cheaper than a third launch recomputing the
      intra-chunk gradients with whole dv (fla's fused_chunk_gla sums dv-tile partials the same way); with
-     bv = dv there is one share and the sum is a no-op.
+     bv = dv (``block_v_bwd``) there is one share, written in the operand dtype, and no sum.
 Per-head decay (log_g ``[..., 1]``) takes common.py's per-head path: one [C, C] decay matrix exp(b_i - b_j)
 on q k^T, no per-dimension folding, dlog_g summed over dk inside the program.
 """
@@ -74,8 +74,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dht_ref,
         gates = chunk_gates(g_ref[rows, :].astype(F32), ops)
         dv_ref[rows, :] = chunk_dv(q, k, gates, do, dh, ops).astype(dv_ref.dtype)
         dq, dk, dg = chunk_dqk(q, k, gates, v, do, states_ref[n], dh, ops)
-        dq_ref[rows, :] = dq
-        dk_ref[rows, :] = dk
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         dg_ref[rows, :] = dg
         return dstate_update(dh, q, do, gates, ops)
 
@@ -117,11 +117,12 @@ def backward(cfg: Config, q, k, v, g, h0, do, dht):
     bs = cfg.block_sizes
     bv = bs.block_v_bwd
     nv = dv // bv
+    share = F32 if nv > 1 else q.dtype  # one dv tile: dq, dk written once, in the operand dtype
     do = do.astype(v.dtype)
     states, _ = gpu._states(cfg, k, v, g, h0)  # [B, H, N, dk, dv] in the operand dtype
     qk, vt, gs, state = _specs(seq, dk, bv, ng)
 
-    def share(width):  # this dv tile's share, [nv, B, T, H, width] float32
+    def tile_share(width):  # this dv tile's share, [nv, B, T, H, width]
         return pl.BlockSpec((None, None, seq, None, width), lambda j, b, h: (j, b, 0, h, 0))
 
     dq, dk_, dv_, dg, dh0 = pl.pallas_call(
@@ -129,10 +130,10 @@ def backward(cfg: Config, q, k, v, g, h0, do, dht):
         grid=(nv, batch, heads),
         in_specs=[qk, qk, vt, gs, vt,
                   pl.BlockSpec((None, None, seq // chunk, dk, bv), lambda j, b, h: (b, h, 0, 0, j)), state],
-        out_specs=[share(dk), share(dk), vt, share(ng), state],
+        out_specs=[tile_share(dk), tile_share(dk), vt, tile_share(ng), state],
         out_shape=[
-            jax.ShapeDtypeStruct((nv, batch, seq, heads, dk), F32),
-            jax.ShapeDtypeStruct((nv, batch, seq, heads, dk), F32),
+            jax.ShapeDtypeStruct((nv, batch, seq, heads, dk), share),
+            jax.ShapeDtypeStruct((nv, batch, seq, heads, dk), share),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
             jax.ShapeDtypeStruct((nv, batch, seq, heads, ng), F32),
             jax.ShapeDtypeStruct((batch, heads, dk, dv), F32),
@@ -141,4 +142,6 @@ def backward(cfg: Config, q, k, v, g, h0, do, dht):
         interpret=cfg.interpret,
         name="gla_v2_backward",
     )(q, k, v, g, do, states, dht)
+    if nv == 1:
+        return dq[0], dk_[0], dv_, dg[0], dh0
     return dq.sum(0).astype(q.dtype), dk_.sum(0).astype(k.dtype), dv_, dg.sum(0), dh0
