@@ -7,6 +7,7 @@ device and the exact command that produced it.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import statistics
@@ -66,19 +67,50 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def report(title: str, headers: Sequence[str], rows: Sequence[Sequence], notes: str = "") -> str:
-    """Print the table and append it, with date, device and command, to RESULTS.md."""
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The exact command of this process (or of ``argv``), shell-quoted."""
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *(sys.argv if argv is None else argv)])
+
+
+def report(title: str, headers: Sequence[str], rows: Sequence[Sequence], notes: str = "", *,
+           path: str | Path | None = None, device: str | None = None, jax_version: str | None = None,
+           command: str | None = None) -> str:
+    """Print the table and append it, with date, device and command, to ``path`` (default RESULTS.md).
+
+    device / jax_version / command default to this process's; a runner that measured in subprocesses passes
+    the ones recorded there (so reporting never has to open the device)."""
     table = format_table(headers, rows)
-    cmd = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
     block = (
         f"\n## {title}\n\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
-        f"- device: {device_name()}; jax {jax.__version__}\n"
-        f"- command: `{cmd}`\n"
+        f"- device: {device or device_name()}; jax {jax_version or jax.__version__}\n"
+        f"- command: `{command or command_line()}`\n"
         + (f"- notes: {notes}\n" if notes else "")
         + f"\n{table}\n"
     )
     print(block, flush=True)
-    with RESULTS.open("a") as f:
+    with Path(path or RESULTS).open("a") as f:
         f.write(block)
     return block
+
+
+# ---------------------------------------------------------------------------------------------- roofline
+
+# bf16 dense matmul and copy (read + write) rates measured with `measure_ceilings` on this workplace's H200s;
+# `python -m benchmarks.run --plan` predicts against these unless given --ceilings-json.
+H200_CEILINGS = {"matmul_tflops": 790.0, "copy_gbs": 4300.0}
+
+
+def roofline_ms(flops: float, hbm_bytes: float, ceilings: dict[str, float]) -> tuple[float, str]:
+    """(ms, "compute" | "memory"): the larger of FLOPs at the matmul ceiling and bytes at the copy ceiling."""
+    t_c = flops / (ceilings["matmul_tflops"] * 1e12) * 1e3
+    t_m = hbm_bytes / (ceilings["copy_gbs"] * 1e9) * 1e3
+    return (t_c, "compute") if t_c >= t_m else (t_m, "memory")
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write JSON so that a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
