@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from lizard_jax.numerics import assert_close
-from pallas_kernels.block_sparse import BlockSizes, block_sparse_attention, oracle
-from pallas_kernels.block_sparse.common import dkv_work_items
+from pallas_kernels.block_sparse import DESIGNS, BlockSizes, block_sparse_attention, oracle
+from pallas_kernels.block_sparse.common import VARIANTS, dkv_work_items
 
 # (batch, seq_q, seq_k, heads, kv_heads, d, block_size, max_blocks, causal)
 CASES = [
@@ -29,6 +29,9 @@ CASES = [
     (1, 32, 32, 2, 1, 128, 16, 2, True),  # the production head dim
 ]
 TPU_CASES = [CASES[i] for i in (0, 1, 2, 4, 8)]
+# design v2 in the default suite: GQA 1/3/8, ragged, non-causal, decoding-like, head_dim 128 (test_sweep: all)
+V2_CASES = [CASES[i] for i in (0, 1, 2, 3, 4, 8)]
+V2_TPU_CASES = [CASES[i] for i in (0, 1, 4, 8)]
 
 
 def case_id(c, dtype="fp32"):
@@ -36,7 +39,7 @@ def case_id(c, dtype="fp32"):
     return f"B{b}-T{tq}x{tk}-H{h}-KV{kv}-D{d}-bs{bs}-M{m}-{'causal' if causal else 'full'}-{dtype}"
 
 
-def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selection=None):
+def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selection=None, variant="v1"):
     batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = case
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(s), dtype)
@@ -48,7 +51,8 @@ def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selec
 
     def f(q, k, v):
         return block_sparse_attention(q, k, v, idx, cnt, block_size=bs, causal=causal, return_lse=True,
-                                      block_sizes=block_sizes, backend=backend, interpret=interpret)
+                                      block_sizes=block_sizes, backend=backend, interpret=interpret,
+                                      variant=variant)
 
     (o, lse), vjp = jax.vjp(f, q, k, v)
     dq, dk, dv = vjp((do, dlse))
@@ -76,15 +80,18 @@ def pytest_generate_tests(metafunc):
 
 class BlockSparseKernelTest:
     BACKEND = "gpu"
+    VARIANT = "v1"
     INTERPRET = True
     FP32_CASES = CASES
     BF16_CASES = [CASES[1]]
 
     def test_fp32(self, case):
-        run_case(case, jnp.float32, self.BACKEND, seed=hash(case) % 1000, interpret=self.INTERPRET)
+        run_case(case, jnp.float32, self.BACKEND, seed=hash(case) % 1000, interpret=self.INTERPRET,
+                 variant=self.VARIANT)
 
     def test_bf16(self, case):
-        run_case(case, jnp.bfloat16, self.BACKEND, seed=hash(case) % 1000 + 1, interpret=self.INTERPRET)
+        run_case(case, jnp.bfloat16, self.BACKEND, seed=hash(case) % 1000 + 1, interpret=self.INTERPRET,
+                 variant=self.VARIANT)
 
 
 class TestGpuInterpret(BlockSparseKernelTest):
@@ -112,9 +119,52 @@ class TestTpuInterpret(BlockSparseKernelTest):
     BF16_CASES = [CASES[2]]
 
 
+class TestGpuInterpretV2(BlockSparseKernelTest):
+    BACKEND = "gpu"
+    VARIANT = "v2"
+    FP32_CASES = V2_CASES
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+    def test_wide_key_tiles_and_split_key_blocks(self, dtype):
+        # kv_step 4 in fwd and dq (counts 1..5: partly listed last tiles), small dk/dv row tiles, every key block
+        # selected by more than max_blocks query blocks split into chunks
+        case = (2, 150, 150, 4, 2, 16, 16, 5, True)
+        bsz = BlockSizes(block_q=8, block_q_dq=16, block_q_dkv=8, kv_step=4, kv_step_dq=4, dkv_split=1)
+        idx, cnt = oracle.random_selection(np.random.default_rng(8), 2, 2, 150, 150, 16, 5)
+        run_case(case, dtype, "gpu", seed=9, block_sizes=bsz, selection=(idx, cnt), variant="v2")
+
+
+class TestTpuInterpretV2(BlockSparseKernelTest):
+    BACKEND = "tpu"
+    VARIANT = "v2"
+    FP32_CASES = V2_TPU_CASES
+    BF16_CASES = [CASES[2]]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_v2_backward_builds_no_work_list(backend):
+    """v2 builds its key-major work list in the forward (saved as a residual): the backward has no sort (v1's
+    backward sorts, which shows the check can see one)."""
+    case = (1, 64, 64, 2, 1, 16, 16, 3, True)
+    batch, seq, _, heads, kv_heads, d, bs, max_blocks, _ = case
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, d)), jnp.float32)
+    idx, cnt = (jnp.asarray(x) for x in oracle.random_selection(rng, batch, kv_heads, seq, seq, bs, max_blocks))
+    found = {}
+    for variant in DESIGNS:
+        f = lambda q, k, v: block_sparse_attention(q, k, v, idx, cnt, block_size=bs, backend=backend,
+                                                   interpret=True, variant=variant)
+        o, vjp = jax.vjp(f, q, k, k)
+        text = str(jax.make_jaxpr(vjp)(o))  # nested jaxprs included
+        found[variant] = " sort[" in text or "searchsorted" in text
+    assert found == {"v1": True, "v2": False}
+
+
+@pytest.mark.parametrize("variant", DESIGNS)
 @pytest.mark.parametrize("platform,backend", [("cuda", "gpu"), ("tpu", "tpu")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_lowers(platform, backend, dtype):
+def test_lowers(platform, backend, dtype, variant):
     """The real lowerings (Triton IR / Mosaic) of forward and backward at a realistic shape."""
     batch, seq, heads, kv_heads, d, bs = 1, 512, 16, 4, 128, 64
     q = jax.ShapeDtypeStruct((batch, seq, heads, d), dtype)
@@ -123,7 +173,8 @@ def test_lowers(platform, backend, dtype):
     cnt = jax.ShapeDtypeStruct((batch, kv_heads, seq // bs), jnp.int32)
 
     def loss(q, k, v, i, c):
-        return block_sparse_attention(q, k, v, i, c, block_size=bs, backend=backend).astype(jnp.float32).sum()
+        return block_sparse_attention(q, k, v, i, c, block_size=bs, backend=backend,
+                                      variant=variant).astype(jnp.float32).sum()
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, idx, cnt).lower(
         lowering_platforms=(platform,)).as_text()
@@ -135,8 +186,10 @@ def test_block_sizes_validated():
         BlockSizes(block_q=3, block_q_dq=16, block_q_dkv=16)
     with pytest.raises(ValueError, match="exceeds"):
         BlockSizes(block_q=64, block_q_dq=16, block_q_dkv=16).validate(32, 1)
-    with pytest.raises(ValueError, match="1 or 2"):
+    with pytest.raises(ValueError, match="1, 2 or 4"):
         BlockSizes(block_q=16, block_q_dq=16, block_q_dkv=16, kv_step=3)
+    assert BlockSizes.get_default(64, 4, variant="v2").kv_step_dq == 2
+    assert VARIANTS["default"] == BlockSizes.get_default(64, 4)  # the tile variants still stand beside DESIGNS
     assert BlockSizes.get_default(64, 4) == BlockSizes(block_q=32, block_q_dq=32, block_q_dkv=32, kv_step=2)
     assert BlockSizes.get_default(64, 4, itemsize=4).block_q == 16
 
@@ -170,6 +223,13 @@ def test_dkv_work_items_cover_the_transposed_index():
                 assert np.all(slot_block[b, h, unused] == n_kb)
 
 
+def test_unknown_design_raises():
+    q = jnp.zeros((1, 32, 2, 16))
+    idx, cnt = jnp.zeros((1, 2, 2, 1), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="variant"):
+        block_sparse_attention(q, q, q, idx, cnt, block_size=16, interpret=True, variant="v3")
+
+
 def test_bad_shapes_raise():
     q = jnp.zeros((1, 32, 4, 16))
     k = jnp.zeros((1, 32, 2, 16))
@@ -184,9 +244,10 @@ def test_bad_shapes_raise():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", DESIGNS)
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("seed", range(3))
-def test_sweep(backend, seed):
+def test_sweep(backend, seed, variant):
     rng = np.random.default_rng(1000 + seed)
     for _ in range(4):
         kv_heads = int(rng.choice([1, 2]))
@@ -197,7 +258,7 @@ def test_sweep(backend, seed):
         case = (int(rng.integers(1, 3)), seq_q, seq_k, kv_heads * group, kv_heads, int(rng.choice([16, 32, 48])),
                 bs, int(rng.integers(1, 6)), bool(rng.random() < 0.8))
         for dtype in (jnp.float32, jnp.bfloat16):
-            run_case(case, dtype, backend, seed=int(rng.integers(1 << 30)))
+            run_case(case, dtype, backend, seed=int(rng.integers(1 << 30)), variant=variant)
 
 
 def test_under_shard_map():

@@ -18,34 +18,50 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse import gpu, tpu
-from pallas_kernels.block_sparse.common import BlockSizes, Static, normalize_indices
+from pallas_kernels.block_sparse import gpu, gpu_v2, tpu, tpu_v2
+from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes, Static, normalize_indices
 
 _BACKENDS = {"gpu": gpu, "tpu": tpu}
+_V2 = {"gpu": gpu_v2, "tpu": tpu_v2}
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
+# v1 passes (idx, cnt) to every pass, which derives its own lists; v2 builds its work lists once (``plan``) in
+# the forward rule and saves them as residuals, so the backward has no sort / searchsorted prologue.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: Static, q, k, v, idx, cnt):
+    if st.variant == "v2":
+        mod = _V2[st.backend]
+        return mod.forward(st, q, k, v, mod.plan(st, idx, cnt, backward=False))
     return _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
 
 
 def _attention_fwd(st: Static, q, k, v, idx, cnt):
+    if st.variant == "v2":
+        mod = _V2[st.backend]
+        work = mod.plan(st, idx, cnt, backward=True)
+        o, lse = mod.forward(st, q, k, v, work)
+        return (o, lse), (q, k, v, work, o, lse)
     o, lse = _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
-    return (o, lse), (q, k, v, idx, cnt, o, lse)
+    return (o, lse), (q, k, v, (idx, cnt), o, lse)
 
 
 def _attention_bwd(st: Static, res, cotangents):
-    q, k, v, idx, cnt, o, lse = res
+    q, k, v, work, o, lse = res
     do, dlse = cotangents
-    dq, dk, dv = _BACKENDS[st.backend].backward(st, q, k, v, idx, cnt, o, lse, do, dlse)
+    if st.variant == "v2":
+        dq, dk, dv = _V2[st.backend].backward(st, q, k, v, work, o, lse, do, dlse)
+    else:
+        dq, dk, dv = _BACKENDS[st.backend].backward(st, q, k, v, *work, o, lse, do, dlse)
     return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str) -> None:
+def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str, variant: str) -> None:
+    if variant not in DESIGNS:
+        raise ValueError(f"unknown {variant=}; expected one of {DESIGNS}")
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"q, k, v must be [batch, seq, heads, d] with k == v in shape; got {q.shape=}, "
                          f"{k.shape=}, {v.shape=}")
@@ -73,7 +89,7 @@ def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str) 
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = 64, causal: bool = True,
                            scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
                            block_sizes: BlockSizes | None = None, backend: str | None = None,
-                           interpret: bool = False, debug: bool = False):
+                           interpret: bool = False, debug: bool = False, variant: str | None = None):
     """Block-sparse attention over selected key blocks (forward and backward in Pallas).
 
     Args:
@@ -88,18 +104,21 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
       block_sizes: GPU tiles (``BlockSizes.get_default`` if None); the TPU kernels take whole blocks.
       backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default from ``jax.default_backend()``.
       interpret: run in interpret mode (CPU tests; TPU uses ``pltpu.InterpretParams``).
+      variant: kernel design, one of ``DESIGNS`` ("v1" default; "v2": work lists built once and saved for the
+        backward, one loop masking only the steps that need it, dk/dv from ``s^T = k q^T``; see ``gpu_v2.py``).
 
     Returns o ``[batch, seq_q, heads, d]`` in q.dtype, and lse if asked.
     """
     if backend is None:
         backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    _check(q, k, v, block_indices, block_counts, block_size, backend)
+    variant = "v1" if variant is None else variant
+    _check(q, k, v, block_indices, block_counts, block_size, backend, variant)
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     bs = block_size
     n_qb, n_kb = -(-seq_q // bs), -(-seq_k // bs)
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(bs, heads // kv_heads, jnp.dtype(q.dtype).itemsize)
+        block_sizes = BlockSizes.get_default(bs, heads // kv_heads, jnp.dtype(q.dtype).itemsize, variant=variant)
     block_sizes.validate(bs, heads // kv_heads)
     st = Static(
         block_size=bs,
@@ -112,6 +131,7 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
         interpret=bool(interpret),
         block_sizes=block_sizes,
         debug=debug,
+        variant=variant,
     )
     idx, cnt = normalize_indices(block_indices, block_counts, n_kb)
     pad_q, pad_k = n_qb * bs - seq_q, n_kb * bs - seq_k

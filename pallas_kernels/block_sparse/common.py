@@ -11,6 +11,10 @@ from jax import lax
 
 MIN_ROWS = 16  # Triton dots need M, N, K >= 16
 
+# Kernel designs (``Static.variant``; not the tile variants ``VARIANTS`` below). v1 is the default until a GPU
+# measurement says otherwise; see ``gpu.py`` / ``tpu.py`` for what v2 changes.
+DESIGNS = ("v1", "v2")
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -26,8 +30,8 @@ class BlockSizes:
 
     A forward or dq program handles ``block_q`` (``block_q_dq``) query positions of one query block for all
     query heads of one kv head, stacked as ``block_q * next_pow2(group)`` rows, against ``kv_step``
-    (``kv_step_dq``) selected key blocks per loop step (2: two blocks gathered into one key tile, halving the
-    steps). A dk/dv program handles one key block (or one chunk of the query blocks that selected it) and
+    (``kv_step_dq``) selected key blocks per loop step (2 or 4: blocks gathered into one key tile, halving or
+    quartering the steps; a query block with fewer listed blocks masks the unlisted part of its last tile). A dk/dv program handles one key block (or one chunk of the query blocks that selected it) and
     takes ``block_q_dkv`` query positions x group rows per step. ``block_q*`` are powers of 2 dividing
     ``block_size``.
 
@@ -56,8 +60,8 @@ class BlockSizes:
             if not _is_pow2(val):
                 raise ValueError(f"BlockSizes.{name}={val} must be a power of 2")
         for name in ("kv_step", "kv_step_dq"):
-            if getattr(self, name) not in (1, 2):
-                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be 1 or 2")
+            if getattr(self, name) not in (1, 2, 4):
+                raise ValueError(f"BlockSizes.{name}={getattr(self, name)} must be 1, 2 or 4")
         for name in ("num_warps", "num_warps_dq", "num_warps_dkv"):
             val = getattr(self, name)
             if val is not None and not _is_pow2(val):
@@ -69,10 +73,10 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.dkv_split={self.dkv_split} must be >= 0")
 
     @classmethod
-    def get_default(cls, block_size: int, group: int, itemsize: int = 2) -> "BlockSizes":
+    def get_default(cls, block_size: int, group: int, itemsize: int = 2, variant: str = "v1") -> "BlockSizes":
         """128 stacked rows per program in every pass (fewer when the query block is smaller), two key blocks
-        per forward step; 4-byte inputs (no tensor cores: full-precision float32 dots) take 64 rows, one key
-        block per step and 2 stages, to fit shared memory."""
+        per forward step (v2: per dq step too); 4-byte inputs (no tensor cores: full-precision float32 dots)
+        take 64 rows, one key block per step and 2 stages, to fit shared memory."""
         gp = next_pow2(group)
         rows = 128 if itemsize <= 2 else 64
 
@@ -80,7 +84,8 @@ class BlockSizes:
             return max(min(block_size, rows // gp), -(-MIN_ROWS // gp), 1)
 
         if itemsize <= 2:
-            return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), kv_step=2)
+            return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), kv_step=2,
+                       kv_step_dq=2 if variant == "v2" else 1)
         return cls(block_q=fit(rows), block_q_dq=fit(rows), block_q_dkv=fit(rows), num_stages=2,
                    num_stages_dq=2, num_stages_dkv=2)
 
@@ -119,6 +124,7 @@ class Static:
     interpret: bool
     block_sizes: BlockSizes
     debug: bool = False
+    variant: str = "v1"  # one of DESIGNS
 
     def key_mask_needed(self) -> bool:
         return self.seq_k % self.block_size != 0
