@@ -294,3 +294,60 @@ def test_dense_attention_bf16_close():
     o16 = dense_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
     assert o16.dtype == jnp.bfloat16
     assert_close(o16.astype(jnp.float32), o32, dtype="bfloat16")  # a bf16 computation: its floor
+
+
+# ------------------------------------------------------------------ kernel design and tiles from the spec
+
+
+def test_op_passes_variant_and_block_sizes():
+    """``variant`` / ``block_sizes`` reach the Pallas kernel (a bad design is the kernel's error; v2 with
+    explicit tiles equals the gather form, gradients included) and are ignored by impl "xla"."""
+    from pallas_kernels.block_sparse import BlockSizes
+
+    q, k, v, idx, cnt = inputs(SHAPES[1], 8)
+    with pytest.raises(ValueError, match="variant"):
+        block_sparse_attention(q, k, v, idx, cnt, block_size=16, impl="pallas", variant="v9")
+    bsz = BlockSizes(block_q=8, block_q_dq=16, block_q_dkv=8, kv_step=2, kv_step_dq=2)
+    loss = lambda impl, **kw: lambda q, k, v: jnp.sum(
+        block_sparse_attention(q, k, v, idx, cnt, block_size=16, impl=impl, **kw) ** 2)
+    got = jax.value_and_grad(loss("pallas", variant="v2", block_sizes=bsz), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss("xla", variant="v2", block_sizes=bsz), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, dtype="float32")
+
+
+def test_sparse_layer_reaches_the_kernel_design(monkeypatch):
+    """A SparseSpec with variant "v2" and its own tiles, loaded from a YAML-like dict, runs through the SALA
+    sparse layer with impl "pallas" (interpret mode), reaches the kernel with them, and equals impl "xla"."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from lizard_jax.config import ConfigError, spec_from_any
+    from lizard_jax.layers.sparse import SparseAttention
+    from lizard_jax.testing import randomize, tiny_config
+    from pallas_kernels.block_sparse import BlockSizes, attention
+
+    tiles = dict(block_q=8, block_q_dq=8, block_q_dkv=8)
+    spec = spec_from_any(dict(kind="sparse", block_size=16, topk=2, kernel=8, stride=4, local_window=16,
+                              dense_below=0, impl="pallas", variant="v2", block_sizes=tiles))
+    assert spec.variant == "v2" and spec.block_sizes == BlockSizes(**tiles)
+    assert spec.infllm.variant == "v2" and spec.infllm.block_sizes == BlockSizes(**tiles)
+    with pytest.raises(ConfigError, match="block_q_dk"):  # unknown keys inside block_sizes are rejected too
+        spec_from_any(dict(kind="sparse", block_sizes=dict(tiles, block_q_dk=8)))
+    with pytest.raises(ConfigError, match="variant"):
+        spec_from_any(dict(kind="sparse", variant="v3"))
+
+    seen = []
+    kernel = attention.block_sparse_attention
+    monkeypatch.setattr(attention, "block_sparse_attention",
+                        lambda *a, **kw: seen.append((kw["variant"], kw["block_sizes"])) or kernel(*a, **kw))
+    cfg = tiny_config()
+    x = jax.random.normal(jax.random.key(3), (1, 40, cfg.d_model), jnp.float32)
+    outs = []
+    for s in (spec, dataclasses.replace(spec, impl="xla")):
+        layer = SparseAttention(cfg, s)
+        params = randomize(nn.unbox(layer.init(jax.random.key(0), x[:, :4])["params"]), jax.random.key(1))
+        outs.append(layer.apply({"params": params}, x)[0])
+    assert seen and all(s == ("v2", BlockSizes(**tiles)) for s in seen)
+    assert_close(outs[0], outs[1], dtype="float32")

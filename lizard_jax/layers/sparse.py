@@ -88,6 +88,9 @@ class SparseSpec(AttentionSpec, InfLLMConfig):
       times the ungated one.
     impl: the block-sparse op's implementation on the no-cache path ("auto": Pallas on GPU/TPU, XLA on CPU);
       the dense path uses "xla" for "xla" and "auto" (cuDNN where it applies) otherwise; the cached path is XLA.
+    variant, block_sizes (from `InfLLMConfig`): the Pallas kernel's design and tiles, passed down with the
+      other InfLLM-V2 settings (None: the kernel's defaults); YAML: `variant: v2`,
+      `block_sizes: {block_q: 32, block_q_dq: 32, block_q_dkv: 32, kv_step: 2}`.
     """
 
     kind: ClassVar[str] = "sparse"

@@ -40,7 +40,8 @@ def _is_concrete(*xs) -> bool:
 
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                            causal: bool = True, scale: float | None = None, q_offset: int | None = None,
-                           return_lse: bool = False, impl: str = "auto"):
+                           return_lse: bool = False, impl: str = "auto", variant: str | None = None,
+                           block_sizes=None):
     """Attention of each query block over its listed key blocks (see ``reference.py`` for the exact rule).
 
     q ``[batch, seq_q, heads, d]``; k, v ``[batch, seq_k, kv_heads, d]``; block_indices int32
@@ -48,7 +49,9 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     ``[batch, kv_heads, ceil(seq_q/block_size)]``. Returns o ``[batch, seq_q, heads, d]`` (q.dtype) and, with
     ``return_lse``, lse float32 ``[batch, heads, seq_q]``. ``q_offset`` (default ``seq_k - seq_q``) is the
     absolute position of query row 0. impl: "xla" (gather form, autodiff), "pallas" (the kernel; interpret
-    mode on CPU), "auto" (pallas on GPU/TPU, xla on CPU).
+    mode on CPU), "auto" (pallas on GPU/TPU, xla on CPU). ``variant`` (a kernel design of
+    ``pallas_kernels.block_sparse.DESIGNS``, None: its default) and ``block_sizes`` (the kernel's
+    ``BlockSizes``, None: its default) are static and reach the kernel only; impl "xla" ignores them.
 
     Concrete (eager) index arrays are validated (range, counts, no duplicates); under jit they are clipped
     into range and not checked.
@@ -61,14 +64,16 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     if impl == "xla":
         return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
     block_sparse, backend = pallas_kernel("pallas_kernels.block_sparse", "use impl='xla' for the gather form")
-    return block_sparse.block_sparse_attention(q, k, v, block_indices, block_counts, **kw, **backend)
+    return block_sparse.block_sparse_attention(q, k, v, block_indices, block_counts, **kw, **backend,
+                                               variant=variant, block_sizes=block_sizes)
 
 
 def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = True,
                      scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
                      impl: str = "auto"):
     """InfLLM-V2 attention: exactly dense attention when ``seq_k < config.dense_below``, else InfLLM-V2
-    selection (no gradient) followed by ``block_sparse_attention``. Shapes as ``block_sparse_attention``."""
+    selection (no gradient) followed by ``block_sparse_attention`` (with the config's kernel ``variant`` and
+    ``block_sizes``). Shapes as ``block_sparse_attention``."""
     impl = resolve_impl(impl)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if k.shape[1] < config.dense_below:
@@ -79,7 +84,8 @@ def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = Tr
         local_window=config.local_window, causal=causal, q_offset=q_offset, scale=scale,
     )
     return block_sparse_attention(q, k, v, block_indices, block_counts, block_size=config.block_size,
-                                  causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse, impl=impl)
+                                  causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse, impl=impl,
+                                  variant=config.variant, block_sizes=config.block_sizes)
 
 
 __all__ = [

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
+# jax only: the kernel package loads Pallas on first use of the kernel, not for these names
+from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes
+
 
 @dataclasses.dataclass(frozen=True)
 class InfLLMConfig:
-    """InfLLM-V2 settings (defaults: the paper's)."""
+    """InfLLM-V2 settings (defaults: the paper's), plus the Pallas kernel's static options: ``variant`` (one of
+    ``pallas_kernels.block_sparse.DESIGNS``; None: the kernel's default) and ``block_sizes`` (its tiles,
+    ``BlockSizes``; None: ``BlockSizes.get_default``). Those two only affect impl "pallas"."""
 
     block_size: int = 64
     topk: int = 64
@@ -22,8 +27,12 @@ class InfLLMConfig:
     init_blocks: int = 1
     local_window: int = 2048
     dense_below: int = 8192
+    variant: str | None = None
+    block_sizes: BlockSizes | None = None
 
     def __post_init__(self):
+        if self.variant is not None and self.variant not in DESIGNS:
+            raise ValueError(f"InfLLMConfig.variant={self.variant!r} must be one of {DESIGNS} or None")
         for name in ("block_size", "topk", "kernel", "stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"InfLLMConfig.{name}={getattr(self, name)} must be positive")
