@@ -238,6 +238,28 @@ def test_auto_is_xla_on_cpu_and_unknown_impl_fails():
         gla(q, k, v, g, impl="triton")
 
 
+@pytest.mark.parametrize("gate", ["dim", "head"])
+def test_pallas_variant_v2_and_block_sizes_reach_the_kernel(gate):
+    """variant and block_sizes pass down to pallas_kernels.chunked_scan (interpret mode on the CPU)."""
+    from pallas_kernels.chunked_scan import VARIANTS, BlockSizes
+
+    from lizard_jax.ops.gated_linear import KERNEL_VARIANTS
+
+    assert KERNEL_VARIANTS == VARIANTS
+    q, k, v, g, h0 = make_inputs(10, 1, 40, 2, 16, 32, gate=gate)
+    small = BlockSizes(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_bwd=16, block_v_bwd=16,
+                       block_v_dv=16, block_k_dv=16, block_k_dqk=16)
+    o, ht = gla(q, k, v, g, initial_state=h0, return_final_state=True, impl="pallas", variant="v2",
+                block_sizes=small)
+    ro, rht = gla(q, k, v, g, initial_state=h0, return_final_state=True, impl="xla")
+    assert_close(o, ro, dtype="float32", name="o")
+    assert_close(ht, rht, dtype="float32", name="ht")
+    with pytest.raises(ValueError, match="does not divide"):
+        gla(q, k, v, g, impl="pallas", variant="v2", block_sizes=BlockSizes(block_k=32))
+    with pytest.raises(ValueError, match="variant"):
+        gla(q, k, v, g, impl="xla", variant="v3")
+
+
 def test_pallas_without_kernel_module_raises_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pallas_kernels.chunked_scan", None)
     q, k, v, g, _ = make_inputs(9, 1, 8, 2, 4, 4)

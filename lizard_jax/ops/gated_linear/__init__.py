@@ -14,6 +14,10 @@ from lizard_jax.ops.gated_linear.recurrent import gla_step
 from lizard_jax.ops.gated_linear.reference import gla_reference
 from lizard_jax.ops.impl import IMPLS, pallas_kernel, resolve_impl
 
+# pallas_kernels.chunked_scan.VARIANTS, spelled here so impl="xla" validates without importing the kernels
+# (tests/test_ops_gla.py checks that the two agree)
+KERNEL_VARIANTS = ("v1", "v2")
+
 def gla(
     q,
     k,
@@ -24,6 +28,8 @@ def gla(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    variant: str = "v1",
+    block_sizes=None,
 ):
     """Gated linear attention over a whole sequence (train / prefill). No scaling inside.
 
@@ -40,6 +46,9 @@ def gla(
         interpret mode on CPU), or "auto" (pallas on GPU/TPU, xla on CPU).
       chunk_size: chunk length of the XLA form (the Pallas kernel has its own block sizes). Any seq
         length works: the tail is padded to a whole chunk, exactly (see ``chunk.py``).
+      variant, block_sizes: static options of the Pallas kernel (``pallas_kernels.chunked_scan.VARIANTS``,
+        ``BlockSizes``), passed down unchanged on every backend; unused by impl="xla". A layer or config
+        picks them once; no model code branches on the backend.
 
     Returns:
       o ``[batch, seq, heads, dv]`` in v's dtype, or ``(o, final_state)`` with final_state
@@ -48,13 +57,15 @@ def gla(
     check_inputs(q, k, v, log_g, initial_state, layout="bthd")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size=}")
+    if variant not in KERNEL_VARIANTS:
+        raise ValueError(f"{variant=} is not one of {KERNEL_VARIANTS}")
     impl = resolve_impl(impl)
     if impl == "pallas":
         chunked_scan, backend = pallas_kernel("pallas_kernels.chunked_scan", "use impl='xla' for the chunked XLA form")
         return chunked_scan.gla(q, k, v, log_g, initial_state=initial_state, return_final_state=return_final_state,
-                                **backend)
+                                variant=variant, block_sizes=block_sizes, **backend)
     o, ht = gla_chunk(q, k, v, log_g, initial_state, chunk_size=chunk_size)
     return (o, ht) if return_final_state else o
 
 
-__all__ = ["IMPLS", "gla", "gla_chunk", "gla_reference", "gla_step", "resolve_impl"]
+__all__ = ["IMPLS", "KERNEL_VARIANTS", "gla", "gla_chunk", "gla_reference", "gla_step", "resolve_impl"]
