@@ -81,7 +81,20 @@ LIGHTNING = {
     "sala": LightningSpec(chunk_size=8),
     "no-norm-no-gate": LightningSpec(qk_norm=False, output_norm=False, output_gate=False, chunk_size=8),
     "nope-gate-only": LightningSpec(rope=False, qk_norm=False, output_norm=False, chunk_size=16),
+    "per-head-norm-geometric": LightningSpec(output_norm_per_head=True, slopes="geometric", chunk_size=8),
 }
+CFG6 = tiny_config(d_model=48, num_heads=6, num_kv_heads=2, head_dim=8)  # 6 query heads: not a power of two
+
+
+def reference_slopes(rule: str, n: int) -> np.ndarray:
+    """Decay slopes written out independently of ops/lightning. "alibi" (the official MiniCPM-SALA
+    `_build_slope_tensor`, ALiBi's get_slopes) in closed form: c = 2**floor(log2 n) heads get 2**(-8 i / c),
+    i = 1..c, then the n - c others the odd-numbered slopes of 2c heads, 2**(-8 (2j - 1) / (2c)), j = 1..n-c."""
+    if rule == "geometric":
+        return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+    c = 2 ** int(np.floor(np.log2(n)))
+    return np.concatenate([2.0 ** (-8.0 * np.arange(1, c + 1) / c),
+                           2.0 ** (-8.0 * (2 * np.arange(1, n - c + 1) - 1) / (2 * c))])
 
 
 def np_rmsnorm(x, scale, eps):
@@ -97,48 +110,112 @@ def np_rope(x, pos, theta):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def lightning_oracle(params, cfg: ModelConfig, spec: LightningSpec, x, pos):
-    """The layer in float64 numpy, token by token."""
+def lightning_oracle(params, cfg: ModelConfig, spec: LightningSpec, x, pos, qk_norm_after_rope=False):
+    """The layer in float64 numpy, token by token (qk_norm_after_rope: the wrong order, for a negative test)."""
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     pos = np.asarray(pos)
     q = np.einsum("btd,dhe->bthe", x, p["q_proj"]["kernel"])
     k = np.einsum("btd,dhe->bthe", x, p["k_proj"]["kernel"])
     v = np.einsum("btd,dhe->bthe", x, p["v_proj"]["kernel"])
-    if spec.qk_norm:
-        q = np_rmsnorm(q, p["q_norm"]["scale"], cfg.rms_eps)
-        k = np_rmsnorm(k, p["k_norm"]["scale"], cfg.rms_eps)
+    norm_qk = lambda q, k: (np_rmsnorm(q, p["q_norm"]["scale"], cfg.rms_eps),
+                            np_rmsnorm(k, p["k_norm"]["scale"], cfg.rms_eps))
+    if spec.qk_norm and not qk_norm_after_rope:
+        q, k = norm_qk(q, k)
     if spec.rope:
         q, k = np_rope(q, pos, cfg.rope.theta), np_rope(k, pos, cfg.rope.theta)
+    if spec.qk_norm and qk_norm_after_rope:
+        q, k = norm_qk(q, k)
     group = cfg.num_heads // cfg.num_kv_heads
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     real = (pos >= 0)[:, :, None, None]
     k, v = k * real, v * real
     q = q / np.sqrt(cfg.head_dim)
-    decay = np.exp(-np.asarray(lightning_slopes(cfg.num_heads), np.float64))[None, :, None, None]
+    decay = np.exp(-reference_slopes(spec.slopes, cfg.num_heads))[None, :, None, None]
     b, t, h, d = q.shape
     state = np.zeros((b, h, d, d))
     o = np.zeros_like(q)
     for i in range(t):
         state = decay * state + k[:, i, :, :, None] * v[:, i, :, None, :]
         o[:, i] = np.einsum("bhd,bhde->bhe", q[:, i], state)
-    if spec.output_norm:
+    if spec.output_norm and spec.output_norm_per_head:
         o = np_rmsnorm(o, p["o_norm"]["scale"], cfg.rms_eps)
+    elif spec.output_norm:  # official: one RMSNorm over heads x head_dim
+        flat = o.reshape(b, t, h * d)
+        o = np_rmsnorm(flat, p["o_norm"]["scale"].reshape(h * d), cfg.rms_eps).reshape(b, t, h, d)
     if spec.output_gate:
         z = np.einsum("btd,dhe->bthe", x, p["z_proj"]["kernel"]) + p["z_proj"]["bias"]
         o = o / (1 + np.exp(-z))
     return np.einsum("bthe,hed->btd", o, p["o_proj"]["kernel"])
 
 
-@pytest.mark.parametrize("name,batch,seq", [("sala", 2, 21), ("no-norm-no-gate", 1, 40), ("nope-gate-only", 2, 33)])
-def test_lightning_matches_float64_oracle(name, batch, seq):
+@pytest.mark.parametrize("name,batch,seq,cfg", [("sala", 2, 21, CFG), ("no-norm-no-gate", 1, 40, CFG),
+                                                 ("nope-gate-only", 2, 33, CFG), ("sala", 2, 19, CFG6),
+                                                 ("per-head-norm-geometric", 1, 23, CFG6)])
+def test_lightning_matches_float64_oracle(name, batch, seq, cfg):
     spec = LIGHTNING[name]
-    layer, params = make_layer(spec, seed=seq)
-    x = make_x(seq, batch, seq)
+    layer, params = make_layer(spec, seed=seq, cfg=cfg)
+    x = make_x(seq, batch, seq, cfg=cfg)
     y, cache = jit_apply(layer)(params, x)
     assert cache is None and y.shape == x.shape and y.dtype == jnp.float32
-    assert_close(y, lightning_oracle(params, CFG, spec, x, arange_pos(batch, seq)), dtype="float32",
-                 name=f"lightning-{name}-B{batch}-T{seq}")
+    assert_close(y, lightning_oracle(params, cfg, spec, x, arange_pos(batch, seq)), dtype="float32",
+                 name=f"lightning-{name}-H{cfg.num_heads}-B{batch}-T{seq}")
+
+
+def test_lightning_slopes_follow_the_official_alibi_rule():
+    """The official MiniCPM-SALA code decays head h by exp(-s_h) with ALiBi's slopes (`_build_slope_tensor`).
+    For 9 heads (SmolLM2) that is 2**-1 .. 2**-8 then 2**-0.5, not 2**(-8 (h+1) / 9)."""
+    np.testing.assert_allclose(np.asarray(lightning_slopes(9)), [2.0 ** -e for e in (1, 2, 3, 4, 5, 6, 7, 8, 0.5)],
+                               rtol=1e-7)
+    for n in (1, 2, 3, 5, 6, 9, 12, 24, 32, 40):
+        for rule in ("alibi", "geometric"):
+            got = lightning_slopes(n, rule)
+            assert got.shape == (n,) and got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got), reference_slopes(rule, n), rtol=1e-7, err_msg=f"{rule} {n}")
+    assert LightningSpec().slopes == "alibi"
+    assert not np.allclose(np.asarray(lightning_slopes(9)), np.asarray(lightning_slopes(9, "geometric")))
+    np.testing.assert_array_equal(np.asarray(lightning_slopes(32)), np.asarray(lightning_slopes(32, "geometric")))
+    with pytest.raises(ValueError, match="rule"):
+        lightning_slopes(9, "linear")
+    with pytest.raises(ConfigError, match="slopes"):
+        spec_from_any({"kind": "lightning", "slopes": "linear"})
+
+
+def test_lightning_output_norm_is_one_rmsnorm_over_all_heads():
+    """Official `o_norm`: one RMSNorm over heads x head_dim (scale [heads * head_dim], kept as [heads, head_dim]);
+    `output_norm_per_head=True` is the per-head norm with a [head_dim] scale. Even with unit scales (init) the two
+    give different outputs (one mean square per token vs one per head), and each matches its oracle."""
+    x = make_x(8, 1, 12)
+    y = {}
+    for per_head in (False, True):
+        spec = LightningSpec(qk_norm=False, output_gate=False, output_norm_per_head=per_head)
+        layer = LightningAttention(CFG, spec)
+        params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+        want = (CFG.head_dim,) if per_head else (CFG.num_heads, CFG.head_dim)
+        assert params["o_norm"]["scale"].shape == want
+        y[per_head] = jit_apply(layer)(params, x)[0]
+        assert_close(y[per_head], lightning_oracle(params, CFG, spec, x, arange_pos(1, 12)), dtype="float32",
+                     name=f"unit-scale o_norm per_head={per_head}")
+    assert rel_err(y[False], y[True]) > 1e-2, rel_err(y[False], y[True])  # the choice matters
+    o_spec = LightningSpec(qk_norm=False, output_gate=False)
+    layer, params = make_layer(o_spec, seed=8)
+    assert_close(jit_apply(layer)(params, x)[0], lightning_oracle(params, CFG, o_spec, x, arange_pos(1, 12)),
+                 dtype="float32", name="o_norm over all heads")
+
+
+def test_lightning_qk_norm_is_applied_before_rope():
+    """Official order: q/k RMSNorm (per head, [head_dim] scale) THEN RoPE. RoPE rotates channel pairs (i, i + d/2),
+    so with a non-uniform norm scale the two orders differ; the layer matches norm-then-RoPE only."""
+    spec = LIGHTNING["sala"]
+    layer, params = make_layer(spec, seed=11)
+    scale = np.asarray(params["q_norm"]["scale"])
+    assert np.abs(scale[: CFG.head_dim // 2] - scale[CFG.head_dim // 2:]).max() > 0.1  # not rotation-invariant
+    x = make_x(11, 2, 17)
+    pos = arange_pos(2, 17, start=5)
+    y, _ = jit_apply(layer)(params, x, pos)
+    assert_close(y, lightning_oracle(params, CFG, spec, x, pos), dtype="float32", name="norm then rope")
+    wrong = lightning_oracle(params, CFG, spec, x, pos, qk_norm_after_rope=True)
+    assert rel_err(y, wrong) > 1e-2, rel_err(y, wrong)
 
 
 @pytest.mark.parametrize("name,seq", [("sala", 37), ("nope-gate-only", 30)])
@@ -207,6 +284,9 @@ def test_lightning_new_parameters_start_as_documented():
     p = nn.unbox(layer.init(jax.random.key(0), jnp.zeros((1, 4, CFG.d_model)))["params"])
     assert set(p) == {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "o_norm", "z_proj"}
     assert p["k_proj"]["kernel"].shape == (CFG.d_model, CFG.num_kv_heads, CFG.head_dim)  # teacher shapes
+    # official shapes: q/k norms one [head_dim] scale shared by the heads; o_norm over heads x head_dim
+    assert p["q_norm"]["scale"].shape == p["k_norm"]["scale"].shape == (CFG.head_dim,)
+    assert p["o_norm"]["scale"].shape == (CFG.num_heads, CFG.head_dim)
     for n in ("q_norm", "k_norm", "o_norm"):
         assert np.all(np.asarray(p[n]["scale"]) == 1.0)
     assert np.all(np.asarray(p["z_proj"]["kernel"]) == 0.0)

@@ -11,11 +11,18 @@ used; no ``[batch, seq, heads, dk]`` gate is ever built.
 Choices where the papers are silent or differ:
   * No scaling and no normaliser inside the op: the layer applies the 1/sqrt(d) scale, QK-norm,
     output RMSNorm and gate (SALA: ``o_proj(RMSNorm(attn) * sigmoid(z_proj x))``).
-  * Slopes: ``s_h = 2**(-8 (h+1) / num_heads)``, the plain ALiBi geometric form. SALA's code
-    (fla ``simple_gla``) uses ``2**(-8 (h+1) / 32)`` with 32 heads, which is this formula at
-    ``num_heads = 32``; the same slopes in every layer (SALA), no per-layer rescaling (TransNormerLLM
-    rescales by depth; pass your own ``slopes`` for that). For a head count that is not a power of two
-    we do not use ALiBi's interleaving trick, just the formula.
+  * Slopes (``lightning_slopes``): by default the rule of the official MiniCPM-SALA modeling code, which is
+    ALiBi's ``get_slopes`` (Press et al.; the Lightning Attention repo's ``_build_slope_tensor``): for a
+    power-of-two head count ``H``, ``s_h = 2**(-8 (h+1) / H)``; otherwise the ``c = 2**floor(log2 H)`` slopes
+    of ``c`` heads followed by the first ``H - c`` of the even-indexed slopes of ``2c`` heads (H = 9:
+    ``2**-1 .. 2**-8`` then ``2**-0.5``). Source: ``_build_slope_tensor(nheads)`` in the HF repo
+    openbmb/MiniCPM-SALA ``modeling_minicpm_sala.py``, used as ``g_gamma = -slopes`` of fla's
+    ``chunk_simple_gla`` with the layer's query-head count (read in a copy of that file with the OpenBMB header;
+    the vLLM port ``vllm/model_executor/layers/mamba/sala_simple_gla.py`` and the MLX port
+    OminiX-ai/OminiX-MLX ``minicpm-sala-mlx/src/attention/lightning.rs`` build the same). The same slopes in
+    every layer, no per-layer rescaling (TransNormerLLM / MiniMax rescale by depth; pass your own ``slopes``
+    for that). ``rule="geometric"`` is the plain ``2**(-8 (h+1) / H)`` for every H (our earlier default; equal
+    to the ALiBi rule when H is a power of two).
   * State and accumulation in float32, like every op here.
 """
 
@@ -28,11 +35,30 @@ from lizard_jax.ops.gated_linear import gla, gla_step
 from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE
 
 
-def lightning_slopes(num_heads: int):
-    """Per-head decay rates ``s_h = 2**(-8 (h+1) / num_heads)``, h = 0..num_heads-1: ``[heads]`` float32."""
+SLOPE_RULES = ("alibi", "geometric")
+
+
+def _alibi_slopes(n: int) -> list[float]:
+    """ALiBi's get_slopes (float64): power of two -> 2**(-8 (h+1) / n); else the closest lower power's slopes
+    and every other slope of twice that power, as many as are missing."""
+    if n & (n - 1) == 0:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    c = 1 << (n.bit_length() - 1)
+    return _alibi_slopes(c) + _alibi_slopes(2 * c)[0::2][: n - c]
+
+
+def lightning_slopes(num_heads: int, rule: str = "alibi"):
+    """Per-head decay rates ``s_h`` (h = 0..num_heads-1): ``[heads]`` float32. ``rule="alibi"`` (default, the
+    official MiniCPM-SALA code) or ``"geometric"`` (``2**(-8 (h+1) / num_heads)``); see the module docstring."""
     if not (isinstance(num_heads, int) and num_heads > 0):
         raise ValueError(f"num_heads must be a positive int, got {num_heads=}")
-    return jnp.asarray(2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads), jnp.float32)
+    if rule == "alibi":
+        s = np.asarray(_alibi_slopes(num_heads))
+    elif rule == "geometric":
+        s = 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+    else:
+        raise ValueError(f"rule must be one of {SLOPE_RULES}, got {rule!r}")
+    return jnp.asarray(s, jnp.float32)
 
 
 def _log_gate(slopes, heads: int, lead_shape):
@@ -81,4 +107,4 @@ def lightning_step(q, k, v, slopes, state):
     return gla_step(q, k, v, log_g, state)
 
 
-__all__ = ["lightning_attention", "lightning_slopes", "lightning_step"]
+__all__ = ["SLOPE_RULES", "lightning_attention", "lightning_slopes", "lightning_step"]
