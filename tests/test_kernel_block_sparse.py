@@ -283,3 +283,29 @@ def test_under_shard_map():
     want = jax.value_and_grad(loss(attn), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert_close(a, b, rtol=1e-6)
+
+
+def test_cost_model():
+    """cost.py: exact forward FLOPs, sparse < dense, v2 saves launches (prologue once) but not products,
+    scaling in length and selection, bad arguments raise."""
+    from pallas_kernels.block_sparse.cost import Cost, cost, dense_cost
+
+    shape = dict(batch=1, heads=16, kv_heads=4, head_dim=128, dtype=jnp.bfloat16)
+    sparse = lambda design, seq, frac, mode: cost(design, seq=seq, block_size=64, mode=mode,
+                                                  selected_blocks_per_query_block=seq // 64 // frac, **shape)
+    c = sparse("v1", 8192, 8, "fwd")
+    assert isinstance(c, Cost) and c.flops == 4 * 16 * 8192 * 16 * 64 * 128  # 2 products over S blocks
+    for seq in (8192, 32768):
+        for mode in ("fwd", "fwd_bwd"):
+            v1, v2, dense = sparse("v1", seq, 8, mode), sparse("v2", seq, 8, mode), dense_cost(seq=seq, mode=mode,
+                                                                                              **shape)
+            assert v2.flops == v1.flops < dense.flops and v1.hbm_bytes < dense.hbm_bytes
+            assert v2.launches <= v1.launches and v2.hbm_bytes <= v1.hbm_bytes
+            assert sparse("v2", seq, 16, mode).flops * 2 == pytest.approx(v2.flops, rel=1e-6)
+    assert sparse("v2", 8192, 8, "fwd_bwd").launches < sparse("v1", 8192, 8, "fwd_bwd").launches
+    assert dense_cost(seq=16384, mode="fwd", **shape).flops > 3.9 * dense_cost(seq=8192, mode="fwd", **shape).flops
+    assert sparse("v1", 8192, 8, "fwd_bwd").flops == pytest.approx(4.5 * sparse("v1", 8192, 8, "fwd").flops)
+    with pytest.raises(ValueError, match="design"):
+        cost("v3", seq=8192, block_size=64, selected_blocks_per_query_block=16, **shape)
+    with pytest.raises(ValueError, match="mode"):
+        cost("v1", seq=8192, block_size=64, selected_blocks_per_query_block=16, mode="bwd", **shape)
