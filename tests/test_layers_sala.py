@@ -639,11 +639,13 @@ def test_sala_recipes_load(path):
     assert set(kinds) == {"sparse", "lightning"}
     assert sparse[0] == 0 and sparse[-1] == 29 and 7 <= len(sparse) <= 9  # about 1 in 4, first and last
     s = student.attention[0]
-    assert (s.rope, s.qk_norm, s.output_gate) == (False, True, True)
+    # the official sparse (minicpm4) layers: no RoPE (attn_use_rope false), no QK-norm, output gate o_gate
+    assert (s.rope, s.qk_norm, s.output_gate) == (False, False, True)
     assert (s.block_size, s.topk, s.kernel, s.stride, s.init_blocks, s.local_window, s.dense_below) == (
         64, 64, 32, 16, 1, 2048, 8192)
     lt = student.attention[kinds.index("lightning")]
     assert (lt.rope, lt.qk_norm, lt.output_norm, lt.output_gate) == (True, True, True, True)
+    assert (lt.output_norm_per_head, lt.slopes) == (False, "alibi")  # the official o_norm and decay rule
     assert ModelConfig.from_dict(student.to_dict()) == student  # travels with a checkpoint
 
 
@@ -657,7 +659,7 @@ def test_sala_student_params_copy_the_teacher():
     new = {path_name(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
     want = set()
     for i, kind in enumerate(student_cfg.kinds):
-        names = ("q_norm/scale", "k_norm/scale", "o_gate/kernel", "o_gate/bias") if kind == "sparse" else (
+        names = ("o_gate/kernel", "o_gate/bias") if kind == "sparse" else (
             "q_norm/scale", "k_norm/scale", "o_norm/scale", "z_proj/kernel", "z_proj/bias")
         want |= {f"layers_{i}/attn/{n}" for n in names}
     assert new == want
