@@ -9,6 +9,7 @@ prints a table with PASS/FAIL, and exits 1 on any failure.
     python -m pallas_kernels.chunked_scan.check            # GPU, compiled
     python -m pallas_kernels.chunked_scan.check --quick    # fewer cases
     python -m pallas_kernels.chunked_scan.check --interpret --backend tpu   # small shapes on CPU
+    python -m pallas_kernels.chunked_scan.check --variant v2                 # the v2 kernels
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _gates(rng, shape, kind):
     raise ValueError(kind)
 
 
-def run_case(case, seed, backend, interpret):
+def run_case(case, seed, backend, interpret, variant="v1"):
     batch, seq, heads, dk, dv, gate, per_head, dtype = case
     rng = np.random.default_rng(seed)
     dt = jnp.dtype(dtype)
@@ -76,7 +77,7 @@ def run_case(case, seed, backend, interpret):
     def fwd_bwd(q, k, v, log_g, h0, do, dht):
         def f(q, k, v, log_g, h0):
             return gla(q, k, v, log_g, initial_state=h0, return_final_state=True, backend=backend,
-                       interpret=interpret)
+                       interpret=interpret, variant=variant)
 
         out, vjp = jax.vjp(f, q, k, v, log_g, h0)
         return out, vjp((do, dht))
@@ -107,17 +108,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a subset of the cases")
     parser.add_argument("--interpret", action="store_true", help="interpret mode, small shapes (CPU)")
     parser.add_argument("--backend", default="gpu", choices=("gpu", "tpu"))
+    parser.add_argument("--variant", default="v1", choices=("v1", "v2"))
     args = parser.parse_args(argv)
     cases = INTERPRET_CASES if args.interpret else [CASES[i] for i in QUICK] if args.quick else CASES
-    print(f"jax {jax.__version__}, devices {jax.devices()}, backend={args.backend}, interpret={args.interpret}",
-          flush=True)
+    print(f"jax {jax.__version__}, devices {jax.devices()}, backend={args.backend}, variant={args.variant}, "
+          f"interpret={args.interpret}", flush=True)
     names = ("o", "ht", "dq", "dk", "dv", "dlog_g", "dh0")
     rows, failed = [], 0
     for i, case in enumerate(cases):
         tol = numerics.RTOL[case[-1]]
         try:
             errs, deterministic, seconds = run_case(case, seed=1000 + i, backend=args.backend,
-                                                    interpret=args.interpret)
+                                                    interpret=args.interpret, variant=args.variant)
         except Exception as e:  # a compile or runtime failure of one case must not hide the others
             traceback.print_exc()
             rows.append((case_id(case), *["-"] * len(names), "-", f"FAIL ({type(e).__name__})"))
