@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lizard_jax.numerics import RTOL, rel_err, scale_floor
-from pallas_kernels.block_sparse import block_sparse_attention, oracle
+from pallas_kernels.block_sparse import DESIGNS, block_sparse_attention, oracle
 
 
 def _selections(rng, q, k, bs: int, max_blocks: int):
@@ -33,7 +33,7 @@ def _selections(rng, q, k, bs: int, max_blocks: int):
 
 
 def check(seq: int = 4096, heads: int = 16, kv_heads: int = 4, d: int = 128, bs: int = 64, max_blocks: int = 16,
-          all_kv_heads: bool = False, interpret: bool = False) -> list[dict]:
+          all_kv_heads: bool = False, interpret: bool = False, variant: str = "v1") -> list[dict]:
     rows = []
     group = heads // kv_heads
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -46,7 +46,7 @@ def check(seq: int = 4096, heads: int = 16, kv_heads: int = 4, d: int = 128, bs:
             @jax.jit
             def run(q, k, v, idx, cnt, do, dlse):
                 f = lambda q, k, v: block_sparse_attention(q, k, v, idx, cnt, block_size=bs, return_lse=True,
-                                                                  interpret=interpret)
+                                                                  interpret=interpret, variant=variant)
                 out, vjp = jax.vjp(f, q, k, v)
                 return out, vjp((do, dlse))
 
@@ -83,9 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--all-kv-heads", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="interpret mode (a CPU smoke run)")
+    ap.add_argument("--variant", default="v1", choices=DESIGNS, help="kernel design")
     args = ap.parse_args(argv)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B1 T{args.seq} H16 KV4 D128 block 64")
-    rows = check(seq=args.seq, all_kv_heads=args.all_kv_heads, interpret=args.interpret)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B1 T{args.seq} H16 KV4 D128 block 64, design {args.variant}")
+    rows = check(seq=args.seq, all_kv_heads=args.all_kv_heads, interpret=args.interpret, variant=args.variant)
     cols = ["dtype", "selection", "o", "lse", "dq", "dk", "dv", "tol", "seconds_incl_compile", "ok"]
     print(" | ".join(cols))
     for r in rows:
