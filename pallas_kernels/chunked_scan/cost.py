@@ -109,7 +109,8 @@ def cost(variant: str, *, batch: int, seq: int, heads: int, dk: int, dv: int, pe
                            per_chunks * nk * nv * (ch.gates(gk) + ch.state(bs.block_k, bs.block_v)), 1)
         if variant == "v1":
             nvo = dv // bs.block_v_out
-            fwd = states_pass + Cost(q + k + v + g + states + o, per_chunks * nvo * (ch.gates(g_w) + ch.output(dk, bs.block_v_out)), 1)
+            fwd = states_pass + Cost(q + k + v + g + states + o,
+                                     per_chunks * nvo * (ch.gates(g_w) + ch.output(dk, bs.block_v_out)), 1)
         else:
             fwd = Cost(q + k + v + g + state32 + o + state32,
                        per_chunks * nv * (ch.gates(g_w) + ch.output(dk, bs.block_v) + ch.state(dk, bs.block_v)), 1)

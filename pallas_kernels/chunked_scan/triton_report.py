@@ -41,7 +41,8 @@ def dump(out: str, dk: int, dv: int, seq: int = 1024, variants=None) -> None:
 def _options(parser) -> None:
     parser.add_argument("--dk", type=int, default=128)
     parser.add_argument("--dv", type=int, default=128)
-    parser.add_argument("--variant", choices=("v1", "v2"), default=None, help="one variant (default: all)")
+    parser.add_argument("--variant", choices=("v1", "v2"), default=None,
+                        help="one variant (default: both)")
 
 
 def main(argv=None) -> int:
