@@ -9,7 +9,8 @@ interpret=False, block_sizes=None, variant="v1")``, ``variant`` one of ``VARIANT
 Files: ``scan.py`` (validation, padding, the custom_vjp glue, ``gla``), ``common.py`` (BlockSizes, the
 per-chunk math and its overflow argument), ``gpu.py`` (Pallas Triton, v1), ``gpu_v2.py`` (Pallas Triton, v2:
 the state kept in registers), ``tpu.py`` (Mosaic, both variants), ``reference.py`` (a pure-jnp oracle in
-the same chunk form, and the float64 recurrence), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``: compiled GPU check), ``triton_report.py`` (compile the GPU
+the same chunk form, and the float64 recurrence), ``check.py`` (``python -m pallas_kernels.chunked_scan.check``:
+compiled GPU check), ``triton_report.py`` (compile the GPU
 kernels for sm_90 without a GPU: registers, spills), ``cost.py`` (static HBM bytes, FLOPs and launches per
 variant).
 """

@@ -46,7 +46,10 @@ def _options(parser) -> None:
 
 
 def main(argv=None) -> int:
-    return triton_report.main(argv, __doc__, lambda a: dump(a.dump, a.dk, a.dv, variants=(a.variant,) if a.variant else None), _options)
+    def dump_args(a):
+        dump(a.dump, a.dk, a.dv, variants=(a.variant,) if a.variant else None)
+
+    return triton_report.main(argv, __doc__, dump_args, _options)
 
 
 if __name__ == "__main__":
