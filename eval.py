@@ -3,9 +3,10 @@ JSON object with its results.
 
   python eval.py perplexity --checkpoint DIR --text FILE --seq-len 1024 [--max-tokens N]
   python eval.py passkey --checkpoint DIR --text FILE --lengths 4096,8192 [--depths 0,0.25,0.5,0.75,1]
-      [--context-parallel star|ring [--devices N] [--block-size B] [--anchor-size A] [--anchor first|none]]
+      [--context-parallel star|ring [--devices N] [--block-size B] [--anchor-size A] [--anchor first|none]
+       [--query question|last]]
       [--prefill lazy [--lazy-layers 4,11 --lazy-keep 0.5,0.25 | --lazy-top-k 1024,512] [--lazy-sink N]
-       [--lazy-recent N] [--lazy-pool K]]
+       [--lazy-recent N] [--lazy-pool K] [--lazy-decode attend_all|paper]]
   python eval.py mqar --checkpoint DIR [--pairs 8,32,128] [--lengths 1024,4096] [--queries 16] [--trials 10]
   python eval.py speed --checkpoint [LABEL=]DIR [--checkpoint ...] [--random [LABEL=]CONFIG.json]
       [--contexts 1024,2048,4096] [--decode-tokens 64] [--batch 1] [--dtype bfloat16] [--isolate] [--plot out.png]
@@ -20,6 +21,9 @@ a setting, e.g. dense_below=4096 or topk=32.
 passkey generates through `lizard_jax.generate` and takes its options: `--context-parallel` splits each prompt over
 a mesh whose "context" axis has `--devices` devices (Star Attention or ring attention, `lizard_jax.distributed`);
 `--prefill lazy` prunes the prefill (LazyLLM, `lizard_jax.lazy`; without `--lazy-layers`, `LazyConfig.default`).
+With context parallelism the prompt's question is the phase-2 query (`--query question`, Star Attention's setup;
+`--query last`: the last 64 prompt tokens); `--lazy-decode paper` re-prunes at every decoding step (LazyLLM's
+decoding; default attend_all, see `LazyConfig.decode`).
 On a CPU, N simulated devices need XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts; eval.py
 sets it itself for `--devices N` when jax is not yet imported (run as a program). Multi-host: start the same
 `eval.py passkey ... --context-parallel star --multihost` once per host (e.g. `srun -N 4 python eval.py ...`);
@@ -128,8 +132,8 @@ def _numbers(kind):
 _floats, _ints = _numbers(float), _numbers(int)
 
 
-CP_FLAGS = ("devices", "block_size", "anchor_size", "anchor")
-LAZY_FLAGS = ("lazy_layers", "lazy_keep", "lazy_top_k", "lazy_sink", "lazy_recent", "lazy_pool")
+CP_FLAGS = ("devices", "block_size", "anchor_size", "anchor", "query")
+LAZY_FLAGS = ("lazy_layers", "lazy_keep", "lazy_top_k", "lazy_sink", "lazy_recent", "lazy_pool", "lazy_decode")
 
 
 def _add_generation(p):
@@ -141,6 +145,9 @@ def _add_generation(p):
     p.add_argument("--block-size", type=int, default=None, help="context block size (default: context / devices)")
     p.add_argument("--anchor-size", type=int, default=None, help="Star anchor tokens (default: the block size)")
     p.add_argument("--anchor", default=None, choices=["first", "none"], help="Star anchor block (default: first)")
+    p.add_argument("--query", default=None, choices=["question", "last"],
+                   help="the phase-2 query: the prompt's question (default, as in Star Attention) or its last 64 "
+                        "tokens")
     p.add_argument("--multihost", action="store_true",
                    help="call jax.distributed.initialize() first (one process per host)")
     p.add_argument("--prefill", default="full", choices=["full", "lazy"], help="lazy: LazyLLM pruned prefill")
@@ -150,6 +157,8 @@ def _add_generation(p):
     p.add_argument("--lazy-sink", type=int, default=None, help="always keep the first N prompt tokens")
     p.add_argument("--lazy-recent", type=int, default=None, help="always keep the N tokens before the last one")
     p.add_argument("--lazy-pool", type=int, default=None, help="max-pool scores over K neighbours (odd)")
+    p.add_argument("--lazy-decode", default=None, choices=["attend_all", "paper"],
+                   help="decoding attends to every token with KV (attend_all, default) or re-prunes each step (paper)")
 
 
 def _check_generation_flags(a) -> None:
@@ -204,12 +213,12 @@ def _generation_options(a, model, mesh):
                                       anchor_size=a.anchor_size, anchor=kw["anchor"])
         except ValueError as e:  # the validator's message names the option
             raise _error(str(e)) from None
-        return kw | {"mesh": mesh}, kw | {"devices": mesh.shape["context"]}
+        return kw | {"mesh": mesh}, kw | {"devices": mesh.shape["context"], "query": a.query or "question"}
     if a.prefill == "lazy":
         from lizard_jax.lazy import LazyConfig
 
         extra = {k: v for k, v in (("sink_tokens", a.lazy_sink), ("recent_tokens", a.lazy_recent),
-                                   ("pool", a.lazy_pool)) if v is not None}
+                                   ("pool", a.lazy_pool), ("decode", a.lazy_decode)) if v is not None}
         if a.lazy_layers is None:
             if a.lazy_keep is not None or a.lazy_top_k is not None:
                 raise _error("--lazy-keep / --lazy-top-k need --lazy-layers")
@@ -236,7 +245,7 @@ def cmd_passkey(a) -> dict:
         raise _error(f"{a.checkpoint} has no tokenizer/ folder")
     gen_kw, described = _generation_options(a, model, mesh)
     out = passkey(model, params, tok, read_text(a.text, "--text"), lengths=a.lengths,
-                  depths=a.depths, trials=a.trials, seed=a.seed, **gen_kw)
+                  depths=a.depths, trials=a.trials, seed=a.seed, query=a.query or "question", **gen_kw)
     out.update(checkpoint=str(a.checkpoint), generation=described)
     return _sparse_note(a, out)
 

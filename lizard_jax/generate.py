@@ -6,6 +6,8 @@ and are invisible to attention. Decoding runs in one `lax.while_loop` that stops
 `max_new_tokens` is reached. Greedy when `temperature == 0`, else temperature + nucleus (top-p) sampling.
 `context_parallel="star" | "ring"` routes to `lizard_jax.distributed` (a long prompt split over a device mesh),
 `prefill="lazy"` to `lizard_jax.lazy` (LazyLLM token pruning); the default path is the plain jitted one.
+`query=` gives each prompt's question separately: Star and ring answer it in phase 2 (global attention over
+every block), the other paths simply read it after the prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lizard_jax.cli import InputError
 from lizard_jax.decode import SamplingConfig, decode_loop, sample  # noqa: F401  (public here too)
 from lizard_jax import distributed, lazy as lazyllm
 from lizard_jax.models import Transformer, init_caches
@@ -77,6 +80,47 @@ def encode_prompts(prompts, tokenizer=None, chat: bool = False) -> list[list[int
     return ids
 
 
+def encode_queries(queries, n_prompts: int, tokenizer=None, chat: bool = False) -> list[list[int]]:
+    """`generate`'s `query=`: one question per prompt, strings (through `tokenizer`, no special tokens: it
+    continues the prompt) or token-id sequences (an integer array `[B, Q]` works too) -> token-id lists.
+    Raises `InputError` for a count that differs from the prompts', an empty query, non-integer ids or `chat`."""
+    if chat:
+        raise InputError("query= cannot be combined with chat=True (the chat template wraps the whole user turn; "
+                         "put the question in the prompt instead)")
+    if isinstance(queries, (str, bytes)):
+        raise InputError("query must be a list with one question per prompt, got a single string")
+    if isinstance(queries, np.ndarray) or isinstance(queries, jax.Array):
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or not np.issubdtype(queries.dtype, np.integer):
+            raise InputError(f"a query array must be integer token ids [prompts, query], got shape {queries.shape} "
+                             f"dtype {queries.dtype}")
+    if len(queries) != n_prompts:
+        raise InputError(f"query has {len(queries)} entries for {n_prompts} prompts: give one per prompt")
+    ids = []
+    for i, q in enumerate(queries):
+        if isinstance(q, str):
+            if tokenizer is None:
+                raise InputError("string queries need a tokenizer")
+            q = tokenizer(q, add_special_tokens=False)["input_ids"]
+        elif isinstance(q, (int, np.integer)) or not hasattr(q, "__len__"):
+            raise InputError(f"query {i} must be a string or a sequence of token ids, got {type(q).__name__}")
+        bad = [t for t in q if not isinstance(t, (int, np.integer)) or isinstance(t, bool)]
+        if bad:
+            raise InputError(f"query {i} must hold integer token ids, got {bad[0]!r}")
+        if len(q) == 0:
+            raise InputError(f"query {i} is empty: a query needs at least one token")
+        ids.append([int(t) for t in q])
+    return ids
+
+
+def query_arrays(prompt_ids: list[list[int]], query_ids: list[list[int]], pad_id: int, bucket: int = 16):
+    """Left-padded query tokens/positions `[B, Q]` (Q a multiple of `bucket`), each row's positions continuing
+    its prompt's: what `distributed.generate_context_parallel(query_tokens=, query_positions=)` takes."""
+    toks, pos = left_pad(query_ids, pad_id, bucket=bucket)
+    offset = jnp.asarray([len(p) for p in prompt_ids], jnp.int32)[:, None]
+    return toks, jnp.where(pos >= 0, pos + offset, -1)
+
+
 def check_generate_options(*, context_parallel=None, mesh=None, block_size=None, anchor_size=None,
                            anchor: str = "first", prefill: str = "full", lazy=None) -> None:
     """Raise ValueError for inconsistent `generate` options: an unknown prefill, lazy options without
@@ -109,7 +153,7 @@ def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tok
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
              chat: bool = False, context_parallel: str | None = None, mesh=None, block_size: int | None = None,
              anchor_size: int | None = None, anchor: str = "first", prefill: str = "full",
-             lazy=None) -> GenerationResult:
+             lazy=None, query=None) -> GenerationResult:
     """Generate continuations of `prompts` (strings need `tokenizer`; or lists of token ids).
 
     `chat=True` wraps string prompts in the tokenizer's chat template as a user turn.
@@ -117,14 +161,26 @@ def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tok
     attention; `block_size`, `anchor_size`, `anchor="first" | "none"` as in `distributed.ContextParallel`; params
     are replicated onto the mesh unless already on it). `prefill="lazy"`: LazyLLM pruned prefill and decoding
     with `lazy` (a `lazy.LazyConfig`; default `LazyConfig.default(num_layers)`). Same result type either way.
+    `query`: one question per prompt (strings, or token-id lists; see `encode_queries`) that follows it. With
+    context parallelism it is the phase-2 query (Star: it attends to every block through the distributed
+    softmax) and the whole prompt is the context; without a query the last `query_size` (64) prompt tokens are.
+    The other paths read prompt + query as one prompt. `prompt_lengths` count the prompt only.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_generate_options(context_parallel=context_parallel, mesh=mesh, block_size=block_size,
                            anchor_size=anchor_size, anchor=anchor, prefill=prefill, lazy=lazy)
+    if query is not None and chat:
+        encode_queries(query, 0, chat=True)  # raises: the chat template wraps the whole turn
     ids = encode_prompts(prompts, tokenizer, chat)
+    q_ids = None if query is None else encode_queries(query, len(ids), tokenizer, chat)
     cfg = model.cfg
-    tokens, positions = left_pad(ids, cfg.pad_token_id)
+    split = {}
+    if q_ids is not None and context_parallel is not None:
+        split = dict(zip(("query_tokens", "query_positions"), query_arrays(ids, q_ids, cfg.pad_token_id)))
+        tokens, positions = left_pad(ids, cfg.pad_token_id)
+    else:
+        tokens, positions = left_pad(ids if q_ids is None else [p + q for p, q in zip(ids, q_ids)], cfg.pad_token_id)
     eos = tuple(cfg.eos_token_ids) if stop_at_eos else ()
     if stop_at_eos and tokenizer is not None and tokenizer.eos_token_id is not None and not eos:
         eos = (int(tokenizer.eos_token_id),)
@@ -133,7 +189,8 @@ def generate(model: Transformer, params, prompts, *, tokenizer=None, max_new_tok
     if context_parallel is not None:
         out = distributed.generate_context_parallel(
             model, params, tokens, positions, key, mode=context_parallel, mesh=mesh, block_size=block_size,
-            anchor_size=anchor_size, anchor=anchor, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos)
+            anchor_size=anchor_size, anchor=anchor, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
+            **split)
     elif prefill == "lazy":
         out = lazyllm.generate_lazy(model, params, tokens, positions, key,
                                     lazy=lazy or lazyllm.LazyConfig.default(cfg.num_layers),

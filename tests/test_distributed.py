@@ -198,3 +198,77 @@ def test_encode_context_errors(model_params):
         encode_context(model, params, tokens, positions, mode="star", mesh=mesh_of(4), block_size=8, anchor_size=8)
     with pytest.raises(ValueError, match=r"anchor_size=9 must be in \[0, block_size=8\]"):
         encode_context(model, params, tokens, positions, mode="star", mesh=mesh_of(1), block_size=8, anchor_size=9)
+
+
+# ------------------------------------------------------------------------------- the query given separately
+
+
+def split_batch(seed: int, splits):
+    """Rows (context, query) of the given lengths -> (full prompt ids, left-padded context tokens/positions,
+    query tokens/positions continuing each context) as `generate(..., query=)` builds them."""
+    from lizard_jax.generate import query_arrays
+
+    rng = np.random.default_rng(seed)
+    ctx = [list(map(int, rng.integers(1, CFG.vocab_size, c))) for c, _ in splits]
+    qry = [list(map(int, rng.integers(1, CFG.vocab_size, q))) for _, q in splits]
+    tokens, positions = left_pad(ctx, CFG.pad_token_id, bucket=16)
+    q_tok, q_pos = query_arrays(ctx, qry, CFG.pad_token_id)
+    return [c + q for c, q in zip(ctx, qry)], tokens, positions, q_tok, q_pos
+
+
+@pytest.mark.parametrize("splits", [((150, 1), (97, 40)), ((30, 120), (100, 7)), ((1, 60), (64, 64))],
+                         ids=["q1-q40", "q120-q7", "ctx1-q64"])
+def test_star_one_block_any_split_equals_global(model_params, splits):
+    """Star with one block covering the context == plain generation of context + query, wherever the split is
+    (a one-token query, a query longer than query_size, a one-token context), ragged rows with different splits."""
+    model, params = model_params
+    full, tokens, positions, q_tok, q_pos = split_batch(sum(map(sum, splits)), splits)
+    ref_tok, ref_pos = left_pad(full, CFG.pad_token_id, bucket=16)
+    key = jax.random.key(1)
+    kw = dict(max_new_tokens=8, sampling=SamplingConfig(), eos_ids=())
+    ref = np.asarray(_generate(model, params, ref_tok, ref_pos, key, cache_len=ref_tok.shape[1] + 8, **kw))
+    star = generate_context_parallel(model, params, tokens, positions, key, mode="star", mesh=mesh_of(4),
+                                     block_size=256, query_size=4, query_tokens=q_tok, query_positions=q_pos, **kw)
+    np.testing.assert_array_equal(np.asarray(star), ref)
+
+
+def test_split_is_honoured(model_params):
+    """A query longer than query_size is entirely phase 2: its KV sits on the query host only and the context
+    shards hold exactly the context; with several blocks and an anchor, each row equals the default split
+    (`query_size` = that row's query length) of its own prompt, and differs from the default query_size."""
+    model, params = model_params
+    splits = ((70, 20), (45, 9))
+    full, tokens, positions, q_tok, q_pos = split_batch(3, splits)
+    kw = dict(mode="star", mesh=mesh_of(2), block_size=16, anchor_size=8)
+    caches, logits = prefill_context_parallel(model, params, tokens, positions, query_size=4, local=2,
+                                              query_tokens=q_tok, query_positions=q_pos, **kw)
+    pos = np.asarray(caches[0].pos).reshape(2, 2, -1)  # [B, device, slots]
+    q = q_tok.shape[1]
+    local = pos[:, :, -(q + 2):]
+    for row, (c, n) in enumerate(splits):
+        assert sorted(pos[row][pos[row] >= 0].tolist()) == list(range(c + n))
+        assert (local[row, 0] == -1).all()
+        assert sorted(local[row, 1][local[row, 1] >= 0].tolist()) == list(range(c, c + n)), "query not in phase 2"
+        assert pos[row, :, :-(q + 2)].max() == c - 1, "a query token was encoded block-locally"
+        one_tok, one_pos = left_pad([full[row]], CFG.pad_token_id, bucket=16)
+        _, want = prefill_context_parallel(model, params, one_tok, one_pos, query_size=n, **kw)
+        assert_close(logits[row], want[0], rtol=RTOL["float32"], name=f"row {row} vs default split")
+        _, default = prefill_context_parallel(model, params, one_tok, one_pos, query_size=4, **kw)
+        assert rel_err(default[0], want[0]) > 1e-3, "the split made no difference: the test is vacuous"
+
+
+def test_query_errors(model_params):
+    model, params = model_params
+    _, tokens, positions, q_tok, q_pos = split_batch(0, ((20, 5), (12, 3)))
+    kw = dict(mode="star", mesh=mesh_of(2), block_size=16, max_new_tokens=2)
+    cases = [
+        (dict(query_tokens=q_tok), "give both or neither"),
+        (dict(query_tokens=q_tok.astype(jnp.float32), query_positions=q_pos), "query_tokens must hold integers"),
+        (dict(query_tokens=q_tok[:1], query_positions=q_pos[:1]), r"\[batch, query\] with the prompt's batch 2"),
+        (dict(query_tokens=q_tok, query_positions=q_pos[:, 1:]), r"\[batch, query\]"),
+        (dict(query_tokens=q_tok, query_positions=q_pos.at[1].set(-1)), "query of row 1 is empty"),
+        (dict(query_tokens=q_tok, query_positions=q_pos + 1), "continuing its context of 20 tokens"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(ValueError, match=match):
+            generate_context_parallel(model, params, tokens, positions, jax.random.key(0), **kw, **extra)

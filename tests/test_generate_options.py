@@ -76,6 +76,47 @@ def test_star_one_block_equals_plain_generate(model_params, plain, monkeypatch):
     assert [(c["mode"], c["block_size"], c["anchor"]) for c in calls] == [("star", 64, "first")]
 
 
+def test_query_star_one_block_equals_plain_generate(model_params, plain, monkeypatch):
+    """generate(..., query=): Star with one block, the query (longer than query_size on one row) in phase 2 ==
+    plain generate of prompt + query; without context parallelism the query simply follows the prompt."""
+    model, params = model_params
+    ids, ref = plain
+    split = [(60, 10), (3, 38)]  # prompt 70 = 60 + 10, prompt 41 = 3 + 38
+    prompts, queries = [p[:c] for p, (c, _) in zip(ids, split)], [p[c:] for p, (c, _) in zip(ids, split)]
+    calls = spy(monkeypatch, lizard_jax.distributed, "generate_context_parallel")
+    out = generate(model, params, prompts, query=queries, max_new_tokens=NEW, stop_at_eos=False,
+                   context_parallel="star", mesh=mesh_of(4), block_size=64)
+    assert out.tokens == ref
+    assert out.prompt_lengths == [60, 3]
+    q_pos = np.asarray(calls[0]["query_positions"])
+    assert [sorted(r[r >= 0].tolist()) for r in q_pos] == [list(range(60, 70)), list(range(3, 41))]
+    assert generate(model, params, prompts, query=np.asarray([[5, 6], [7, 8]]), max_new_tokens=2,
+                    stop_at_eos=False).tokens == generate(model, params, [p + q for p, q in zip(prompts, [[5, 6], [7, 8]])],
+                                                          max_new_tokens=2, stop_at_eos=False).tokens
+
+
+@pytest.mark.parametrize("query,match", [
+    ([[5]], "query has 1 entries for 2 prompts"),
+    ([[5], []], "query 1 is empty"),
+    ([[5], [1.5]], "query 1 must hold integer token ids"),
+    ([[5], 7], "query 1 must be a string or a sequence of token ids"),
+    ("what?", "one question per prompt, got a single string"),
+    (np.ones((2, 3), np.float32), "integer token ids"),
+    ([["a"], [5]], "query 0 must hold integer token ids"),
+], ids=["count", "empty", "float", "scalar", "string", "float-array", "str-ids"])
+def test_bad_query(model_params, query, match):
+    model, params = model_params
+    with pytest.raises(ValueError, match=match):
+        generate(model, params, [[5, 6, 7], [8, 9]], query=query, max_new_tokens=2, context_parallel="star",
+                 mesh=mesh_of(2))
+
+
+def test_query_with_chat_is_an_error(model_params):
+    model, params = model_params
+    with pytest.raises(ValueError, match="cannot be combined with chat=True"):
+        generate(model, params, ["abc"], query=["d"], tokenizer=char_tokenizer(CFG.vocab_size), chat=True)
+
+
 def test_lazy_keep_one_equals_plain_generate(model_params, plain, monkeypatch):
     model, params = model_params
     ids, ref = plain
@@ -133,17 +174,20 @@ def answers(out: dict) -> list[str]:
 
 
 def test_eval_passkey_star_and_lazy(teacher, capsys):
-    """Star on 2 simulated devices (a fresh process: eval.py sets XLA_FLAGS itself) with the context in one block,
-    and lazy prefill with keep 1.0: both are exact, so they give the same answers."""
+    """Star on 2 simulated devices (a fresh process: eval.py sets XLA_FLAGS itself) with the context in one block
+    and the question as the query, and lazy prefill with keep 1.0 (paper decoding): both are exact, so they give
+    the same answers."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), *teacher, "--context-parallel", "star",
-                        "--devices", "2", "--block-size", "256"], capture_output=True, text=True, cwd=ROOT, env=env)
+                        "--devices", "2", "--block-size", "512"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     star = json.loads(p.stdout.strip().splitlines()[-1])
-    assert star["generation"] == dict(context_parallel="star", block_size=256, anchor_size=None, anchor="first",
-                                      devices=2)
-    lazy = passkey_json(capsys, teacher + ["--prefill", "lazy", "--lazy-layers", "0", "--lazy-keep", "1"])
-    assert lazy["generation"] == {"prefill": "lazy", "lazy": repr(LazyConfig(layers=(0,), keep=(1.0,)))}
+    assert star["generation"] == dict(context_parallel="star", block_size=512, anchor_size=None, anchor="first",
+                                      devices=2, query="question")
+    lazy = passkey_json(capsys, teacher + ["--prefill", "lazy", "--lazy-layers", "0", "--lazy-keep", "1",
+                                           "--lazy-decode", "paper"])
+    assert lazy["generation"] == {"prefill": "lazy",
+                                  "lazy": repr(LazyConfig(layers=(0,), keep=(1.0,), decode="paper"))}
     assert len(answers(star)) == 2 and answers(star) == answers(lazy)
 
 
@@ -151,6 +195,8 @@ def test_eval_passkey_star_and_lazy(teacher, capsys):
     (["--block-size", "64"], r"--block-size need\(s\) --context-parallel"),
     (["--multihost"], r"--multihost need\(s\) --context-parallel"),
     (["--lazy-keep", "0.5"], r"--lazy-keep need\(s\) --prefill lazy"),
+    (["--lazy-decode", "paper"], r"--lazy-decode need\(s\) --prefill lazy"),
+    (["--query", "last"], r"--query need\(s\) --context-parallel"),
     (["--prefill", "lazy", "--context-parallel", "star"], "cannot be combined"),
     (["--context-parallel", "star", "--devices", "64"], "jax sees 8 cpu device"),
     (["--context-parallel", "star", "--block-size", "64", "--anchor-size", "128"], "larger than a block"),

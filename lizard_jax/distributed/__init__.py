@@ -4,8 +4,10 @@
     out = generate_context_parallel(model, params, tokens, positions, key, mode="star", mesh=mesh,
                                     block_size=8192, max_new_tokens=32)
 
-A left-padded prompt batch (`generate.left_pad`) is split into a context (all but the last `query_size` tokens)
-and a query (the last `query_size` tokens). The context is right-padded to a multiple of block_size x devices
+A left-padded prompt batch (`generate.left_pad`) is split into a context and a query: the query is the user's
+question when it is given separately (`query_tokens` / `query_positions`, `[B, Q]` left-padded, positions
+continuing each row's context: `generate(..., query=...)` builds them), else the last `query_size` prompt tokens
+(the default when no split is given). The context is right-padded to a multiple of block_size x devices
 and encoded along the mesh axis "context" (phase 1): by Star Attention (blocks with an anchor, no
 communication; `star.py`) or by ring attention (exact global causal attention; `ring.py`). The query and every
 generated token then attend over the sharded KV with an exact (output, log-sum-exp) merge (phase 2); only the
@@ -39,12 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lizard_jax.cli import InputError
 from lizard_jax.distributed.common import AXIS
 from lizard_jax.distributed.ring import ring_attention, zigzag_order
 from lizard_jax.distributed.star import ShardedKVCache, context_attention, encode_context
 from lizard_jax.decode import SamplingConfig, decode_loop
 
-__all__ = ["ContextParallel", "validate_context_parallel", "prefill_context_parallel", "generate_context_parallel",
+__all__ = ["ContextParallel", "validate_context_parallel", "check_query", "prefill_context_parallel", "generate_context_parallel",
            "place_params",
            "encode_context", "context_attention", "ring_attention", "ShardedKVCache", "zigzag_order", "AXIS"]
 
@@ -62,7 +65,8 @@ class ContextParallel:
       Ring shards are whole blocks too (C / devices tokens per device, two zigzag chunks), so it must be even.
     anchor: "first" (the first `anchor_size` context tokens prepended to every block) or "none"; Star only.
     anchor_size: None = block_size (the paper's default); at most block_size.
-    query_size: the last `query_size` prompt tokens form the query, answered with exact global attention.
+    query_size: without a separate query (`query_tokens`), the last `query_size` prompt tokens form the query,
+      answered with exact global attention (phase 2); with one, unused (the query is what is given).
     axis: the mesh axis the context is sharded over.
     """
 
@@ -95,11 +99,15 @@ class ContextParallel:
         if not isinstance(self.query_size, int) or self.query_size < 1:
             raise ValueError(f"query_size must be a positive int, got {self.query_size!r}")
 
-    def layout(self, prompt_len: int, devices: int) -> tuple[int, int, int, int]:
+    def layout(self, prompt_len: int, devices: int, query: int | None = None) -> tuple[int, int, int, int]:
         """(query, block, anchor, context) sizes for a prompt width of `prompt_len` on `devices`: the last
-        `query` columns are the query; the context is padded to `context`, a multiple of block x devices."""
-        query = min(self.query_size, prompt_len)
-        ctx = max(prompt_len - query, 1)
+        `query` columns are the query; the context is padded to `context`, a multiple of block x devices. With
+        `query` (the width of a separately given query), the whole prompt is the context."""
+        if query is None:
+            query = min(self.query_size, prompt_len)
+            ctx = max(prompt_len - query, 1)
+        else:
+            ctx = prompt_len
         block = self.block_size or -(-ctx // (devices * BLOCK_ROUND)) * BLOCK_ROUND
         anchor = 0 if self.mode == "ring" or self.anchor == "none" else (self.anchor_size or block)
         if anchor > block:
@@ -137,11 +145,44 @@ def split_prompt(tokens, positions, query: int, context: int, pad_id: int):
     return ctx_tok, ctx_pos, tokens[:, width - query:], positions[:, width - query:]
 
 
+def check_query(tokens, positions, query_tokens, query_positions) -> None:
+    """Raise `InputError` unless `query_tokens` / `query_positions` (both or neither) are integer `[B, Q]` arrays
+    with the prompt's batch, every row holding at least one query token (position >= 0) and its query positions
+    continuing its context: n, n + 1, ... after a context at positions 0..n-1 (padding: -1, at the row start)."""
+    if query_tokens is None and query_positions is None:
+        return
+    if query_tokens is None or query_positions is None:
+        raise InputError("query_tokens and query_positions go together: give both or neither")
+    qt, qp, pos = np.asarray(query_tokens), np.asarray(query_positions), np.asarray(positions)
+    for name, a in (("query_tokens", qt), ("query_positions", qp)):
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"{name} must hold integers (token ids / positions), got dtype {a.dtype}")
+    if qt.ndim != 2 or qt.shape != qp.shape or qt.shape[0] != pos.shape[0]:
+        raise InputError(f"query_tokens and query_positions must both be [batch, query] with the prompt's batch "
+                         f"{pos.shape[0]}: {qt.shape=} {qp.shape=}")
+    n_ctx = pos.max(axis=1) + 1
+    for row in range(qp.shape[0]):
+        real = qp[row] >= 0
+        if not real.any():
+            raise InputError(f"query of row {row} is empty: every row needs at least one query token")
+        first = int(np.argmax(real))
+        want = n_ctx[row] + np.arange(qp.shape[1] - first)
+        if real[:first].any() or not np.array_equal(qp[row, first:], want):
+            raise InputError(f"query_positions of row {row} must be -1 padding then {n_ctx[row]}, {n_ctx[row] + 1}, "
+                             f"... (continuing its context of {n_ctx[row]} tokens), got {qp[row].tolist()}")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "opts", "mesh", "local"))
-def _prefill(model, params, tokens, positions, *, opts: ContextParallel, mesh: Mesh, local: int):
+def _prefill(model, params, tokens, positions, query_tokens=None, query_positions=None, *, opts: ContextParallel,
+             mesh: Mesh, local: int):
     n = mesh.shape[opts.axis]
-    query, block, anchor, context = opts.layout(tokens.shape[1], n)
-    ctx_tok, ctx_pos, q_tok, q_pos = split_prompt(tokens, positions, query, context, model.cfg.pad_token_id)
+    if query_tokens is None:
+        query, block, anchor, context = opts.layout(tokens.shape[1], n)
+        ctx_tok, ctx_pos, q_tok, q_pos = split_prompt(tokens, positions, query, context, model.cfg.pad_token_id)
+    else:  # the whole prompt is the context
+        query, block, anchor, context = opts.layout(tokens.shape[1], n, query=query_tokens.shape[1])
+        ctx_tok, ctx_pos, _, _ = split_prompt(tokens, positions, 0, context, model.cfg.pad_token_id)
+        q_tok, q_pos = query_tokens, query_positions
     caches = encode_context(model, params, ctx_tok, ctx_pos, mode=opts.mode, mesh=mesh, block_size=block,
                             anchor_size=anchor, local=query + local, axis=opts.axis)
     logits, caches = model.apply({"params": params}, q_tok, q_pos, caches)
@@ -149,11 +190,14 @@ def _prefill(model, params, tokens, positions, *, opts: ContextParallel, mesh: M
 
 
 @functools.partial(jax.jit, static_argnames=("model", "opts", "mesh", "max_new_tokens", "sampling", "eos_ids"))
-def _generate(model, params, tokens, positions, key, *, opts: ContextParallel, mesh: Mesh, max_new_tokens: int,
-              sampling: SamplingConfig, eos_ids: tuple[int, ...]):
-    caches, last_logits = _prefill(model, params, tokens, positions, opts=opts, mesh=mesh, local=max_new_tokens)
+def _generate(model, params, tokens, positions, key, query_tokens=None, query_positions=None, *,
+              opts: ContextParallel, mesh: Mesh, max_new_tokens: int, sampling: SamplingConfig,
+              eos_ids: tuple[int, ...]):
+    caches, last_logits = _prefill(model, params, tokens, positions, query_tokens, query_positions, opts=opts,
+                                   mesh=mesh, local=max_new_tokens)
     step_fn = lambda tok, pos, caches: model.apply({"params": params}, tok, pos, caches)
-    return decode_loop(step_fn, caches, last_logits, jnp.max(positions, axis=1), key,
+    last = jnp.max(positions if query_positions is None else query_positions, axis=1)
+    return decode_loop(step_fn, caches, last_logits, last, key,
                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
 
 
@@ -171,29 +215,43 @@ def place_params(params, mesh: Mesh):
                                   params)
 
 
+def _query_args(mesh, tokens, positions, query_tokens, query_positions) -> tuple:
+    check_query(tokens, positions, query_tokens, query_positions)
+    if query_tokens is None:
+        return ()
+    return (_replicated(mesh, np.asarray(query_tokens, np.int32)), _replicated(mesh, np.asarray(query_positions,
+                                                                                               np.int32)))
+
+
 def prefill_context_parallel(model, params, tokens, positions, *, mode: str, mesh: Mesh, block_size: int | None = None,
                              anchor_size: int | None = None, anchor: str = "first", query_size: int = 64,
-                             local: int = 0) -> tuple[tuple[ShardedKVCache, ...], Any]:
+                             local: int = 0, query_tokens=None,
+                             query_positions=None) -> tuple[tuple[ShardedKVCache, ...], Any]:
     """Context-parallel prefill of left-padded `tokens`/`positions [B, P]`: (per-layer sharded caches with
-    `query_size + local` free slots on the query host, last-token logits `[B, vocab]` float32). Params off the
-    mesh are replicated onto it (`place_params`)."""
+    `query + local` free slots on the query host, last-token logits `[B, vocab]` float32). The query is
+    `query_tokens`/`query_positions [B, Q]` when given (the whole prompt is then the context; see
+    `check_query`), else the last `query_size` prompt tokens. Params off the mesh are replicated onto it
+    (`place_params`)."""
     opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
                                      anchor_size=anchor_size, query_size=query_size)
+    query = _query_args(mesh, tokens, positions, query_tokens, query_positions)
     return _prefill(model, place_params(params, mesh), _replicated(mesh, tokens), _replicated(mesh, positions),
-                    opts=opts, mesh=mesh, local=local)
+                    *query, opts=opts, mesh=mesh, local=local)
 
 
 def generate_context_parallel(model, params, tokens, positions, key, *, mode: str, mesh: Mesh,
                               block_size: int | None = None, anchor_size: int | None = None, anchor: str = "first",
                               query_size: int = 64, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                              eos_ids: tuple[int, ...] = ()):
+                              eos_ids: tuple[int, ...] = (), query_tokens=None, query_positions=None):
     """Generate from left-padded `tokens`/`positions [B, P]` (as `generate.left_pad` makes) with context
     parallelism over `mesh`'s "context" axis. Returns tokens `[B, max_new_tokens]` int32, -1 after a row's EOS
-    (the convention of `generate._generate`). See `ContextParallel` for the options; params off the mesh are
-    replicated onto it (`place_params`)."""
+    (the convention of `generate._generate`). The query (phase 2) is `query_tokens`/`query_positions [B, Q]`
+    when given (the prompt is then all context; see `check_query`), else the last `query_size` prompt tokens.
+    See `ContextParallel` for the options; params off the mesh are replicated onto it (`place_params`)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     opts = validate_context_parallel(mesh, model.cfg, mode=mode, block_size=block_size, anchor=anchor,
                                      anchor_size=anchor_size, query_size=query_size)
+    query = _query_args(mesh, tokens, positions, query_tokens, query_positions)
     return _generate(model, place_params(params, mesh), _replicated(mesh, tokens), _replicated(mesh, positions), key,
-                     opts=opts, mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))
+                     *query, opts=opts, mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))

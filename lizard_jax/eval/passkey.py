@@ -4,6 +4,9 @@ Each prompt is built in token space so its length is exact: an instruction, fill
 file (a contiguous slice, different per trial), the key sentence inserted at `depth` (0 = start, 1 = end), then
 the question. The model continues greedily; a trial is correct if the first 5-digit number in its answer is the
 key. Generation options (context parallelism, pruned prefill, ...) pass through to `lizard_jax.generate`.
+`query="question"` (the default) hands the question to `generate` as the query (`generate(..., query=)`): with
+context parallelism it is Star's phase-2 query, as in the paper; other paths read the same tokens either way.
+`query="last"` leaves the split to `generate` (the last `query_size` prompt tokens).
 """
 
 from __future__ import annotations
@@ -23,8 +26,18 @@ KEY = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
+QUERIES = ("question", "last")
+
+
 def build_prompt(tokenizer, filler_ids: Sequence[int], length: int, depth: float, key: int) -> list[int]:
     """Token ids of one prompt of exactly `length` tokens (filler trimmed to fit)."""
+    context, question = build_parts(tokenizer, filler_ids, length, depth, key)
+    return context + question
+
+
+def build_parts(tokenizer, filler_ids: Sequence[int], length: int, depth: float,
+                key: int) -> tuple[list[int], list[int]]:
+    """`build_prompt`'s ids as (context: instruction, filler and key sentence; question)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
     intro, needle, question = enc(INTRO), enc(KEY.format(key=key)), enc(QUESTION)
     n_fill = length - len(intro) - len(needle) - len(question)
@@ -36,14 +49,16 @@ def build_prompt(tokenizer, filler_ids: Sequence[int], length: int, depth: float
                          "longer text or a shorter length")
     fill = list(filler_ids[:n_fill])
     at = int(round(depth * n_fill))
-    return intro + fill[:at] + needle + fill[at:] + question
+    return intro + fill[:at] + needle + fill[at:], question
 
 
 def passkey(model, params, tokenizer, filler_text: str, *, lengths: Sequence[int] = (8192,),
             depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 1, seed: int = 0,
-            max_new_tokens: int = 8, progress: bool = True, **generate_kwargs) -> dict:
+            max_new_tokens: int = 8, progress: bool = True, query: str = "question", **generate_kwargs) -> dict:
     import lizard_jax
 
+    if query not in QUERIES:
+        raise InputError(f"query must be one of {QUERIES}, got {query!r}")
     if not all(0 <= d <= 1 for d in depths):
         raise InputError(f"depths must be in [0, 1], got {list(depths)}")
     rng = np.random.default_rng(seed)
@@ -58,9 +73,10 @@ def passkey(model, params, tokenizer, filler_text: str, *, lengths: Sequence[int
             for _ in range(trials):
                 key = int(rng.integers(10000, 100000))
                 start = int(rng.integers(0, max(1, len(filler) - length)))
-                ids = build_prompt(tokenizer, filler[start:], length, depth, key)
-                out = lizard_jax.generate(model, params, [ids], tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                          **generate_kwargs)
+                ctx, question = build_parts(tokenizer, filler[start:], length, depth, key)
+                split = dict(query=[question]) if query == "question" else {}
+                out = lizard_jax.generate(model, params, [ctx] if split else [ctx + question], tokenizer=tokenizer,
+                                          max_new_tokens=max_new_tokens, **generate_kwargs, **split)
                 answer = out.texts[0]
                 found = re.search(r"\d{5}", answer)
                 ok = bool(found and int(found.group()) == key)

@@ -42,11 +42,12 @@ class LazyConfig:
         layer on; it and the revived tokens attend only to those (plus every generated token) until the next
         pruning layer. A token left out keeps its KV and may be chosen again at a later step. The keys are
         gathered, `[B, budget + generated]` per layer: static shapes, bucketed with the prompt.
-      "attend_all" (the default): the scores only choose whom to revive; every token with KV at a layer is a
-        key there. Same per-token compute as "paper" (same revival), a superset of its keys, so it cannot lose
-        context that "paper" keeps; "paper" reads fewer keys per step. Default until the SmolLM2 passkey /
-        perplexity tables (issue #17) show "paper" keeps retrieval: the measured default prefill schedule
-        already lost keys, and "paper" only narrows what decoding sees.
+      "attend_all" (the default): the scores only choose whom to revive (the top `budget` of every token with
+        KV at the pruning layer); every token with KV at a layer is a key there. The same revival rule and budget,
+        so about the same per-token compute as "paper", but every key that work produced is seen; "paper" reads
+        only `budget + generated` keys per layer and step. Default until the SmolLM2 passkey / perplexity tables
+        (issue #17) show "paper" keeps retrieval: the default prefill schedule already lost keys there, and
+        "paper" narrows what decoding sees further.
 
     `LazyConfig.default(num_layers)` is the measured default schedule (see `DEFAULT_DEPTHS`).
     """
