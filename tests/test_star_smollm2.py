@@ -3,7 +3,9 @@
 A 5-digit key at 5 depths in 8192-token prompts (filler: the first 200K characters of
 `data/state_union/state_union.txt.xz`; same keys and slices in every run), through eval.py exactly as a
 user runs it: global attention (plain generation), Star on 4 and 8 simulated CPU devices (block = context / devices,
-the anchor = the first block: the paper's defaults), and Star without the anchor on 8 devices. Accuracies are
+the anchor = the first block: the paper's defaults), Star without the anchor on 8 devices, and ring attention on 4
+(exact: it must match global). The prompt's question is the phase-2 query (eval.py's default `--query question`,
+the paper's split). Accuracies are
 printed (run with -s). The checks are the paper's claim in loose form: the teacher finds most keys, and Star with
 the anchor keeps >= 80% of global's accuracy (one miss in five allowed). Very slow on a CPU: the XLA attention
 path scores every query chunk against all 8K keys, so one 8K prompt takes ~20 minutes on two shared cores (each
@@ -33,6 +35,7 @@ RUNS = {
     "star x4": ["--context-parallel", "star", "--devices", "4"],
     "star x8": ["--context-parallel", "star", "--devices", "8"],
     "star x8 no anchor": ["--context-parallel", "star", "--devices", "8", "--anchor", "none"],
+    "ring x4": ["--context-parallel", "ring", "--devices", "4"],
 }
 
 
