@@ -108,3 +108,78 @@ def test_bad_inputs():
         attention(q.astype(jnp.int32), q, q)
     with pytest.raises(ValueError, match="window"):
         attention(q, q, q, window=0)
+
+
+# ------------------------------------------------------------------------------------ packed documents (#19)
+
+DOCS = (5, 1, 11, 3)  # ragged, not multiples of the chunk (8), a document of length 1
+PAD = 4  # padding at the end: its own segment, outputs ignored
+
+
+def packed_segments(lengths, pad):
+    """segment ids [1, T] (padding: its own id) and per-document positions [1, T] of a packed row."""
+    seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)] +
+                         [np.full(pad, len(lengths), np.int32)])
+    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in list(lengths) + [pad]])
+    return jnp.asarray(seg)[None], jnp.asarray(pos)[None]
+
+
+@pytest.mark.parametrize("window,sinks,positions,chunk", [
+    (None, False, False, 8), (None, False, True, 1024), (4, True, False, 8), (4, True, True, 8),
+    (6, False, False, 1024),
+], ids=["causal-chunked", "causal-docpos", "window4-sinks-banded", "window4-sinks-docpos", "window6-dense"])
+def test_packed_equals_documents_alone(window, sinks, positions, chunk):
+    """A packed row (segment ids) equals each document run alone: outputs, lse, and grads w.r.t. q, k, v,
+    sinks. Positions None (global index: same differences within a document; banded path with a window) or the
+    per-document positions."""
+    t = sum(DOCS) + PAD
+    ks = jax.random.split(jax.random.key(19), 5)
+    q = jax.random.normal(ks[0], (1, t, 4, 8))
+    k = jax.random.normal(ks[1], (1, t, 2, 8))
+    v = jax.random.normal(ks[2], (1, t, 2, 8))
+    w = jax.random.normal(ks[3], (1, t, 4, 8))  # output cotangent, 0 on the padding
+    w = w.at[:, sum(DOCS):].set(0.0)
+    snk = jax.random.normal(ks[4], (4, 2)) if sinks else None
+    seg, pos = packed_segments(DOCS, PAD)
+    kw = dict(window=window, chunk_size=chunk, impl="xla", return_lse=True)
+
+    def packed(q, k, v, snk):
+        p = dict(q_positions=pos, k_positions=pos) if positions else {}
+        o, lse = attention(q, k, v, sinks=snk, segment_ids=seg, **p, **kw)
+        return jnp.sum(o * w), (o, lse)
+
+    def alone(q, k, v, snk):
+        outs, lses, at = [], [], 0
+        for n in DOCS:
+            o, lse = attention(q[:, at:at + n], k[:, at:at + n], v[:, at:at + n], sinks=snk, **kw)
+            outs.append(o), lses.append(lse)
+            at += n
+        o = jnp.concatenate(outs, axis=1)
+        return jnp.sum(o * w[:, :at]), (o, jnp.concatenate(lses, axis=2))
+
+    argn = (0, 1, 2, 3) if sinks else (0, 1, 2)
+    (_, (o1, l1)), g1 = jax.value_and_grad(packed, argnums=argn, has_aux=True)(q, k, v, snk)
+    (_, (o2, l2)), g2 = jax.value_and_grad(alone, argnums=argn, has_aux=True)(q, k, v, snk)
+    n = sum(DOCS)
+    assert_close(o1[:, :n], o2, rtol=FORMS_RTOL)
+    assert_close(l1[:, :, :n], l2, rtol=FORMS_RTOL, name="lse")
+    for name, a, b in zip("qkvs", g1, g2):
+        assert_close(a, b, rtol=FORMS_RTOL, name=f"d{name}")  # padding: no gradient in either
+
+
+def test_segment_ids_none_is_unchanged_and_errors():
+    q = jax.random.normal(jax.random.key(0), (1, 12, 2, 8))
+    f = lambda q: attention(q, q, q, window=3, chunk_size=4, impl="xla")
+    g = lambda q: attention(q, q, q, window=3, chunk_size=4, impl="xla", segment_ids=None)
+    assert jax.jit(f).lower(q).as_text() == jax.jit(g).lower(q).as_text()
+    one = jnp.zeros((1, 12), jnp.int32)  # one segment == no segment ids
+    assert_close(attention(q, q, q, segment_ids=one, impl="xla"), attention(q, q, q, impl="xla"), rtol=0)
+    with pytest.raises(ValueError, match="self-attention"):
+        attention(q[:, :4], q, q, segment_ids=one)
+    with pytest.raises(ValueError, match="go together"):
+        attention(q, q, q, q_segment_ids=one)
+    with pytest.raises(ValueError, match="cudnn"):
+        attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), segment_ids=one,
+                  impl="cudnn")
+    with pytest.raises(ValueError, match="segment_ids.shape"):
+        attention(q, q, q, segment_ids=one[:, :5])

@@ -8,11 +8,19 @@ last key (`q_pos = arange(seq_q) + seq_k - seq_q`), which is plain causal attent
 impl: "xla" (query-chunked masked softmax, memory O(chunk * seq_k)), "cudnn" (jax.nn.dot_product_attention's
 cuDNN flash kernel; only for default positions, no sinks, no lse, 16-bit inputs), "auto" (cudnn on a GPU when it
 applies, else xla).
+
+Packed documents: `segment_ids [batch, seq]` (int, self-attention: seq_q == seq_k; equal within a document) or
+`q_segment_ids [batch, seq_q]` with `kv_segment_ids [batch, seq_k]`: a query sees only keys of its own segment
+(on top of the position rule); padding is just another segment. Sinks stay per query (denominator only). With
+none of them the program is exactly the unsegmented one. For packed self-attention the positions may be left
+None: within a document index differences equal per-document position differences, so causal and window masks
+are the same, and the banded windowed path (O(seq * (chunk + window))) is kept; per-document positions then
+only matter for RoPE, outside this op. cudnn: jax.nn.dot_product_attention has no segment ids on every jax
+version, so "auto" routes segment ids to xla and impl="cudnn" with segment ids is an error.
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,28 @@ from lizard_jax.ops.softmax.reference import attention_dense, merge_sinks, visib
 __all__ = ["attention", "visible", "merge_sinks", "attention_dense"]
 
 _IMPLS = ("auto", "xla", "cudnn")
+
+
+def _segments(q, k, segment_ids, q_segment_ids, kv_segment_ids):
+    """(q_seg [B, T], k_seg [B, S]) int32, or (None, None) when no segment ids are given."""
+    if segment_ids is not None:
+        if q_segment_ids is not None or kv_segment_ids is not None:
+            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {q.shape[1]=} and "
+                             f"{k.shape[1]=}: pass q_segment_ids and kv_segment_ids")
+        q_segment_ids = kv_segment_ids = segment_ids
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
+    if q_segment_ids is None:
+        return None, None
+    for name, x, want in (("q_segment_ids", q_segment_ids, q.shape[:2]), ("kv_segment_ids", kv_segment_ids,
+                                                                         k.shape[:2])):
+        if x.shape != want:
+            raise ValueError(f"{name}.shape={x.shape} must be [batch, seq] = {want}")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {x.dtype}")
+    return q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def _check(q, k, v, q_positions, k_positions, sinks):
@@ -60,11 +90,15 @@ def attention(
     return_lse: bool = False,
     impl: str = "auto",
     chunk_size: int = 1024,
+    segment_ids=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
 ):
     """Softmax attention. Returns o `[batch, seq_q, heads, head_dim_v]` (dtype of v) and, with `return_lse`,
     the float32 log-sum-exp `[batch, heads, seq_q]` (including sinks; -inf for a query that sees nothing, whose
-    output is 0)."""
+    output is 0). Segment ids: see the module docstring."""
     _check(q, k, v, q_positions, k_positions, sinks)
+    q_seg, k_seg = _segments(q, k, segment_ids, q_segment_ids, kv_segment_ids)
     if impl not in _IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {_IMPLS}")
     if window is not None and window < 1:
@@ -74,7 +108,8 @@ def attention(
     scale = d**-0.5 if scale is None else scale
     default_pos = q_positions is None and k_positions is None
     cudnn_ok = (
-        default_pos
+        q_seg is None
+        and default_pos
         and causal
         and t == s_len
         and sinks is None
@@ -84,8 +119,8 @@ def attention(
     )
     if impl == "cudnn" and not cudnn_ok:
         raise ValueError(
-            "impl='cudnn' needs default positions, causal self-attention (seq_q == seq_k), no sinks, no lse "
-            "and 16-bit inputs; use impl='xla' or 'auto'"
+            "impl='cudnn' needs default positions, causal self-attention (seq_q == seq_k), no sinks, no lse, "
+            "no segment ids and 16-bit inputs; use impl='xla' or 'auto'"
         )
     if impl == "cudnn" or (impl == "auto" and cudnn_ok and jax.default_backend() == "gpu"):
         local = None if window is None else (window - 1, 0)
@@ -98,28 +133,36 @@ def attention(
     if k_positions is None:
         k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
     o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
-                      chunk_size=chunk_size, banded=banded)
+                      chunk_size=chunk_size, banded=banded, q_seg=q_seg, k_seg=k_seg)
     if sinks is not None:
         o, lse = merge_sinks(o, lse, sinks)
     return (o, lse) if return_lse else o
 
 
-def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded=False):
+def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded=False, q_seg=None, k_seg=None):
     """Dense masked softmax over query chunks, rematerialised in the backward pass (memory O(chunk * seq_k)).
 
     `banded` (aligned causal self-attention with a window): each query chunk scores only the
     `chunk + window - 1` keys it can see, so the cost is O(seq * (chunk + window)) instead of O(seq^2).
+    `q_seg`/`k_seg` (both or neither): segment ids, chunked and sliced along with the positions.
     """
     b, t, h, d = q.shape
-    dense = functools.partial(attention_dense, causal=causal, window=window, scale=scale)
+    seg = q_seg is not None
+
+    def dense(q, k, v, qp, kp, qs=None, ks=None):
+        return attention_dense(q, k, v, qp, kp, causal=causal, window=window, scale=scale, q_seg=qs, k_seg=ks)
+
     if t <= chunk_size:
-        return dense(q, k, v, q_pos, k_pos)
+        return dense(q, k, v, q_pos, k_pos, q_seg, k_seg)
     n = -(-t // chunk_size)
     pad = n * chunk_size - t
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
     qc = jnp.moveaxis(qp.reshape(b, n, chunk_size, h, d), 1, 0)
     pc = jnp.moveaxis(pp.reshape(b, n, chunk_size), 1, 0)
+    # padded query rows: position -1 (they see nothing; cropped below), segment -1
+    sc = jnp.moveaxis(jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, chunk_size), 1, 0) \
+        if seg else None
     if banded:
         # keys padded in front by window - 1 invisible slots: chunk i's keys are rows [i*C, i*C + C + w - 1)
         span = chunk_size + window - 1
@@ -127,16 +170,22 @@ def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded
         kb = jnp.pad(k, ((0, 0), (front, back), (0, 0), (0, 0)))
         vb = jnp.pad(v, ((0, 0), (front, back), (0, 0), (0, 0)))
         kpb = jnp.pad(k_pos, ((0, 0), (front, back)), constant_values=-1)
+        ksb = jnp.pad(k_seg, ((0, 0), (front, back)), constant_values=-1) if seg else None
 
         def band(args):
-            qi, pi, i = args
+            qi, pi, i, *si = args
             at = i * chunk_size
             ks = jax.lax.dynamic_slice_in_dim(kb, at, span, axis=1)
             vs = jax.lax.dynamic_slice_in_dim(vb, at, span, axis=1)
             ps = jax.lax.dynamic_slice_in_dim(kpb, at, span, axis=1)
-            return dense(qi, ks, vs, pi, ps)
+            if not seg:
+                return dense(qi, ks, vs, pi, ps)
+            return dense(qi, ks, vs, pi, ps, si[0], jax.lax.dynamic_slice_in_dim(ksb, at, span, axis=1))
 
-        o, lse = jax.lax.map(jax.checkpoint(band), (qc, pc, jnp.arange(n)))
+        o, lse = jax.lax.map(jax.checkpoint(band), (qc, pc, jnp.arange(n)) + ((sc,) if seg else ()))
+    elif seg:
+        body = jax.checkpoint(lambda args: dense(args[0], k, v, args[1], k_pos, args[2], k_seg))
+        o, lse = jax.lax.map(body, (qc, pc, sc))
     else:
         body = jax.checkpoint(lambda args: dense(args[0], k, v, args[1], k_pos))
         o, lse = jax.lax.map(body, (qc, pc))

@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 
 
-def visible(q_pos, k_pos, *, causal: bool, window: int | None):
+def visible(q_pos, k_pos, *, causal: bool, window: int | None, q_seg=None, k_seg=None):
     """Which keys a query sees. `q_pos [..., T]`, `k_pos [..., S]` -> bool `[..., T, S]`.
 
     A key at a negative position is padding or an empty cache slot and is never visible. With `causal`, a query
     at position i sees keys j <= i; with a `window` of w it sees only the w most recent positions
-    i - w < j <= i (itself included).
+    i - w < j <= i (itself included). With segment ids `q_seg [..., T]`, `k_seg [..., S]` (packed documents;
+    both or neither) a query also sees only keys of its own segment.
     """
     qp = q_pos[..., :, None]
     kp = k_pos[..., None, :]
@@ -24,6 +25,8 @@ def visible(q_pos, k_pos, *, causal: bool, window: int | None):
         ok &= kp <= qp
     if window is not None:
         ok &= kp > qp - window
+    if q_seg is not None:
+        ok &= q_seg[..., :, None] == k_seg[..., None, :]
     return ok
 
 
@@ -38,13 +41,14 @@ def merge_sinks(o, lse, sinks):
     return o * jnp.swapaxes(w, 1, 2)[..., None].astype(o.dtype), total
 
 
-def attention_dense(q, k, v, q_pos, k_pos, *, causal, window, scale):
-    """Masked softmax attention in fp32. q `[B,T,H,D]`, k/v `[B,S,KVH,D]` -> (o `[B,T,H,Dv]`, lse `[B,H,T]`)."""
+def attention_dense(q, k, v, q_pos, k_pos, *, causal, window, scale, q_seg=None, k_seg=None):
+    """Masked softmax attention in fp32. q `[B,T,H,D]`, k/v `[B,S,KVH,D]` -> (o `[B,T,H,Dv]`, lse `[B,H,T]`).
+    Optional segment ids `q_seg [B,T]`, `k_seg [B,S]` (see `visible`)."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = visible(q_pos, k_pos, causal=causal, window=window)[:, None, None]  # [B,1,1,T,S]
+    mask = visible(q_pos, k_pos, causal=causal, window=window, q_seg=q_seg, k_seg=k_seg)[:, None, None]  # [B,1,1,T,S]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no visible key
