@@ -17,9 +17,11 @@ def selected_blocks(block_indices, block_counts, n_kv_blocks: int):
 
 
 def attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: bool = True, scale=None,
-              q_offset=None, do=None, dlse=None):
+              q_offset=None, do=None, dlse=None, q_segment_ids=None, kv_segment_ids=None):
     """Returns (o, lse) and, given cotangents ``do [B, Tq, H, d]`` and ``dlse [B, H, Tq]``, also
-    (dq, dk, dv); all float64. Rows that see no key: o = 0, lse = -inf, no gradient."""
+    (dq, dk, dv); all float64. Rows that see no key: o = 0, lse = -inf, no gradient. Segment ids
+    ``q_segment_ids [B, Tq]`` and ``kv_segment_ids [B, Tk]`` (packed documents, both or neither): a row also
+    sees only keys of its own segment."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -41,6 +43,8 @@ def attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: 
             mask = blocks[b, g][rows // block_size][:, cols // block_size]
             if causal:
                 mask &= cols[None, :] <= rows[:, None] + q_offset
+            if q_segment_ids is not None:
+                mask &= np.asarray(q_segment_ids)[b][:, None] == np.asarray(kv_segment_ids)[b][None, :]
             s = np.where(mask, scale * q[b, :, h] @ k[b, :, g].T, -np.inf)
             m = s.max(axis=1, initial=-np.inf)
             m = np.where(np.isfinite(m), m, 0.0)

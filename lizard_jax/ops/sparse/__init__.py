@@ -21,6 +21,7 @@ from lizard_jax.ops.sparse.reference import (
     masked_attention,
     num_blocks,
     resolve_q_offset,
+    resolve_segments,
     visible_mask,
 )
 from lizard_jax.ops.sparse.selection import (
@@ -41,7 +42,7 @@ def _is_concrete(*xs) -> bool:
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                            causal: bool = True, scale: float | None = None, q_offset: int | None = None,
                            return_lse: bool = False, impl: str = "auto", variant: str | None = None,
-                           block_sizes=None):
+                           block_sizes=None, segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
     """Attention of each query block over its listed key blocks (see ``reference.py`` for the exact rule).
 
     q ``[batch, seq_q, heads, d]``; k, v ``[batch, seq_k, kv_heads, d]``; block_indices int32
@@ -55,12 +56,20 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
 
     Concrete (eager) index arrays are validated (range, counts, no duplicates); under jit they are clipped
     into range and not checked.
+
+    Packed documents: ``segment_ids`` int ``[batch, seq]`` (self-attention, seq_q == seq_k) or
+    ``q_segment_ids [batch, seq_q]`` with ``kv_segment_ids [batch, seq_k]``: a row sees only keys of its own
+    segment among its listed blocks (both impls; None: the unsegmented program, unchanged).
     """
     check_shapes(q, k, v, block_indices, block_counts, block_size)
+    q_seg, k_seg = resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids, q_segment_ids,
+                                    kv_segment_ids)
     impl = resolve_impl(impl)
     if _is_concrete(block_indices, block_counts):
         check_block_indices(block_indices, block_counts, num_blocks(k.shape[1], block_size))
     kw = dict(block_size=block_size, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
+    if q_seg is not None:
+        kw.update(q_segment_ids=q_seg, kv_segment_ids=k_seg)
     if impl == "xla":
         return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
     block_sparse, backend = pallas_kernel("pallas_kernels.block_sparse", "use impl='xla' for the gather form")
@@ -70,22 +79,36 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
 
 def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = True,
                      scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
-                     impl: str = "auto"):
+                     impl: str = "auto", segment_ids=None):
     """InfLLM-V2 attention: exactly dense attention when ``seq_k < config.dense_below``, else InfLLM-V2
     selection (no gradient) followed by ``block_sparse_attention`` (with the config's kernel ``variant`` and
-    ``block_sizes``). Shapes as ``block_sparse_attention``."""
+    ``block_sizes``). Shapes as ``block_sparse_attention``.
+
+    ``segment_ids`` int ``[batch, seq]`` (packed documents; causal self-attention only, seq_q == seq_k and
+    q_offset 0: decoding from a cache is unpacked and raises): selection and attention stay inside each
+    query's segment (``selection`` module docstring: exact for documents shorter than ``dense_below`` or
+    starting at a multiple of ``block_size``)."""
     impl = resolve_impl(impl)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    seg = {}
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1] or (q_offset or 0) != 0 or not causal:
+            raise ValueError("infllm_attention: segment_ids need causal self-attention (seq_q == seq_k, q_offset "
+                             "0); decoding from a cache is unpacked, pass no segment_ids")
+        resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids)
+        seg = dict(segment_ids=segment_ids)
     if k.shape[1] < config.dense_below:
-        return dense_attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
+        return dense_attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse,
+                               **seg)
     block_indices, block_counts = infllm_select(
         jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block_size=config.block_size, topk=config.topk,
         kernel=config.kernel, stride=config.stride, init_blocks=config.init_blocks,
         local_window=config.local_window, causal=causal, q_offset=q_offset, scale=scale,
+        **(dict(seg, dense_below=config.dense_below) if seg else {}),
     )
     return block_sparse_attention(q, k, v, block_indices, block_counts, block_size=config.block_size,
                                   causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse, impl=impl,
-                                  variant=config.variant, block_sizes=config.block_sizes)
+                                  variant=config.variant, block_sizes=config.block_sizes, **seg)
 
 
 __all__ = [

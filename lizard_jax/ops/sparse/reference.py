@@ -14,6 +14,10 @@ Which keys a query sees (defined once, here):
 Softmax runs over exactly those keys; a row with none outputs 0 and has ``lse = -inf``.
 ``lse[b, h, i] = log sum_j exp(scale * q_i . k_j)`` in natural log, float32.
 
+Packed documents (segment ids): ``q_segment_ids [batch, seq_q]`` and ``kv_segment_ids [batch, seq_k]`` int
+(``segment_ids`` for both in self-attention, seq_q == seq_k): row ``i`` additionally sees only keys ``j`` of
+its own segment. Without them the computation is exactly the unsegmented one.
+
 Duplicate indices within the first ``count`` entries are undefined: the mask form here counts a block once,
 the gather form and the Pallas kernel count it twice. ``check_block_indices`` finds them (eager only).
 """
@@ -37,6 +41,29 @@ def num_blocks(n: int, block_size: int) -> int:
 
 def resolve_q_offset(seq_q: int, seq_k: int, q_offset: int | None) -> int:
     return seq_k - seq_q if q_offset is None else int(q_offset)
+
+
+def resolve_segments(seq_q: int, seq_k: int, batch: int, segment_ids=None, q_segment_ids=None,
+                     kv_segment_ids=None):
+    """(q_seg [batch, seq_q], k_seg [batch, seq_k]) int32 or (None, None); ValueError on misuse."""
+    if segment_ids is not None:
+        if q_segment_ids is not None or kv_segment_ids is not None:
+            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
+        if seq_q != seq_k:
+            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {seq_q=}, {seq_k=}: "
+                             "pass q_segment_ids and kv_segment_ids")
+        q_segment_ids = kv_segment_ids = segment_ids
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
+    if q_segment_ids is None:
+        return None, None
+    for name, x, want in (("q_segment_ids", q_segment_ids, (batch, seq_q)),
+                          ("kv_segment_ids", kv_segment_ids, (batch, seq_k))):
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name}.shape={tuple(x.shape)} must be [batch, seq] = {want}")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {x.dtype}")
+    return jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32)
 
 
 def check_shapes(q, k, v, block_indices, block_counts, block_size: int) -> None:
@@ -85,8 +112,9 @@ def check_block_indices(block_indices, block_counts, n_kv_blocks: int) -> None:
 
 
 def visible_mask(block_indices, block_counts, *, seq_q: int, seq_k: int, block_size: int, causal: bool,
-                 q_offset: int):
-    """bool [batch, kv_heads, seq_q, seq_k]: which keys each query row sees (the definition above)."""
+                 q_offset: int, q_seg=None, k_seg=None):
+    """bool [batch, kv_heads, seq_q, seq_k]: which keys each query row sees (the definition above; segment
+    ids ``q_seg [batch, seq_q]``, ``k_seg [batch, seq_k]`` or None)."""
     n_kb = num_blocks(seq_k, block_size)
     max_blocks = block_indices.shape[-1]
     listed = jnp.arange(max_blocks) < block_counts[..., None]  # [B, KV, nQB, M]
@@ -97,6 +125,8 @@ def visible_mask(block_indices, block_counts, *, seq_q: int, seq_k: int, block_s
     mask = blocks[:, :, rows // block_size][:, :, :, cols // block_size]
     if causal:
         mask = mask & (cols[None, :] <= rows[:, None] + q_offset)
+    if q_seg is not None:
+        mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
     return mask
 
 
@@ -126,33 +156,38 @@ def masked_attention(q, k, v, mask, *, scale: float, return_lse: bool = False):
 
 
 def dense_attention(q, k, v, *, causal: bool = True, scale: float | None = None, q_offset: int | None = None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
     """Plain (dense) softmax attention, the tiny masked-softmax form: O(seq_q * seq_k) memory."""
     seq_q, seq_k = q.shape[1], k.shape[1]
+    q_seg, k_seg = resolve_segments(seq_q, seq_k, q.shape[0], segment_ids, q_segment_ids, kv_segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = jnp.ones((seq_q, seq_k), bool)
     if causal:
         off = resolve_q_offset(seq_q, seq_k, q_offset)
         mask = jnp.arange(seq_k)[None, :] <= jnp.arange(seq_q)[:, None] + off
+    if q_seg is not None:
+        mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
     return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
 
 
 def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                                      causal: bool = True, scale: float | None = None,
-                                     q_offset: int | None = None, return_lse: bool = False):
-    """The spec: dense mask from indices/counts/causality, then masked softmax in float32."""
+                                     q_offset: int | None = None, return_lse: bool = False, segment_ids=None,
+                                     q_segment_ids=None, kv_segment_ids=None):
+    """The spec: dense mask from indices/counts/causality (and segments), then masked softmax in float32."""
     check_shapes(q, k, v, block_indices, block_counts, block_size)
     seq_q, seq_k = q.shape[1], k.shape[1]
+    q_seg, k_seg = resolve_segments(seq_q, seq_k, q.shape[0], segment_ids, q_segment_ids, kv_segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = visible_mask(block_indices, block_counts, seq_q=seq_q, seq_k=seq_k, block_size=block_size,
-                        causal=causal, q_offset=resolve_q_offset(seq_q, seq_k, q_offset))
+                        causal=causal, q_offset=resolve_q_offset(seq_q, seq_k, q_offset), q_seg=q_seg, k_seg=k_seg)
     mask = jnp.repeat(mask, q.shape[2] // k.shape[2], axis=1)  # kv head -> its query heads
     return masked_attention(q, k, v, mask, scale=scale, return_lse=return_lse)
 
 
 def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                                causal: bool = True, scale: float | None = None, q_offset: int | None = None,
-                               return_lse: bool = False):
+                               return_lse: bool = False, segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
     """Gather form: per query block, gather its listed key blocks and softmax over them.
 
     Memory O(seq_q * max_blocks * block_size) per head, not O(seq_q * seq_k); differentiable by autodiff.
@@ -167,6 +202,7 @@ def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_si
     q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
     n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
     max_blocks = block_indices.shape[-1]
+    q_seg, k_seg = resolve_segments(seq_q, seq_k, batch, segment_ids, q_segment_ids, kv_segment_ids)
 
     qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, n_qb * bs - seq_q), (0, 0), (0, 0)))
     kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n_kb * bs - seq_k), (0, 0), (0, 0)))
@@ -188,6 +224,11 @@ def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_si
     if causal:
         row_pos = jnp.arange(n_qb)[:, None] * bs + jnp.arange(bs) + q_offset  # [nQB, bs]
         mask = mask & (key_pos[:, :, :, None, None] <= row_pos[None, None, :, :, None, None, None])
+    if q_seg is not None:  # padded rows/keys: segment -1 (padded keys are masked above anyway)
+        qsb = jnp.pad(q_seg, ((0, 0), (0, n_qb * bs - seq_q)), constant_values=-1).reshape(batch, n_qb, bs)
+        ksb = jnp.pad(k_seg, ((0, 0), (0, n_kb * bs - seq_k)), constant_values=-1).reshape(batch, 1, n_kb, bs)
+        ksg = jnp.take_along_axis(ksb, flat[..., None], axis=2).reshape(batch, kv_heads, n_qb, max_blocks, bs)
+        mask = mask & (qsb[:, None, :, :, None, None, None] == ksg[:, :, :, None, None])
     s = jnp.where(mask, s, _NEG_INF)
     m = jax.lax.stop_gradient(jnp.max(s, axis=(-2, -1), keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)

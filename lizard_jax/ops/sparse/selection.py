@@ -20,6 +20,25 @@
    Ties go to the lower block index (``lax.top_k``); chosen indices are sorted ascending and the unused tail
    repeats the last chosen index (0 if none), so every entry is a valid block.
 
+Packed documents (``segment_ids [batch, seq]``, self-attention only: seq_q == seq_k, q_offset 0; generation is
+unpacked). Each query block has a *primary* segment, that of its first row; the rows of other segments in it
+start inside the block. Exactly:
+- a compressed key c is usable by row r iff its window lies inside r's segment (``seg[c*stride] == seg[r]``;
+  with causality its last key is <= r, and segments are contiguous); softmax over those only;
+- token scores are summed over the rows of the primary segment only; a key block pools only the windows lying
+  inside the primary segment (others are not in the max, as a document alone has no such windows);
+- candidates are the blocks from the block of the primary segment's first token (its *initial block*) to the
+  query block; ``init_blocks`` counts from that block, the local window ends at the query block and does not
+  reach before it; the best ``topk + n_local`` candidates are chosen as without segments;
+- a primary segment shorter than ``dense_below`` (what ``infllm_attention`` runs dense when alone) gets all
+  its candidate blocks; a query block holding other segments also gets its own (diagonal) block, which is all
+  those rows can see of their segments.
+So ``max_blocks`` is ``min(n_kv_blocks, max(topk + n_local + 1, ceil(dense_below / bs) + 1))``, and with
+the segment mask in the attention a packed row equals each document alone (``infllm_attention``) for every
+document shorter than ``dense_below`` and for every document starting at a multiple of ``block_size`` (when
+``stride`` divides ``block_size``): then the global block grid is the document's. A longer document starting
+mid-block is selected on the global grid, inside its segment (a close, not exact, version of it alone).
+
 Selection carries no gradient (as in the paper): callers get ``stop_gradient``-ed scores.
 """
 
@@ -72,11 +91,12 @@ def overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride:
 
 def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, kernel: int = PAPER.kernel,
                  stride: int = PAPER.stride, causal: bool = True, q_offset: int | None = None,
-                 scale: float | None = None, chunk_elems: int = 1 << 26):
+                 scale: float | None = None, chunk_elems: int = 1 << 26, segment_ids=None):
     """Aggregated relevance float32 ``[batch, kv_heads, n_q_blocks, n_kv_blocks]`` (steps 2-3 above).
 
     Processed in chunks of query blocks (``lax.map``) so memory stays ~``chunk_elems`` floats.
-    Blocks no window overlaps score -inf.
+    Blocks no window overlaps score -inf. ``segment_ids [batch, seq]`` (seq_q == seq_k, q_offset 0): the
+    packed rule of the module docstring.
     """
     batch, seq_q, heads, d = q.shape
     n_cmp, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
@@ -97,31 +117,57 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, ke
     qf = qf.reshape(batch, n_chunks, chunk * bs, kv_heads, group, d).transpose(1, 0, 3, 4, 2, 5)
     kc = k_cmp.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, KV, n_cmp, d]
     cmp_end = jnp.arange(n_cmp) * stride + kernel - 1  # last key of each window
+    seg = segment_ids is not None
+    xs = (qf, jnp.arange(n_chunks))
+    if seg:
+        if seq_q != seq_k or q_offset != 0:
+            raise ValueError("segment_ids: self-attention only (seq_q == seq_k, q_offset 0)")
+        segs = jnp.asarray(segment_ids, jnp.int32)
+        w_seg = segs[:, cmp_end - kernel + 1]  # [B, n_cmp]: segment of each window's first key
+        w_inside = w_seg == segs[:, cmp_end]
+        rows_seg = jnp.pad(segs, ((0, 0), (0, rows - seq_q)), constant_values=-1)
+        prim = rows_seg[:, ::bs]  # [B, n_chunks*chunk]: primary segment of each query block
+        xs = xs + (rows_seg.reshape(batch, n_chunks, chunk * bs).transpose(1, 0, 2),
+                   prim.reshape(batch, n_chunks, chunk).transpose(1, 0, 2))
 
     def one_chunk(args):
-        qc, c0 = args  # qc [B, KV, G, chunk*bs, d]
+        qc, c0, *sc = args  # qc [B, KV, G, chunk*bs, d]
         s = jnp.einsum("bhgqd,bhcd->bhgqc", qc, kc, precision=jax.lax.Precision.HIGHEST) * scale
         row = c0 * chunk * bs + jnp.arange(chunk * bs)
         if causal:
             s = jnp.where(cmp_end[None, :] <= (row + q_offset)[:, None], s, -jnp.inf)
+        if seg:
+            rseg, pseg = sc  # [B, chunk*bs], [B, chunk]
+            s = jnp.where((w_seg[:, None, :] == rseg[:, :, None])[:, None, None], s, -jnp.inf)
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
         l = jnp.sum(p, axis=-1, keepdims=True)
         p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
         p = jnp.where((row < seq_q)[:, None], p, 0.0)  # padded rows add nothing
+        if seg:  # only the primary segment's rows score
+            p = jnp.where((rseg == jnp.repeat(pseg, bs, axis=1))[:, None, None, :, None], p, 0.0)
         agg = p.sum(axis=2).reshape(batch, kv_heads, chunk, bs, n_cmp).sum(axis=3)  # [B,KV,chunk,n_cmp]
-        pooled = jnp.where(win_valid, agg[..., win_idx], -jnp.inf)  # [B,KV,chunk,nKB,w]
+        ok = win_valid
+        if seg:  # [B, 1, chunk, nKB, w]: windows inside the primary segment
+            mine = w_inside[:, None, :] & (w_seg[:, None, :] == pseg[:, :, None])  # [B, chunk, n_cmp]
+            ok = (win_valid & mine[:, :, win_idx])[:, None]
+        pooled = jnp.where(ok, agg[..., win_idx], -jnp.inf)  # [B,KV,chunk,nKB,w]
         return pooled.max(axis=-1)
 
-    out = jax.lax.map(one_chunk, (qf, jnp.arange(n_chunks)))  # [n_chunks, B, KV, chunk, nKB]
+    out = jax.lax.map(one_chunk, xs)  # [n_chunks, B, KV, chunk, nKB]
     out = out.transpose(1, 2, 0, 3, 4).reshape(batch, kv_heads, n_chunks * chunk, n_kb)[:, :, :n_qb]
     return jax.lax.stop_gradient(out)
 
 
 def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = PAPER.block_size, topk: int = PAPER.topk,
                   init_blocks: int = PAPER.init_blocks, local_window: int = PAPER.local_window, causal: bool = True,
-                  q_offset: int | None = None):
-    """Step 4: ``scores [batch, kv_heads, n_q_blocks, n_kv_blocks]`` -> (block_indices, block_counts)."""
+                  q_offset: int | None = None, segment_ids=None, dense_below: int = PAPER.dense_below):
+    """Step 4: ``scores [batch, kv_heads, n_q_blocks, n_kv_blocks]`` -> (block_indices, block_counts).
+    ``segment_ids``: the packed rule of the module docstring (``dense_below`` only matters with them)."""
+    if segment_ids is not None:
+        return _select_segmented(scores, segment_ids, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                 local_window=local_window, causal=causal, q_offset=q_offset,
+                                 dense_below=dense_below)
     bs = block_size
     q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
     n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
@@ -146,16 +192,77 @@ def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = PAPER.blo
     return idx, counts
 
 
+def _segment_bounds(segs):
+    """First and last index of each position's segment, int32 [B, T] each (segments contiguous)."""
+    t = segs.shape[1]
+    i = jnp.arange(t, dtype=jnp.int32)
+    change = segs[:, 1:] != segs[:, :-1]
+    is_start = jnp.concatenate([jnp.ones_like(segs[:, :1], bool), change], axis=1)
+    is_end = jnp.concatenate([change, jnp.ones_like(segs[:, :1], bool)], axis=1)
+    start = jax.lax.cummax(jnp.where(is_start, i, 0), axis=1)
+    end = jax.lax.cummin(jnp.where(is_end, i, t - 1), axis=1, reverse=True)
+    return start, end
+
+
+def _select_segmented(scores, segment_ids, *, block_size, topk, init_blocks, local_window, causal, q_offset,
+                      dense_below):
+    batch, kv_heads, n_qb, n_kb = scores.shape
+    bs = block_size
+    segs = jnp.asarray(segment_ids, jnp.int32)
+    t = segs.shape[1]
+    if not causal or (q_offset or 0) != 0 or num_blocks(t, bs) != n_qb or n_qb != n_kb:
+        raise ValueError("segment_ids: causal self-attention only (seq_q == seq_k, q_offset 0)")
+    n_local = -(-local_window // bs)
+    start, end = _segment_bounds(segs)
+    first = jnp.arange(n_qb) * bs
+    p_start, p_end = start[:, first], end[:, first]  # [B, nQB]: the primary segment's bounds
+    qb = jnp.arange(n_qb)
+    sb = p_start // bs  # the primary segment's initial block
+    j = jnp.arange(n_kb)
+    cand = (j >= sb[..., None]) & (j <= qb[:, None])  # [B, nQB, nKB]
+    forced = cand & ((j < sb[..., None] + init_blocks) | (j > qb[:, None] - n_local))
+    s = jnp.where(forced[:, None], jnp.inf, jnp.where(cand[:, None], scores.astype(jnp.float32), -jnp.inf))
+    s = jnp.where(cand[:, None] & (s == -jnp.inf), -jnp.finfo(jnp.float32).max, s)
+    k1 = max(1, min(n_kb, topk + n_local))
+    vals, idx = jax.lax.top_k(s, k1)
+    top = ((idx[..., None] == j) & (vals > -jnp.inf)[..., None]).any(axis=-2)  # [B, KV, nQB, nKB]
+    short = (p_end - p_start + 1) < dense_below
+    multi = p_end < jnp.minimum(first + bs, t) - 1  # other segments start inside the block
+    sel = jnp.where(short[:, None, :, None], cand[:, None], top) | (multi[..., None] & (j == qb[:, None]))[:, None]
+    width = max(1, min(n_kb, max(k1 + 1, -(-dense_below // bs) + 1)))
+    big = jnp.int32(n_kb)
+    order = jnp.where(sel, -j, -big)  # chosen blocks first, ascending
+    _, out = jax.lax.top_k(order, width)
+    counts = sel.sum(axis=-1).astype(jnp.int32)
+    counts = jnp.minimum(counts, width)
+    last = jnp.take_along_axis(out, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    out = jnp.where(jnp.arange(width) < counts[..., None], out, last).astype(jnp.int32)
+    return out, counts
+
+
 def infllm_select(q, k, *, block_size: int = PAPER.block_size, topk: int = PAPER.topk, kernel: int = PAPER.kernel,
                   stride: int = PAPER.stride, init_blocks: int = PAPER.init_blocks,
                   local_window: int = PAPER.local_window, causal: bool = True,
-                  q_offset: int | None = None, scale: float | None = None):
+                  q_offset: int | None = None, scale: float | None = None, segment_ids=None,
+                  dense_below: int = PAPER.dense_below):
     """InfLLM-V2 selection for ``q [batch, seq_q, heads, d]`` against ``k [batch, seq_k, kv_heads, d]``.
 
     Returns ``block_indices int32 [batch, kv_heads, ceil(seq_q/bs), min(n_kv_blocks, topk + n_local)]`` and
     ``block_counts int32 [batch, kv_heads, ceil(seq_q/bs)]`` for ``block_sparse_attention``.
+    ``segment_ids [batch, seq]`` (packed documents; causal self-attention only): the module docstring's rule,
+    ``dense_below`` naming the documents that get all their blocks.
     """
     k_cmp = compress_keys(k, kernel, stride)
+    if segment_ids is not None:
+        if q.shape[1] != k.shape[1] or (q_offset or 0) != 0 or not causal:
+            raise ValueError("segment_ids: causal self-attention only (seq_q == seq_k, q_offset 0); decoding "
+                             "from a cache is unpacked")
+        scores = block_scores(q, k_cmp, seq_k=k.shape[1], block_size=block_size, kernel=kernel, stride=stride,
+                              causal=causal, q_offset=q_offset, scale=scale, segment_ids=segment_ids)
+        return select_blocks(scores, seq_q=q.shape[1], seq_k=k.shape[1], block_size=block_size, topk=topk,
+                             init_blocks=init_blocks, local_window=local_window, causal=causal, q_offset=q_offset,
+                             segment_ids=segment_ids, dense_below=dense_below)
     return infllm_select_decode(q, k_cmp, seq_k=k.shape[1], block_size=block_size, topk=topk, kernel=kernel,
                                 stride=stride, init_blocks=init_blocks, local_window=local_window,
                                 causal=causal, q_offset=q_offset, scale=scale)
