@@ -8,6 +8,13 @@ Conventions (every layer follows them):
   cache means an unpadded prefill into an empty cache (positions 0..T-1): softmax layers then run the chunk
   through the fast self-attention path (cuDNN on a GPU) before storing it. Each family provides
   `init_cache(cfg, spec, batch, max_len)` (a classmethod) building its cache of fixed size.
+- packed documents: every layer also takes keyword `segment_ids [batch, seq]` int32 (None: one segment per row),
+  equal within a document (a contiguous run); a token attends only to, and carries recurrent state only from,
+  tokens of its own segment. `positions` are then per document (`document_positions(segment_ids)` when None), so
+  RoPE restarts with each document; they must count up by one within a document (the softmax ops then mask by
+  segment and index, which keeps their banded sliding-window path). Padding is one more segment (the trainer's
+  packer gives it id 0); its outputs are not meaningful. No cache (training / scoring only): with a cache it is an error. With
+  `segment_ids=None` the layer makes exactly the calls it made before segment ids existed (Python branch).
 - projections are named q_proj/k_proj/v_proj/o_proj in every family, so a softmax teacher's weights load
   unchanged into a student layer and only the new parameters are added.
 """
@@ -35,6 +42,39 @@ def dtype_of(name: str):
 
 def default_positions(batch: int, seq: int) -> Array:
     return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def document_positions(segment_ids) -> Array:
+    """Per-document positions `[batch, seq]` int32 of `segment_ids [batch, seq]`: 0 at the first token of each
+    run of equal ids (a document), counting up within it."""
+    seg = jnp.asarray(segment_ids)
+    t = seg.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+
+
+def segment_kwargs(segment_ids) -> dict:
+    """`{"segment_ids": segment_ids}` for an op call, `{}` when None: without segment ids the ops are called
+    exactly as before (no extra argument, so no extra input or mask in the compiled program)."""
+    return {} if segment_ids is None else {"segment_ids": segment_ids}
+
+
+def resolve_segments(layer: str, x, positions, segment_ids, cache):
+    """Check `segment_ids` at a layer's boundary and return the positions to use: `positions` unchanged when
+    there are no segment ids; with them, per-document positions when `positions` is None. Errors: not
+    `[batch, seq]` integers, or given together with a cache (packed documents are for training / scoring;
+    decoding and generation take unpacked rows)."""
+    if segment_ids is None:
+        return positions
+    if segment_ids.shape != x.shape[:2]:
+        raise ValueError(f"{layer}: segment_ids must be [batch, seq] = {x.shape[:2]}, got {segment_ids.shape=}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"{layer}: segment_ids must be integers, got {segment_ids.dtype=}")
+    if cache is not None:
+        raise ValueError(f"{layer}: segment_ids (packed documents) cannot be used with a cache: decoding and "
+                         "generation take one unpacked sequence per row; call without a cache, or unpack the rows")
+    return document_positions(segment_ids) if positions is None else positions
 
 
 def dense(features, *, axis=-1, names: Sequence[str | None], cfg: ModelConfig, bias: bool = False,

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import INIT_STD, RMSNorm, check_layer_inputs, dense, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.common import (INIT_STD, RMSNorm, check_layer_inputs, dense, dtype_of, out_projection,
+                                      project_qkv, resolve_segments)
 from lizard_jax.layers.linear import (
     FeatureMap,
     LinearCache,
@@ -131,16 +132,18 @@ class GatedLinearAttention(nn.Module):
     """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache).
 
     New parameters over the teacher's q/k/v/o_proj: `gate` (LogGate), `feature_q`/`feature_k` (learnable
-    maps), `o_norm` (rmsnorm), `g_proj` (output gate).
+    maps), `o_norm` (rmsnorm), `g_proj` (output gate). `segment_ids [batch, seq]` (packed documents, no cache):
+    the state restarts at each segment.
     """
 
     cfg: ModelConfig
     spec: GLASpec = GLASpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: LinearCache | None = None):
+    def __call__(self, x, positions=None, cache: LinearCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("GatedLinearAttention", cfg, x, positions, cache, LinearCache)
+        positions = resolve_segments("GatedLinearAttention", x, positions, segment_ids, cache)
         q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         heads = cfg.num_heads
         if spec.feature_map == "identity":
@@ -151,7 +154,8 @@ class GatedLinearAttention(nn.Module):
         log_g = LogGate(cfg, heads, dims, spec.gate_rank, spec.gate_temperature, spec.gate_init, name="gate")(x)
         y, state = recurrent_attention(
             phi_q, phi_k, repeat_kv(v, heads), log_g, positions, None if cache is None else cache.state,
-            normalised=spec.normalize == "denominator", impl=spec.impl, chunk_size=spec.chunk_size)
+            normalised=spec.normalize == "denominator", impl=spec.impl, chunk_size=spec.chunk_size,
+            segment_ids=segment_ids)
         if spec.normalize == "rmsnorm":
             y = RMSNorm(cfg.rms_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="o_norm")(y)
         if spec.output_gate:

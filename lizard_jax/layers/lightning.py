@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import RMSNorm, check_layer_inputs, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.common import (RMSNorm, check_layer_inputs, dtype_of, out_projection, project_qkv,
+                                      resolve_segments, segment_kwargs)
 from lizard_jax.ops.impl import IMPLS
 from lizard_jax.ops.lightning import SLOPE_RULES, lightning_attention, lightning_slopes, lightning_step
 
@@ -154,15 +155,17 @@ class LightningCache:
 
 
 class LightningAttention(nn.Module):
-    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache)."""
+    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache);
+    `segment_ids [batch, seq]` (packed documents, no cache): the state restarts at each segment."""
 
     cfg: ModelConfig
     spec: LightningSpec = LightningSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: LightningCache | None = None):
+    def __call__(self, x, positions=None, cache: LightningCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("LightningAttention", cfg, x, positions, cache, LightningCache)
+        positions = resolve_segments("LightningAttention", x, positions, segment_ids, cache)
         q, k, v = project_qkv(cfg, x, positions, qk_norm=spec.qk_norm, rope=spec.rope)
         group = cfg.num_heads // cfg.num_kv_heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # kv head h // group -> query head h
@@ -172,7 +175,8 @@ class LightningAttention(nn.Module):
             k, v = jnp.where(real, k, 0), jnp.where(real, v, 0)
         slopes = lightning_slopes(cfg.num_heads, spec.slopes)
         if cache is None:
-            o = lightning_attention(q, k, v, slopes, impl=spec.impl, chunk_size=spec.chunk_size)
+            o = lightning_attention(q, k, v, slopes, impl=spec.impl, chunk_size=spec.chunk_size,
+                                    **segment_kwargs(segment_ids))
         elif x.shape[1] == 1:
             o, state = lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, cache.state)
             o, cache = o[:, None], cache.replace(state=state)

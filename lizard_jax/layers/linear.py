@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import check_layer_inputs, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.common import (check_layer_inputs, dtype_of, out_projection, project_qkv, resolve_segments,
+                                      segment_kwargs)
 from lizard_jax.ops.gated_linear import gla, gla_step
 from lizard_jax.ops.impl import IMPLS
 from lizard_jax.ops.linear import FEATURE_MAPS, get_feature_map, linear_attention, linear_attention_step
@@ -123,14 +124,15 @@ def repeat_kv(x, heads: int):
 
 
 def recurrent_attention(phi_q, phi_k, v, log_g, positions, state, *, normalised: bool, form: str = "chunk",
-                        impl: str = "auto", chunk_size: int = 64):
+                        impl: str = "auto", chunk_size: int = 64, segment_ids=None):
     """(Gated) linear attention over new tokens, continuing from `state` when given.
 
     phi_q, phi_k `[batch, seq, heads, f]`, v `[batch, seq, heads, dv]`, log_g None or `[batch, seq, heads, f|1]`
     (<= 0), positions None or `[batch, seq]` (negative = padding, removed exactly: zero key, zero log-gate).
     normalised: `linear_attention` (state `[b, h, f, dv + 1]` = S | z) or plain `gla` (state `[b, h, f, dv]`;
     needs log_g). q/k features are cast to v's dtype (the ops take one operand dtype); the state stays float32.
-    A single new token with a state takes the one-step recurrent form.
+    A single new token with a state takes the one-step recurrent form. segment_ids None or `[batch, seq]` (no
+    state): the ops restart the state (and normaliser) at each segment's first token.
     Returns (y `[batch, seq, heads, dv]` in v's dtype, new state or None when `state` is None).
     """
     phi_q, phi_k = phi_q.astype(v.dtype), phi_k.astype(v.dtype)
@@ -146,7 +148,8 @@ def recurrent_attention(phi_q, phi_k, v, log_g, positions, state, *, normalised:
         # the quadratic form is XLA only ("auto" would pick pallas on a GPU)
         impl = "xla" if form == "quadratic" else impl
         out = linear_attention(phi_q, phi_k, v, log_g=log_g, form=form, initial_state=state,
-                               return_final_state=state is not None, impl=impl, chunk_size=chunk_size)
+                               return_final_state=state is not None, impl=impl, chunk_size=chunk_size,
+                               **segment_kwargs(segment_ids))
         return out if state is not None else (out, None)
     if log_g is None:
         raise ValueError("the unnormalised (GLA) form needs a log-gate")
@@ -154,7 +157,7 @@ def recurrent_attention(phi_q, phi_k, v, log_g, positions, state, *, normalised:
         y, state = gla_step(phi_q[:, 0], phi_k[:, 0], v[:, 0], log_g[:, 0], state)
         return y[:, None], state
     out = gla(phi_q, phi_k, v, log_g, initial_state=state, return_final_state=state is not None, impl=impl,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, **segment_kwargs(segment_ids))
     return out if state is not None else (out, None)
 
 
@@ -205,22 +208,24 @@ class LinearAttention(nn.Module):
     """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache).
 
     New parameters over the teacher's q/k/v/o_proj: `feature_q`, `feature_k` (learnable maps only).
+    `segment_ids [batch, seq]` (packed documents, no cache): state and normaliser restart at each segment.
     """
 
     cfg: ModelConfig
     spec: LinearSpec = LinearSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: LinearCache | None = None):
+    def __call__(self, x, positions=None, cache: LinearCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("LinearAttention", cfg, x, positions, cache, LinearCache)
+        positions = resolve_segments("LinearAttention", x, positions, segment_ids, cache)
         q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         heads = cfg.num_heads
         phi_q = FeatureMap(cfg, spec.feature_map, spec.feature_dim, name="feature_q")(q)
         phi_k = FeatureMap(cfg, spec.feature_map, spec.feature_dim, name="feature_k")(repeat_kv(k, heads))
         y, state = recurrent_attention(
             phi_q, phi_k, repeat_kv(v, heads), None, positions, None if cache is None else cache.state,
-            normalised=True, form=spec.form, impl=spec.impl, chunk_size=spec.chunk_size)
+            normalised=True, form=spec.form, impl=spec.impl, chunk_size=spec.chunk_size, segment_ids=segment_ids)
         return out_projection(cfg)(y), (None if cache is None else LinearCache(state))
 
     @classmethod

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ModelConfig, register_attention
-from lizard_jax.layers.common import KVCache, check_layer_inputs, dtype_of, out_projection, qkv_projection
+from lizard_jax.layers.common import (KVCache, check_layer_inputs, dtype_of, out_projection, qkv_projection,
+                                      resolve_segments)
 from lizard_jax.layers.gla import LogGate, check_gate_options
 from lizard_jax.layers.linear import (
     FeatureMap,
@@ -117,15 +118,18 @@ class LizardAttention(nn.Module):
 
     Parameters: the teacher's q_proj/k_proj/v_proj/o_proj (unchanged names and shapes) plus `feature_q`,
     `feature_k` (maps), `gate` (W_gamma, b), `meta_logits [heads, m]`, `alpha [heads]`, `gate_scale [heads]`.
+    `segment_ids [batch, seq]` (packed documents, no cache): the gated state restarts and the window stays
+    inside each segment.
     """
 
     cfg: ModelConfig
     spec: LizardSpec = LizardSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: LizardCache | None = None):
+    def __call__(self, x, positions=None, cache: LizardCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("LizardAttention", cfg, x, positions, cache, LizardCache)
+        positions = resolve_segments("LizardAttention", x, positions, segment_ids, cache)
         q, k, v = qkv_projection(cfg, x)
         heads = cfg.num_heads
 
@@ -135,12 +139,13 @@ class LizardAttention(nn.Module):
         log_g = LogGate(cfg, heads, 1, None, spec.gate_temperature, spec.gate_init, name="gate")(x)
         y_gate, state = recurrent_attention(
             phi_q, phi_k, repeat_kv(v, heads), log_g, positions, None if cache is None else cache.state,
-            normalised=True, form=spec.form, impl=spec.impl, chunk_size=spec.chunk_size)
+            normalised=True, form=spec.form, impl=spec.impl, chunk_size=spec.chunk_size, segment_ids=segment_ids)
 
         # local anchor: sliding-window softmax with RoPE and meta tokens
         sinks = meta_logits(self, heads, spec.meta_tokens, spec.meta_init)
         y_anchor, kv = local_attention(cfg, q, k, v, positions, None if cache is None else cache.kv,
-                                       window=spec.window, sinks=sinks, rope=True, impl="auto")
+                                       window=spec.window, sinks=sinks, rope=True, impl="auto",
+                                       segment_ids=segment_ids)
 
         alpha = self.param("alpha", nn.with_logical_partitioning(nn.initializers.constant(spec.alpha_init),
                                                                  ("heads",)), (heads,), dtype_of(cfg.param_dtype))

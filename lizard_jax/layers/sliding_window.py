@@ -20,7 +20,7 @@ import flax.linen as nn
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
 from lizard_jax.layers.common import (KVCache, apply_rope, check_layer_inputs, default_positions, dtype_of,
-                                      out_projection, qkv_projection)
+                                      out_projection, qkv_projection, resolve_segments, segment_kwargs)
 from lizard_jax.layers.softmax import SoftmaxAttention
 from lizard_jax.ops.softmax import attention
 
@@ -41,19 +41,20 @@ def meta_logits(module: nn.Module, heads: int, m: int, init: float):
 
 
 def local_attention(cfg: ModelConfig, q, k, v, positions, cache: KVCache | None, *, window: int | None, sinks=None,
-                    rope: bool = True, impl: str = "auto"):
+                    rope: bool = True, impl: str = "auto", segment_ids=None):
     """RoPE (optional) then causal softmax attention in a window, with sink logits, over `cache` when given.
 
     q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads, head_dim]`, positions `[batch, seq]` or None
     (= arange; required with a cache). With a cache the new tokens are appended to it (a ring buffer keeps the
-    last `window`). Returns (o `[batch, seq, heads, head_dim]`, the new cache or None).
+    last `window`). segment_ids `[batch, seq]` or None (no cache): attention stays inside each segment. Returns (o `[batch, seq, heads, head_dim]`, the new cache or None).
     """
     if rope:
         pos = positions if positions is not None else default_positions(*q.shape[:2])
         q, k = apply_rope(q, pos, cfg.rope), apply_rope(k, pos, cfg.rope)
     if cache is None:
-        return attention(q, k, v, q_positions=positions, k_positions=positions, window=window, sinks=sinks,
-                         impl=impl), None
+        op_pos = positions if segment_ids is None else None  # packed: segment + index masks (common.py)
+        return attention(q, k, v, q_positions=op_pos, k_positions=op_pos, window=window, sinks=sinks, impl=impl,
+                         **segment_kwargs(segment_ids)), None
     return cache.attend(q, k, v, positions, window=window, sinks=sinks, impl="xla" if impl == "cudnn" else impl)
 
 
@@ -85,20 +86,22 @@ class SlidingWindowSpec(AttentionSpec):
 class SlidingWindowAttention(nn.Module):
     """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache).
 
-    New parameters over the teacher's q/k/v/o_proj: `meta_logits [heads, meta_tokens]`.
+    New parameters over the teacher's q/k/v/o_proj: `meta_logits [heads, meta_tokens]`. `segment_ids [batch,
+    seq]` (packed documents, no cache): the window stays inside each segment; the meta tokens are every segment's.
     """
 
     cfg: ModelConfig
     spec: SlidingWindowSpec = SlidingWindowSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: KVCache | None = None):
+    def __call__(self, x, positions=None, cache: KVCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("SlidingWindowAttention", cfg, x, positions, cache, KVCache)
+        positions = resolve_segments("SlidingWindowAttention", x, positions, segment_ids, cache)
         q, k, v = qkv_projection(cfg, x)
         sinks = meta_logits(self, cfg.num_heads, spec.meta_tokens, spec.meta_init)
         o, cache = local_attention(cfg, q, k, v, positions, cache, window=spec.window, sinks=sinks, rope=spec.rope,
-                                   impl=spec.impl)
+                                   impl=spec.impl, segment_ids=segment_ids)
         return out_projection(cfg)(o), cache
 
     @classmethod

@@ -8,7 +8,8 @@ from typing import ClassVar
 import flax.linen as nn
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import KVCache, check_layer_inputs, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.common import (KVCache, check_layer_inputs, dtype_of, out_projection, project_qkv,
+                                      resolve_segments, segment_kwargs)
 from lizard_jax.ops.softmax import attention
 
 
@@ -43,19 +44,22 @@ def cache_size(spec: SoftmaxSpec, max_len: int) -> tuple[int, bool]:
 
 
 class SoftmaxAttention(nn.Module):
-    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache)."""
+    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache);
+    `segment_ids [batch, seq]` (packed documents, no cache): attention stays inside each segment."""
 
     cfg: ModelConfig
     spec: SoftmaxSpec = SoftmaxSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: KVCache | None = None):
+    def __call__(self, x, positions=None, cache: KVCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("SoftmaxAttention", cfg, x, positions, cache, None)
+        positions = resolve_segments("SoftmaxAttention", x, positions, segment_ids, cache)
         q, k, v = project_qkv(cfg, x, positions, rope=spec.rope)
         if cache is None:
-            o = attention(q, k, v, q_positions=positions, k_positions=positions, window=spec.window,
-                          impl=spec.impl)
+            op_pos = positions if segment_ids is None else None  # packed: segment + index masks (common.py)
+            o = attention(q, k, v, q_positions=op_pos, k_positions=op_pos, window=spec.window, impl=spec.impl,
+                          **segment_kwargs(segment_ids))
         else:
             o, cache = cache.attend(q, k, v, positions, window=spec.window,
                                     impl="xla" if spec.impl == "cudnn" else spec.impl)

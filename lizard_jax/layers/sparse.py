@@ -64,7 +64,8 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.config import AttentionSpec, ConfigError, ModelConfig, register_attention
-from lizard_jax.layers.common import check_layer_inputs, default_positions, dtype_of, out_projection, project_qkv
+from lizard_jax.layers.common import (check_layer_inputs, default_positions, dtype_of, out_projection, project_qkv,
+                                      resolve_segments)
 from lizard_jax.layers.lightning import check_spec_common, output_gate
 from lizard_jax.ops.softmax import attention
 from lizard_jax.ops.sparse import InfLLMConfig, infllm_attention, num_compressed
@@ -317,20 +318,31 @@ def sparse_attention_cached(q, q_pos, k, v, k_cmp, *, spec: SparseSpec, scale: f
 
 
 class SparseAttention(nn.Module):
-    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache)."""
+    """x `[batch, seq, d_model]`, positions `[batch, seq]` (or None) -> (y `[batch, seq, d_model]`, cache).
+
+    `segment_ids [batch, seq]` (packed documents, no cache): the op's segment-aware paths, below `dense_below`
+    (the row's length, static) dense softmax inside each segment, else InfLLM-V2 whose compressed keys, blocks,
+    initial block and local window are each segment's own; positions (per document) only feed RoPE."""
 
     cfg: ModelConfig
     spec: SparseSpec = SparseSpec()
 
     @nn.compact
-    def __call__(self, x, positions=None, cache: SparseCache | None = None):
+    def __call__(self, x, positions=None, cache: SparseCache | None = None, *, segment_ids=None):
         cfg, spec = self.cfg, self.spec
         check_layer_inputs("SparseAttention", cfg, x, positions, cache, SparseCache)
+        positions = resolve_segments("SparseAttention", x, positions, segment_ids, cache)
         q, k, v = project_qkv(cfg, x, positions, qk_norm=spec.qk_norm, rope=spec.rope)
         scale = 1.0 / math.sqrt(cfg.head_dim)
         batch, t = x.shape[:2]
         kw = dict(kernel=spec.kernel, stride=spec.stride)
-        if cache is None:
+        if segment_ids is not None:  # packed documents (no cache): the ops mask by segment and index
+            if t < spec.dense_below:
+                o = attention(q, k, v, impl="xla" if spec.impl == "xla" else "auto", segment_ids=segment_ids)
+            else:
+                o = infllm_attention(q, k, v, config=spec.infllm, scale=scale, impl=spec.impl,
+                                     segment_ids=segment_ids)
+        elif cache is None:
             if t < spec.dense_below:
                 o = attention(q, k, v, q_positions=positions, k_positions=positions,
                               impl="xla" if spec.impl == "xla" else "auto")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lizard_jax.config import ModelConfig
 from lizard_jax.layers import layer_class
-from lizard_jax.layers.common import INIT_STD, RMSNorm, dense, dtype_of
+from lizard_jax.layers.common import INIT_STD, RMSNorm, dense, document_positions, dtype_of
 
 
 class MLP(nn.Module):
@@ -36,13 +36,14 @@ class DecoderLayer(nn.Module):
     index: int
 
     @nn.compact
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, segment_ids=None):
         c = self.cfg
         spec = c.attention[self.index]
         norm = lambda name: RMSNorm(c.rms_eps, dtype_of(c.dtype), dtype_of(c.param_dtype), name=name)
         h = norm("attn_norm")(x)
         self.sow("intermediates", "attn_in", h)
-        a, cache = layer_class(spec.kind)(c, spec, name="attn")(h, positions, cache)
+        seg = {} if segment_ids is None else {"segment_ids": segment_ids}  # None: the call as before
+        a, cache = layer_class(spec.kind)(c, spec, name="attn")(h, positions, cache, **seg)
         self.sow("intermediates", "attn_out", a)
         x = x + a
         x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
@@ -52,6 +53,10 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """tokens `[batch, seq]` int32, positions `[batch, seq]` (None = arange; negative = padding) ->
     logits `[batch, seq, vocab]` float32, and the updated per-layer caches when `caches` is given.
+
+    `segment_ids [batch, seq]` int (None = one document per row): packed documents, each attending only to
+    itself (every layer, `layers/common.py`); positions None then means per-document positions
+    (`document_positions`). Not with caches (decoding takes unpacked rows).
 
     `remat` recomputes each layer in the backward pass (training memory); `return_hidden` returns the final
     hidden states `[batch, seq, d_model]` instead of logits. Submodules are attributes (`embed`, `layers[i]`,
@@ -81,7 +86,7 @@ class Transformer(nn.Module):
             return self.embed.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
-    def __call__(self, tokens, positions=None, caches=None, *, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, caches=None, *, segment_ids=None, return_hidden: bool = False):
         c = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got {tokens.shape=}")
@@ -89,10 +94,20 @@ class Transformer(nn.Module):
             raise ValueError(f"{positions.shape=} must equal {tokens.shape=}")
         if caches is not None and len(caches) != c.num_layers:
             raise ValueError(f"got {len(caches)} caches for {c.num_layers} layers")
+        if segment_ids is not None:
+            if segment_ids.shape != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids must be integers of {tokens.shape=}, got {segment_ids.shape=} "
+                                 f"{segment_ids.dtype=}")
+            if caches is not None:
+                raise ValueError("segment_ids (packed documents) cannot be used with caches: decoding and generation "
+                                 "take one unpacked sequence per row")
+            if positions is None:
+                positions = document_positions(segment_ids)
         x = self.embed(tokens)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, positions, None if caches is None else caches[i])
+            args = () if segment_ids is None else (segment_ids,)  # positional: nn.remat passes it through
+            x, cache = layer(x, positions, None if caches is None else caches[i], *args)
             new_caches.append(cache)
         out = self.final_norm(x) if return_hidden else self.head(x)
         return out if caches is None else (out, tuple(new_caches))
