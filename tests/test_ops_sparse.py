@@ -351,3 +351,110 @@ def test_sparse_layer_reaches_the_kernel_design(monkeypatch):
         outs.append(layer.apply({"params": params}, x)[0])
     assert seen and all(s == ("v2", BlockSizes(**tiles)) for s in seen)
     assert_close(outs[0], outs[1], dtype="float32")
+
+
+# ------------------------------------------------------------------------------------ packed documents (#19)
+
+PACK_CFG = InfLLMConfig(block_size=16, topk=2, kernel=8, stride=4, local_window=16, dense_below=40)
+# 70 and 75: long (>= dense_below: sparse alone), starting at multiples of 16; 1, 9, 13: short (dense alone),
+# ragged; a document of length 1; 4 tokens of padding (its own segment) at the end
+PACK_DOCS = (70, 1, 9, 75, 13)
+PACK_PAD = 4
+
+
+def packed_ids(lengths, pad):
+    seg = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)] +
+                         [np.full(pad, len(lengths), np.int32)])
+    return jnp.asarray(seg)[None]
+
+
+def _pack_inputs(seed, heads=4, kv_heads=2, d=8):
+    t = sum(PACK_DOCS) + PACK_PAD
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (1, t, heads, d))
+    k = jax.random.normal(ks[1], (1, t, kv_heads, d))
+    v = jax.random.normal(ks[2], (1, t, kv_heads, d))
+    w = jax.random.normal(ks[3], (1, t, heads, d)).at[:, sum(PACK_DOCS):].set(0.0)  # padding outputs ignored
+    return q, k, v, w
+
+
+def _packed_vs_alone(fn_packed, fn_alone, q, k, v, w):
+    def packed(q, k, v):
+        o = fn_packed(q, k, v)
+        return jnp.sum(o * w), o
+
+    def alone(q, k, v):
+        outs, at = [], 0
+        for n in PACK_DOCS:
+            outs.append(fn_alone(q[:, at:at + n], k[:, at:at + n], v[:, at:at + n]))
+            at += n
+        o = jnp.concatenate(outs, axis=1)
+        return jnp.sum(o * w[:, :at]), o
+
+    (_, o1), g1 = jax.value_and_grad(packed, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, o2), g2 = jax.value_and_grad(alone, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert_close(o1[:, :sum(PACK_DOCS)], o2, rtol=FORMS_RTOL)
+    for name, a, b in zip("qkv", g1, g2):
+        assert_close(a, b, rtol=FORMS_RTOL, name=f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_infllm_packed_equals_documents_alone(impl):
+    """infllm_attention with segment ids == each document alone (outputs and grads): long block-aligned
+    documents take the sparse path alone, short ragged ones the dense path."""
+    q, k, v, w = _pack_inputs(19)
+    seg = packed_ids(PACK_DOCS, PACK_PAD)
+    _packed_vs_alone(lambda q, k, v: infllm_attention(q, k, v, config=PACK_CFG, impl=impl, segment_ids=seg),
+                     lambda q, k, v: infllm_attention(q, k, v, config=PACK_CFG, impl=impl), q, k, v, w)
+
+
+def test_infllm_packed_selection_stays_in_segment():
+    """The selected blocks of a query block lie between its primary segment's initial block and itself; a
+    long aligned document gets exactly its selection alone (shifted by its first block)."""
+    q, k, _, _ = _pack_inputs(5)
+    seg = packed_ids(PACK_DOCS, PACK_PAD)
+    sel = dict(block_size=16, topk=2, kernel=8, stride=4, local_window=16, init_blocks=1)
+    idx, cnt = infllm_select(q, k, segment_ids=seg, dense_below=40, **sel)
+    idx, cnt = np.asarray(idx), np.asarray(cnt)
+    n_blocks = -(-seg.shape[1] // 16)
+    starts = np.asarray(seg[0])
+    for i in range(n_blocks):
+        first_seg = starts[i * 16]
+        sb = np.flatnonzero(starts == first_seg)[0] // 16
+        listed = idx[0, :, i, :cnt[0, 0, i]]
+        assert listed.min() >= sb and listed.max() <= i
+    at = 80  # the document of 75 tokens
+    idx2, cnt2 = infllm_select(q[:, at:at + 75], k[:, at:at + 75], **sel)
+    for i in range(5):
+        for h in range(2):
+            a = set(idx[0, h, at // 16 + i, :cnt[0, h, at // 16 + i]].tolist())
+            b = {x + at // 16 for x in idx2[0, h, i, :cnt2[0, h, i]].tolist()}
+            assert a == b, (i, h, a, b)
+
+
+def test_block_sparse_segments_vs_oracle():
+    """Both impls' masks with segment ids (random selection, ragged segments) against the float64 oracle."""
+    shape = (2, 50, 50, 6, 2, 16, 16, 3, True)
+    q, k, v, idx, cnt = inputs(shape, 7)
+    rng = np.random.default_rng(3)
+    seg = jnp.asarray(np.sort(rng.integers(0, 5, (2, 50)), axis=1).astype(np.int32))
+    ref_o, ref_lse = oracle.attention(q, k, v, idx, cnt, block_size=16, q_segment_ids=seg, kv_segment_ids=seg)
+    for impl in ("xla", "pallas"):
+        o, lse = block_sparse_attention(q, k, v, idx, cnt, block_size=16, impl=impl, return_lse=True,
+                                        segment_ids=seg)
+        assert_close(o, ref_o, name=f"{impl} o")
+        fin = np.isfinite(ref_lse)
+        assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+        assert_close(np.where(fin, lse, 0), np.where(fin, ref_lse, 0), name=f"{impl} lse")
+    o = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=16, segment_ids=seg)
+    assert_close(o, ref_o, name="reference")
+
+
+def test_segment_errors():
+    q = jnp.zeros((1, 64, 2, 8))
+    seg = jnp.zeros((1, 64), jnp.int32)
+    with pytest.raises(ValueError, match="unpacked"):
+        infllm_attention(q[:, :8], q, q, config=PACK_CFG, segment_ids=seg)
+    with pytest.raises(ValueError, match="go together"):
+        block_sparse_attention(q, q, q, jnp.zeros((1, 2, 4, 1), jnp.int32), jnp.zeros((1, 2, 4), jnp.int32),
+                               block_size=16, q_segment_ids=seg, impl="xla")

@@ -24,39 +24,66 @@ from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes, Static, norm
 _BACKENDS = {"gpu": gpu, "tpu": tpu}
 _V2 = {"gpu": gpu_v2, "tpu": tpu_v2}
 BLOCK_SIZES = (16, 32, 64, 128)
+_SEGMENT_KERNELS = (("gpu", "v1"),)  # (backend, variant) whose kernels take segment ids
 
 
 # v1 passes (idx, cnt) to every pass, which derives its own lists; v2 builds its work lists once (``plan``) in
 # the forward rule and saves them as residuals, so the backward has no sort / searchsorted prologue.
+# Segment ids (``seg``: None, or (q ids [B, Tq], k ids [B, Tk]) int32, padded) reach the kernels only when
+# given (``st.segments``); with None the kernels, their inputs and this rule are exactly the unsegmented ones.
+def _seg_kw(st: Static, seg):
+    return {"seg": seg} if st.segments else {}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: Static, q, k, v, idx, cnt):
+def _attention(st: Static, q, k, v, idx, cnt, seg):
     if st.variant == "v2":
         mod = _V2[st.backend]
-        return mod.forward(st, q, k, v, mod.plan(st, idx, cnt, backward=False))
-    return _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
+        return mod.forward(st, q, k, v, mod.plan(st, idx, cnt, backward=False, **_seg_kw(st, seg)),
+                           **_seg_kw(st, seg))
+    return _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt, **_seg_kw(st, seg))
 
 
-def _attention_fwd(st: Static, q, k, v, idx, cnt):
+def _attention_fwd(st: Static, q, k, v, idx, cnt, seg):
     if st.variant == "v2":
         mod = _V2[st.backend]
-        work = mod.plan(st, idx, cnt, backward=True)
-        o, lse = mod.forward(st, q, k, v, work)
-        return (o, lse), (q, k, v, work, o, lse)
-    o, lse = _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt)
-    return (o, lse), (q, k, v, (idx, cnt), o, lse)
+        work = mod.plan(st, idx, cnt, backward=True, **_seg_kw(st, seg))
+        o, lse = mod.forward(st, q, k, v, work, **_seg_kw(st, seg))
+        return (o, lse), (q, k, v, work, o, lse, seg)
+    o, lse = _BACKENDS[st.backend].forward(st, q, k, v, idx, cnt, **_seg_kw(st, seg))
+    return (o, lse), (q, k, v, (idx, cnt), o, lse, seg)
 
 
 def _attention_bwd(st: Static, res, cotangents):
-    q, k, v, work, o, lse = res
+    q, k, v, work, o, lse, seg = res
     do, dlse = cotangents
     if st.variant == "v2":
-        dq, dk, dv = _V2[st.backend].backward(st, q, k, v, work, o, lse, do, dlse)
+        dq, dk, dv = _V2[st.backend].backward(st, q, k, v, work, o, lse, do, dlse, **_seg_kw(st, seg))
     else:
-        dq, dk, dv = _BACKENDS[st.backend].backward(st, q, k, v, *work, o, lse, do, dlse)
-    return dq, dk, dv, None, None
+        dq, dk, dv = _BACKENDS[st.backend].backward(st, q, k, v, *work, o, lse, do, dlse, **_seg_kw(st, seg))
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _segments(batch: int, seq_q: int, seq_k: int, segment_ids, q_segment_ids, kv_segment_ids):
+    """(q ids [batch, seq_q], k ids [batch, seq_k]) int32, or (None, None)."""
+    if segment_ids is not None:
+        if q_segment_ids is not None or kv_segment_ids is not None:
+            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
+        if seq_q != seq_k:
+            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {seq_q=}, {seq_k=}")
+        q_segment_ids = kv_segment_ids = segment_ids
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together")
+    if q_segment_ids is None:
+        return None, None
+    for name, x, want in (("q_segment_ids", q_segment_ids, (batch, seq_q)),
+                          ("kv_segment_ids", kv_segment_ids, (batch, seq_k))):
+        if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer [batch, seq] = {want}; got {x.dtype} {tuple(x.shape)}")
+    return q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str, variant: str) -> None:
@@ -89,7 +116,8 @@ def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str, 
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = 64, causal: bool = True,
                            scale: float | None = None, q_offset: int | None = None, return_lse: bool = False,
                            block_sizes: BlockSizes | None = None, backend: str | None = None,
-                           interpret: bool = False, debug: bool = False, variant: str | None = None):
+                           interpret: bool = False, debug: bool = False, variant: str | None = None,
+                           segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
     """Block-sparse attention over selected key blocks (forward and backward in Pallas).
 
     Args:
@@ -107,12 +135,21 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
       variant: kernel design, one of ``DESIGNS`` ("v1" default; "v2": work lists built once and saved for the
         backward, one loop masking only the steps that need it, dk/dv from ``s^T = k q^T``; see ``gpu_v2.py``).
 
+      segment_ids: int ``[batch, seq]`` (self-attention, seq_q == seq_k), or ``q_segment_ids [batch, seq_q]``
+        with ``kv_segment_ids [batch, seq_k]``: packed documents; a row sees only keys of its own segment. Passed
+        to the kernels as two int32 vectors loaded per tile and combined into the mask, forward and backward;
+        None (default): kernels and inputs exactly the unsegmented ones.
+
     Returns o ``[batch, seq_q, heads, d]`` in q.dtype, and lse if asked.
     """
     if backend is None:
         backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
     variant = "v1" if variant is None else variant
     _check(q, k, v, block_indices, block_counts, block_size, backend, variant)
+    q_seg, k_seg = _segments(q.shape[0], q.shape[1], k.shape[1], segment_ids, q_segment_ids, kv_segment_ids)
+    if q_seg is not None and (backend, variant) not in _SEGMENT_KERNELS:
+        raise NotImplementedError(f"segment ids: the {backend} {variant} kernel does not take them yet; "
+                                  f"kernels that do: {_SEGMENT_KERNELS} (or impl='xla')")
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     bs = block_size
@@ -132,14 +169,19 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
         block_sizes=block_sizes,
         debug=debug,
         variant=variant,
+        segments=q_seg is not None,
     )
     idx, cnt = normalize_indices(block_indices, block_counts, n_kb)
+    seg = None
+    if q_seg is not None:  # padded rows -1, padded keys -2 (masked by seq_k anyway; padded rows are cropped)
+        seg = (jnp.pad(q_seg, ((0, 0), (0, n_qb * bs - seq_q)), constant_values=-1),
+               jnp.pad(k_seg, ((0, 0), (0, n_kb * bs - seq_k)), constant_values=-2))
     pad_q, pad_k = n_qb * bs - seq_q, n_kb * bs - seq_k
     if pad_q:
         q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
     if pad_k:
         k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
-    o, lse = _attention(st, q, k, v, idx, cnt)
+    o, lse = _attention(st, q, k, v, idx, cnt, seg)
     o, lse = o[:, :seq_q], lse[:, :, :seq_q]
     return (o, lse) if return_lse else o

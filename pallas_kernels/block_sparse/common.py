@@ -125,6 +125,8 @@ class Static:
     block_sizes: BlockSizes
     debug: bool = False
     variant: str = "v1"  # one of DESIGNS
+    segments: bool = False  # segment ids (packed documents) are passed to the kernels
+
 
     def key_mask_needed(self) -> bool:
         return self.seq_k % self.block_size != 0
@@ -139,6 +141,23 @@ def visible(st: Static, row_pos, key_pos):
         inside = key_pos < st.seq_k
         mask = inside if mask is None else mask & inside
     return mask
+
+
+def same_segment(mask, q_seg, k_seg):
+    """``mask & (q_seg[:, None] == k_seg[None, :])`` (``mask`` None: all visible); q_seg None: ``mask``."""
+    if q_seg is None:
+        return mask
+    same = q_seg[:, None] == k_seg[None, :]
+    return same if mask is None else mask & same
+
+
+def segment_block_uniform(seg, bs: int):
+    """(lowest id int32 [batch, n_blocks], bool [batch, n_blocks]: all ids of the block equal) of ``seg [batch,
+    n_blocks * bs]``."""
+    batch, t = seg.shape
+    sb = seg.reshape(batch, t // bs, bs)
+    lo, hi = sb.min(axis=-1), sb.max(axis=-1)
+    return lo, lo == hi
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):

@@ -30,7 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse.common import Static, dkv_work_items, dot, next_pow2, visible
+from pallas_kernels.block_sparse.common import (Static, dkv_work_items, dot, next_pow2, same_segment,
+                                                segment_block_uniform, visible)
 
 _NEG_INF = -jnp.inf
 _LOG2E = math.log2(math.e)
@@ -61,9 +62,10 @@ def _key_rows(blocks, bs: int, step, kv_step: int, count):
     return base * bs + iota % bs, which + step * kv_step < count
 
 
-def _keep(st: Static, row_pos, key_pos, listed):
-    """bool [R, K] (or None: all): query rows ``row_pos`` [R] see keys ``key_pos`` [K] of listed blocks."""
-    mask = visible(st, row_pos[:, None], key_pos[None, :])
+def _keep(st: Static, row_pos, key_pos, listed, q_seg=None, k_seg=None):
+    """bool [R, K] (or None: all): query rows ``row_pos`` [R] see keys ``key_pos`` [K] of listed blocks (and,
+    with segment ids ``q_seg`` [R] / ``k_seg`` [K], of their own segment)."""
+    mask = same_segment(visible(st, row_pos[:, None], key_pos[None, :]), q_seg, k_seg)
     if listed is not None:
         mask = listed[None, :] if mask is None else mask & listed[None, :]
     return mask
@@ -95,11 +97,19 @@ def _over_listed_blocks(st: Static, idx_ref, cnt_ref, kv_step: int, step, init):
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, block_q: int,
-                kv_step: int):
+def _seg_refs(st: Static, refs, n_out: int):
+    """Split trailing kernel refs into (q_seg ref, k_seg ref) or (None, None), and the ``n_out`` outputs."""
+    if st.segments:
+        return refs[0], refs[1], refs[2:2 + n_out]
+    return None, None, refs[:n_out]
+
+
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static, block_q: int, kv_step: int):
+    qs_ref, ks_ref, (o_ref, lse_ref) = _seg_refs(st, refs, 2)
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
+    q_seg = None if qs_ref is None else qs_ref[...].reshape(rows)
     row_pos = _row_positions(st, pl.program_id(0) * block_q, rows, group)
     # base-2 softmax; with a positive scale the running max is kept on raw logits and the scale folds into
     # the exponent's multiply-add
@@ -112,7 +122,8 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: St
         if prescale:
             s = s * c
         if masked:
-            s = jnp.where(_keep(st, row_pos, key_rows, listed), s, _NEG_INF)
+            k_seg = None if ks_ref is None else ks_ref[key_rows]
+            s = jnp.where(_keep(st, row_pos, key_rows, listed, q_seg, k_seg), s, _NEG_INF)
         cs = 1.0 if prescale else c
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
@@ -132,11 +143,13 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: St
     plgpu.store(lse_ref, lse.reshape(block_q, group))
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: Static,
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,
                block_q: int, kv_step: int):
+    qs_ref, ks_ref, (dq_ref,) = _seg_refs(st, refs, 1)
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
+    q_seg = None if qs_ref is None else qs_ref[...].reshape(rows)
     do = do_ref[...].reshape(rows, dp)
     lse2 = lse_ref[...].reshape(rows)  # base 2, 0 for rows that see no key (all their p are 0)
     delta = delta_ref[...].reshape(rows)
@@ -147,7 +160,8 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         k = k_ref[key_rows, :]
         p = jnp.exp2(dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
         if masked:
-            p = jnp.where(_keep(st, row_pos, key_rows, listed), p, 0.0)
+            k_seg = None if ks_ref is None else ks_ref[key_rows]
+            p = jnp.where(_keep(st, row_pos, key_rows, listed, q_seg, k_seg), p, 0.0)
         ds = p * (dot(do, v_ref[key_rows, :], trans_b=True) - delta[:, None])
         return (dq + dot(ds.astype(k.dtype), k),)
 
@@ -155,8 +169,9 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp))
 
 
-def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_part_ref, dv_part_ref, *, st: Static, block_q: int):
+def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,
+                block_q: int):
+    qs_ref, ks_ref, (dk_ref, dv_ref, dk_part_ref, dv_part_ref) = _seg_refs(st, refs, 4)
     bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
@@ -166,6 +181,7 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     k = k_ref[pl.ds(start, bs), :]
     v = v_ref[pl.ds(start, bs), :]
     key_pos = start + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    k_seg = None if ks_ref is None else ks_ref[pl.ds(start, bs)]
     last = qlist_ref.shape[0] - 1
 
     def first_row(u):  # first query row of step u (clamped into the list for the look-ahead)
@@ -185,7 +201,8 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
             delta = delta_ref[pl.ds(r0, block_q), :].reshape(rows)
             p = jnp.exp2(dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
             if mask:
-                p = jnp.where(_keep(st, _row_positions(st, r0, rows, group), key_pos, None), p, 0.0)
+                q_seg = None if qs_ref is None else qs_ref[pl.ds(r0, block_q), :].reshape(rows)
+                p = jnp.where(_keep(st, _row_positions(st, r0, rows, group), key_pos, None, q_seg, k_seg), p, 0.0)
             dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (dot(do, v, trans_b=True) - delta[:, None])
             dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
@@ -247,15 +264,20 @@ def _heads_to_rows(x, kv_heads: int, fill: float):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, next_pow2(group) - group)), constant_values=fill)
 
 
-def _mask_free_first(st: Static, idx, cnt):
+def _mask_free_first(st: Static, idx, cnt, seg=None):
     """Reorder each query block's listed key blocks so those that need no mask come first (every key visible
-    to every row of the query block: before its first row causally, and inside ``seq_k``); returns the
-    indices and ``[batch, kv_heads, n_q_blocks, 2]`` (count, number of mask-free blocks)."""
+    to every row of the query block: before its first row causally, and inside ``seq_k``; with segment ids
+    ``seg = (q_seg, k_seg)``, both blocks of one and the same segment); returns the indices and
+    ``[batch, kv_heads, n_q_blocks, 2]`` (count, number of mask-free blocks)."""
     bs = st.block_size
     first_row = st.q_offset + jnp.arange(idx.shape[2])[:, None] * bs  # [n_qb, 1]
     need = (idx + 1) * bs > st.seq_k
     if st.causal:
         need |= idx * bs + bs - 1 > first_row
+    if seg is not None:
+        (q_id, q_uni), (k_id, k_uni) = (segment_block_uniform(x, bs) for x in seg)
+        k_id, k_uni = (jnp.take_along_axis(x[:, None, None, :], idx, axis=-1) for x in (k_id, k_uni))
+        need |= ~(q_uni[:, None, :, None] & k_uni & (q_id[:, None, :, None] == k_id))
     listed = jnp.arange(idx.shape[-1]) < cnt[..., None]
     order = jnp.argsort(jnp.where(listed, need.astype(jnp.int32), 2), axis=-1, stable=True)
     n_free = jnp.sum(listed & ~need, axis=-1).astype(jnp.int32)
@@ -279,8 +301,24 @@ def _query_major_specs(bq: int, per_block: int, max_blocks: int, seq_k: int, gp:
     )
 
 
-def forward(st: Static, q, k, v, idx, cnt):
-    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (seq padded to whole blocks) -> o [B, Tq, H, d], lse [B, H, Tq]."""
+def _seg_inputs(seg, gp: int, bq: int | None, seq_q: int, seq_k: int):
+    """Segment-id inputs and BlockSpecs ((), [] without segment ids): q ids broadcast over the (padded) group
+    ``[B, Tq, Gp]`` as the rows are stacked, k ids ``[B, Tk]`` whole per batch row. ``bq`` None: whole q ids
+    (the dk/dv pass)."""
+    if seg is None:
+        return (), []
+    q_seg, k_seg = seg
+    qs = jnp.broadcast_to(q_seg[:, :, None], q_seg.shape + (gp,))
+    if bq is None:
+        q_spec = pl.BlockSpec((None, seq_q, gp), lambda j, b, h: (b, 0, 0))
+    else:
+        q_spec = pl.BlockSpec((None, bq, gp), lambda i, b, h: (b, i, 0))
+    return (qs, k_seg), [q_spec, pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0))]
+
+
+def forward(st: Static, q, k, v, idx, cnt, seg=None):
+    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (seq padded to whole blocks) -> o [B, Tq, H, d], lse [B, H, Tq].
+    ``seg``: None or (q segment ids [B, Tq], k segment ids [B, Tk]) int32."""
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     q5, k4, v4 = _q_to_rows(q, kv_heads), _pad_d(k), _pad_d(v)
@@ -288,11 +326,12 @@ def forward(st: Static, q, k, v, idx, cnt):
     bsz = st.block_sizes
     bq = bsz.block_q
     spec = _query_major_specs(bq, st.block_size // bq, idx.shape[-1], seq_k, gp, dp)
-    idx, cnt = _mask_free_first(st, idx, cnt)
+    idx, cnt = _mask_free_first(st, idx, cnt, seg)
+    seg_in, seg_specs = _seg_inputs(seg, gp, bq, seq_q, seq_k)
     o5, lse4 = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, block_q=bq, kv_step=bsz.kv_step),
         grid=(seq_q // bq, batch, kv_heads),
-        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"]],
+        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"], *seg_specs],
         out_specs=[spec["rows"], spec["vec"]],
         out_shape=[jax.ShapeDtypeStruct(q5.shape, q.dtype),
                    jax.ShapeDtypeStruct(q5.shape[:4], jnp.float32)],
@@ -300,7 +339,7 @@ def forward(st: Static, q, k, v, idx, cnt):
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_fwd",
-    )(idx, cnt, q5, k4, v4)
+    )(idx, cnt, q5, k4, v4, *seg_in)
     o = _rows_to_heads(o5, heads, d)
     lse = _rows_to_heads(lse4, heads, None).transpose(0, 2, 1)
     return o, lse
@@ -318,8 +357,9 @@ def _sum_partials(main, part, slot_block, n_kb: int, bs: int):
     return jnp.where(split, summed.astype(main.dtype), main)
 
 
-def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
-    """Cotangents (dq, dk, dv) for cotangents do [B, Tq, H, d] of o and dlse [B, H, Tq] of lse."""
+def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse, seg=None):
+    """Cotangents (dq, dk, dv) for cotangents do [B, Tq, H, d] of o and dlse [B, H, Tq] of lse (``seg`` as
+    ``forward``)."""
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     bs = st.block_size
@@ -337,19 +377,20 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
 
     bq = bsz.block_q_dq
     spec = _query_major_specs(bq, bs // bq, max_blocks, seq_k, gp, dp)
-    idx_free, cnt_free = _mask_free_first(st, idx, cnt)
+    idx_free, cnt_free = _mask_free_first(st, idx, cnt, seg)
+    seg_in, seg_specs = _seg_inputs(seg, gp, bq, seq_q, seq_k)
     dq5 = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, kv_step=bsz.kv_step_dq),
         grid=(seq_q // bq, batch, kv_heads),
         in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"], spec["rows"], spec["vec"],
-                  spec["vec"]],
+                  spec["vec"], *seg_specs],
         out_specs=spec["rows"],
         out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
         compiler_params=_params(st, "dq", bq * gp, bsz.kv_step_dq * bs),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dq",
-    )(idx_free, cnt_free, q5, k4, v4, do5, lse4, delta4)
+    )(idx_free, cnt_free, q5, k4, v4, do5, lse4, delta4, *seg_in)
 
     # query blocks from which on every row sees the whole key block (all for the last, ragged key block)
     first_unmasked = jnp.full((n_kb,), 0, jnp.int32)
@@ -357,7 +398,10 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         first_unmasked = jnp.maximum(-(-(jnp.arange(n_kb) * bs + bs - 1 - st.q_offset) // bs), 0)
     if st.key_mask_needed():
         first_unmasked = first_unmasked.at[-1].set(seq_q // bs + 1)
+    if seg is not None:  # segment ids: every step masks
+        first_unmasked = None
     items, qlist, slot_block = dkv_work_items(idx, cnt, n_kb, bsz.dkv_split * max_blocks, first_unmasked)
+    seg_in, seg_specs = _seg_inputs(seg, gp, None, seq_q, seq_k)
     n_items, n_slots = items.shape[2], slot_block.shape[2]
     bq = bsz.block_q_dkv
     full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda j, b, h: (b, 0, h, 0, 0))
@@ -370,7 +414,7 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         in_specs=[
             pl.BlockSpec((None, None, None, 5), lambda j, b, h: (b, h, j, 0)),
             pl.BlockSpec((None, None, qlist.shape[-1]), lambda j, b, h: (b, h, 0)),
-            full_rows, full_kv, full_kv, full_rows, full_vec, full_vec,
+            full_rows, full_kv, full_kv, full_rows, full_vec, full_vec, *seg_specs,
         ],
         out_specs=[full_kv, full_kv, part, part],
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype),
@@ -380,7 +424,7 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_dkv",
-    )(items, qlist, q5, k4, v4, do5, lse4, delta4)
+    )(items, qlist, q5, k4, v4, do5, lse4, delta4, *seg_in)
     dk4 = _sum_partials(dk4, dk_part, slot_block, n_kb, bs)
     dv4 = _sum_partials(dv4, dv_part, slot_block, n_kb, bs)
     return _rows_to_heads(dq5, heads, d), dk4[..., :d], dv4[..., :d]
