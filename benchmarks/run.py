@@ -97,24 +97,41 @@ PASSES = ("fwd", "fwd+bwd")
 GATES = ("per-dim", "per-head")
 
 
-def gla_variants() -> tuple[str, ...]:
-    import pallas_kernels.chunked_scan as m
+# GLA tile settings timed beside each variant's defaults: name -> (variant, BlockSizes overrides of (dk, dv)).
+# v2 with the whole dv in one backward program writes dq/dk once in the operand dtype instead of float32 shares
+# per dv tile (cost.py at T=4096, dv=128: 3.0 GB instead of 6.2 GB fwd+bwd), if its registers hold it.
+GLA_TILES = {"v2-wholedv": ("v2", lambda dk, dv: dict(block_v_bwd=dv))}
 
-    return tuple(getattr(m, "VARIANTS", ("v1",)))
+
+def gla_variants() -> tuple[str, ...]:
+    from pallas_kernels.chunked_scan import VARIANTS
+
+    return (*VARIANTS, *GLA_TILES)
+
+
+def gla_kernel_args(impl: str, dk: int, dv: int) -> dict:
+    """gla()'s variant and block_sizes for a row's impl name (a variant, or a GLA_TILES entry)."""
+    from pallas_kernels.chunked_scan import BlockSizes
+
+    variant, over = GLA_TILES.get(impl, (impl, lambda dk, dv: {}))
+    return dict(variant=variant, block_sizes=dataclasses.replace(
+        BlockSizes.get_default(dk, dv, variant=variant), **over(dk, dv)))
 
 
 def sparse_designs() -> tuple[str, ...]:
-    import pallas_kernels.block_sparse as m
+    from pallas_kernels.block_sparse import DESIGNS
 
-    return tuple(getattr(m, "DESIGNS", ("v1",)))
+    return DESIGNS
 
 
 # --------------------------------------------------------------------------------------------- row specs
 
 
 def _gla_rows(sh: Shapes, impls) -> list[dict]:
+    # a backward tile setting leaves the forward as its variant has it: timed once
     return [dict(id=f"gla/{impl}/{gate}/T{t}/{p}", impl=impl, gate=gate, T=t, mode=p)
-            for t in sh.gla_seqs for gate in GATES for impl in impls for p in PASSES]
+            for t in sh.gla_seqs for gate in GATES for impl in impls for p in PASSES
+            if not (impl in GLA_TILES and p == "fwd")]
 
 
 def _sparse_rows(sh: Shapes, impls) -> list[dict]:
@@ -141,7 +158,7 @@ class Step:
 
 STEPS = [
     Step("ceilings", 60, 15, lambda sh: [dict(id="ceilings")], "bf16 matmul and copy ceilings"),
-    Step("gla", 240, 150, lambda sh: _gla_rows(sh, gla_variants()), "chunked GLA, ours, every variant"),
+    Step("gla", 300, 190, lambda sh: _gla_rows(sh, gla_variants()), "chunked GLA, ours, every variant"),
     Step("sparse", 180, 100, lambda sh: _sparse_rows(sh, sparse_designs()), "block-sparse, ours, every design"),
     Step("fla-tune", 240, 120, lambda sh: [dict(id="fla-tune")], "fla Triton autotune + compile (untimed)"),
     Step("gla-fla", 120, 40, lambda sh: _gla_rows(sh, ("fla",)), "fla chunk_gla / chunk_simple_gla"),
@@ -208,28 +225,12 @@ def attention_ideal(*, batch, seq, heads, kv_heads, head_dim, dtype, mode, pairs
     return dict(hbm_bytes=float(bytes_), flops=float(flops), launches=None)
 
 
-def _as_dict(c) -> dict:
-    if isinstance(c, dict):
-        return dict(c)
-    return {k: getattr(c, k, None) for k in ("hbm_bytes", "flops", "launches")}
-
-
 def _kernel_cost(module: str, name: str, mode: str, kw: dict) -> dict:
-    """cost.py of a kernel: ``cost(name, ..., mode=...)``; forward+backward as mode "fwd_bwd" (the cost.py
-    spelling) or "fwd+bwd", else as the sum of "fwd" and "bwd"."""
+    """``cost.py`` of a kernel (``cost(name, ..., mode="fwd" | "fwd_bwd")``) as a dict."""
     import importlib
 
-    fn = importlib.import_module(module).cost
-    err = None
-    for m in (("fwd",) if mode == "fwd" else ("fwd_bwd", "fwd+bwd")):
-        try:
-            return _as_dict(fn(name, mode=m, **kw))
-        except (ValueError, KeyError) as e:
-            err = e
-    if mode == "fwd":
-        raise err
-    a, b = (_as_dict(fn(name, mode=m, **kw)) for m in ("fwd", "bwd"))
-    return {k: (a[k] or 0) + (b[k] or 0) for k in a}
+    c = importlib.import_module(module).cost(name, mode="fwd" if mode == "fwd" else "fwd_bwd", **kw)
+    return {k: getattr(c, k) for k in ("hbm_bytes", "flops", "launches")}
 
 
 def row_cost(row: dict, sh: Shapes) -> dict | None:
@@ -240,11 +241,10 @@ def row_cost(row: dict, sh: Shapes) -> dict | None:
         kw = dict(batch=g["batch"], seq=row["T"], heads=g["heads"], dk=g["dk"], dv=g["dv"],
                   per_dim=row["gate"] == "per-dim", dtype=g["dtype"])
         if row["impl"] != "fla":
-            try:
-                c = _kernel_cost("pallas_kernels.chunked_scan.cost", row["impl"], row["mode"], kw)
-                return {**c, "source": f"cost.py {row['impl']}"}
-            except ImportError:
-                pass
+            args = gla_kernel_args(row["impl"], g["dk"], g["dv"])
+            c = _kernel_cost("pallas_kernels.chunked_scan.cost", args["variant"], row["mode"],
+                             dict(kw, block_sizes=args["block_sizes"]))
+            return {**c, "source": f"cost.py {row['impl']}"}
         return {**gla_ideal(mode=row["mode"], **kw), "source": "ideal minimum"}
     if rid.startswith("sparse/"):
         s = sh.sparse
@@ -253,12 +253,9 @@ def row_cost(row: dict, sh: Shapes) -> dict | None:
                   head_dim=s["head_dim"], dtype=s["dtype"])
         if frac is not None:
             k = max(2, row["T"] // s["block_size"] // frac)
-            try:
-                c = _kernel_cost("pallas_kernels.block_sparse.cost", row["impl"], row["mode"],
-                                 dict(kw, block_size=s["block_size"], selected_blocks_per_query_block=k))
-                return {**c, "source": f"cost.py {row['impl']}"}
-            except ImportError:
-                pass
+            c = _kernel_cost("pallas_kernels.block_sparse.cost", row["impl"], row["mode"],
+                             dict(kw, block_size=s["block_size"], selected_blocks_per_query_block=k))
+            return {**c, "source": f"cost.py {row['impl']}"}
         pairs = sparse_pairs(row["T"], s["block_size"], frac)
         return {**attention_ideal(mode=row["mode"], pairs=pairs, **kw), "source": "ideal minimum"}
     return None
@@ -378,11 +375,10 @@ def run_gla(specs, sh, ctx):
     from pallas_kernels.chunked_scan import gla
 
     interpret = ctx.tiny
-    has_variants = len(gla_variants()) > 1 or "variant" in gla.__code__.co_varnames
     for spec in specs:
         try:
             q, k, v, lg, do = _gla_inputs(sh, spec["T"], spec["gate"] == "per-dim")
-            kw = dict(variant=spec["impl"]) if has_variants else {}
+            kw = gla_kernel_args(spec["impl"], sh.gla["dk"], sh.gla["dv"])
             f = lambda q, k, v, g: gla(q, k, v, g, backend="gpu", interpret=interpret, **kw)  # noqa: E731
             fwd, fb = _fwd_fwdbwd(f, 4)
             ms = _time(fwd, (q, k, v, lg), sh) if spec["mode"] == "fwd" else _time(fb, (q, k, v, lg, do), sh)
