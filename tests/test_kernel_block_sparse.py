@@ -39,7 +39,8 @@ def case_id(c, dtype="fp32"):
     return f"B{b}-T{tq}x{tk}-H{h}-KV{kv}-D{d}-bs{bs}-M{m}-{'causal' if causal else 'full'}-{dtype}"
 
 
-def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selection=None, variant="v1"):
+def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selection=None, variant="v1",
+             segments=None):
     batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = case
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(s), dtype)
@@ -52,13 +53,15 @@ def run_case(case, dtype, backend, seed, block_sizes=None, interpret=True, selec
     def f(q, k, v):
         return block_sparse_attention(q, k, v, idx, cnt, block_size=bs, causal=causal, return_lse=True,
                                       block_sizes=block_sizes, backend=backend, interpret=interpret,
-                                      variant=variant)
+                                      variant=variant, **seg_kw)
 
+    seg_kw = {} if segments is None else dict(q_segment_ids=jnp.asarray(segments[0]),
+                                              kv_segment_ids=jnp.asarray(segments[1]))
     (o, lse), vjp = jax.vjp(f, q, k, v)
     dq, dk, dv = vjp((do, dlse))
     up = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # the inputs the kernel saw
     o_r, lse_r, dq_r, dk_r, dv_r = oracle.attention(up(q), up(k), up(v), idx, cnt, block_size=bs, causal=causal,
-                                                    do=up(do), dlse=np.asarray(dlse))
+                                                    do=up(do), dlse=np.asarray(dlse), **seg_kw)
     name = jnp.dtype(dtype).name
     empty = np.isinf(lse_r)
     assert np.array_equal(np.isinf(np.asarray(lse)), empty), "lse -inf rows differ"
@@ -309,3 +312,56 @@ def test_cost_model():
         cost("v3", seq=8192, block_size=64, selected_blocks_per_query_block=16, **shape)
     with pytest.raises(ValueError, match="mode"):
         cost("v1", seq=8192, block_size=64, selected_blocks_per_query_block=16, mode="bwd", **shape)
+
+
+# ------------------------------------------------------------------------------------ packed documents (#19)
+
+
+def packed_segments(batch, seq, lengths):
+    """int32 [batch, seq]: documents of ``lengths`` (ragged, one of length 1), the rest padding (its own id);
+    row b shifts the lengths by b so the rows differ."""
+    out = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        ids = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths[b:] + lengths[:b])])
+        ids = np.concatenate([ids, np.full(max(0, seq - len(ids)), len(lengths), np.int32)])[:seq]
+        out[b] = ids
+    return out
+
+
+SEG_CASES = [CASES[i] for i in (1, 2, 3)]  # ragged GQA 3 batch 2, GQA 8 block 32, non-causal
+
+
+@pytest.mark.parametrize("case", SEG_CASES, ids=case_id)
+@pytest.mark.parametrize("block_sizes", [None, "kv2"])
+def test_segments_vs_oracle(case, block_sizes):
+    """Segment ids in the GPU v1 kernels: forward, lse and dq/dk/dv against the float64 oracle. Segments of
+    35 (whole blocks of one segment: the mask-free path), 1, 13 and 7 tokens, then padding."""
+    batch, seq_q, seq_k = case[:3]
+    seg = packed_segments(batch, seq_q, [35, 1, 13, 7])
+    tiles = None
+    if block_sizes == "kv2":
+        tiles = BlockSizes(block_q=case[6] // 2, block_q_dq=case[6], block_q_dkv=case[6] // 2, kv_step=2,
+                           kv_step_dq=2, dkv_split=1)
+    run_case(case, jnp.float32, "gpu", 19, block_sizes=tiles, segments=(seg, seg))
+
+
+def test_segments_decoding_like():
+    """q_segment_ids / kv_segment_ids with seq_q < seq_k (q_offset 70)."""
+    case = CASES[4]
+    kv = packed_segments(1, 90, [30, 1, 41])
+    run_case(case, jnp.float32, "gpu", 3, segments=(kv[:, 70:], kv))
+
+
+def test_segments_none_unchanged_and_unsupported():
+    q = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
+    idx = jax.ShapeDtypeStruct((1, 2, 4, 2), jnp.int32)
+    cnt = jax.ShapeDtypeStruct((1, 2, 4), jnp.int32)
+    f = lambda **kw: lambda q, i, c: block_sparse_attention(q, q, q, i, c, block_size=16, interpret=True,
+                                                           backend="gpu", **kw)
+    assert jax.jit(f()).lower(q, idx, cnt).as_text() == \
+        jax.jit(f(segment_ids=None)).lower(q, idx, cnt).as_text()
+    seg = jnp.zeros((1, 64), jnp.int32)
+    with pytest.raises(NotImplementedError, match="segment ids"):
+        block_sparse_attention(jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)),
+                               jnp.zeros((1, 2, 4, 2), jnp.int32), jnp.zeros((1, 2, 4), jnp.int32), block_size=16,
+                               backend="tpu", interpret=True, segment_ids=seg)

@@ -141,3 +141,26 @@ def test_cuda_target_is_explicit_sm90():
     with target_gpu("cuda"):
         info = gpu_info.get_gpu_info()
     assert (info.arch_name, info.compute_capability) == ("9.0", 90)
+
+
+SEGMENT_KERNELS = (("v1", "cuda"),)  # (design, platform) whose kernels take segment ids (issue #19)
+
+
+@pytest.mark.parametrize("design,platform", [pytest.param(d, p, id=f"sparse-seg-{d}-{p}")
+                                             for d, p in SEGMENT_KERNELS])
+def test_block_sparse_segments_lower(design, platform):
+    """The block-sparse kernels with segment ids (packed documents) at the production shape, forward +
+    backward: the two int32 id vectors reach the kernels."""
+    fn, args = _sparse_case(design, platform)
+    s = SPARSE_SHAPE
+    seg = jax.ShapeDtypeStruct((s["batch"], s["seq"]), jnp.int32)
+
+    def fwd_bwd(q, k, v, i, c, do, seg):
+        f = lambda q, k, v: block_sparse_attention(q, k, v, i, c, block_size=s["block_size"],
+                                                   backend=PLATFORMS[platform], variant=design, segment_ids=seg)
+        o, vjp = jax.vjp(f, q, k, v)
+        return o, vjp(do)
+
+    what = f"block_sparse segments design={design} shape={SPARSE_SHAPE}"
+    text = _lower(fwd_bwd, (*args, seg), platform, what)
+    assert _kernels(text, platform) >= 2, f"{what}: no Pallas kernels in the {platform} module"
