@@ -19,7 +19,13 @@ def _require(ok: bool, key: str, want: str, value) -> None:
 class DataConfig:
     """source: "text" (plain files; documents split at blank lines), "jsonl" (one JSON object a line; `text_key`
     or a `template` like "{instruction}\\n{output}"), or "tfds" (a TensorFlow Datasets name, streamed in order).
-    Documents are tokenized, joined with EOS and packed into sequences of `seq_len` (+1 for the target)."""
+    Documents are tokenized, joined with EOS and packed into sequences of `seq_len` (+1 for the target).
+
+    segment_ids: packed documents kept apart. True: each batch carries segment ids and per-document positions
+      (`train.data`), so no token attends to (or carries state from) the previous document in its row, RoPE
+      restarts with each document, and the losses never score a document's first token from the previous one.
+      False (the default, what every run did before the option): the rows are one stream across documents.
+    """
 
     source: str = "text"
     paths: tuple[str, ...] = ()
@@ -32,8 +38,10 @@ class DataConfig:
     batch_size: int = 8
     shuffle: bool = True
     max_tokens: int | None = None
+    segment_ids: bool = False
 
     def __post_init__(self):
+        _require(isinstance(self.segment_ids, bool), "segment_ids", "true or false", self.segment_ids)
         if self.source not in ("text", "jsonl", "tfds"):
             raise ConfigError(f"data.source must be text, jsonl or tfds, got {self.source!r}")
         if self.source in ("text", "jsonl") and not self.paths:

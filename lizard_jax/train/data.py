@@ -5,6 +5,13 @@ and the tokenizer) and cut into `seq_len + 1`-token sequences; each epoch visits
 TFDS sources stream documents in the dataset's fixed order (no file shuffling) and pack on the fly. In both
 cases the data position is one integer, the number of sequences consumed, so a resumed run sees exactly the
 batches it would have seen.
+
+Packed documents (`data.segment_ids: true`): each batch also carries per-row segment ids (1, 2, ... for the
+documents in the row, a new one after every EOS; 0 would be padding, which this packer never needs) and
+per-document positions (0 at each document's first token; a row that starts inside a document starts it at 0, as
+every row did before). Both are derived from the row's tokens alone, so the sequences, the data position and the
+on-disk token cache are the same as without segment ids (one cache serves both settings). The losses then
+score no target that starts a new document (`train.losses.split_batch`).
 """
 
 from __future__ import annotations
@@ -83,13 +90,27 @@ def _format(obj: dict, cfg: DataConfig, where: str) -> str:
     return str(obj[cfg.text_key])
 
 
+def document_segments(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, per-document positions) of packed rows `tokens [..., n]` int32, each `[..., n]` int32: a
+    document starts at a row's first token and after every EOS (the EOS ends its document); ids count from 1
+    within each row."""
+    tokens = np.asarray(tokens)
+    starts = np.ones(tokens.shape, bool)
+    starts[..., 1:] = tokens[..., :-1] == eos_id
+    seg = np.cumsum(starts, axis=-1, dtype=np.int32)
+    idx = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
+    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=-1)
+    return seg, pos.astype(np.int32)
+
+
 def tokenize_documents(docs, tokenizer, eos_id: int) -> Iterator[list[int]]:
     for doc in docs:
         yield tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos_id]
 
 
 class PackedData:
-    """Batches of `[batch, seq_len + 1]` int32 token windows; `position` counts sequences consumed."""
+    """Batches of `[batch, seq_len + 1]` int32 token windows; `position` counts sequences consumed. With
+    `cfg.segment_ids` a batch is a dict of three such arrays: tokens, segment_ids, positions (module doc)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, eos_id: int, *, seed: int = 0, cache_dir: str | Path | None = None,
                  seq_len: int | None = None, batch_size: int | None = None):
@@ -155,8 +176,16 @@ class PackedData:
                 yield np.asarray(buf[: self.seq_len + 1], np.int32)
                 buf = buf[self.seq_len:]
 
-    def next_batch(self) -> np.ndarray:
-        """The next `[batch, seq_len + 1]` batch; advances `position`."""
+    def next_batch(self) -> np.ndarray | dict[str, np.ndarray]:
+        """The next `[batch, seq_len + 1]` batch (with `segment_ids`: {"tokens", "segment_ids", "positions"},
+        each `[batch, seq_len + 1]` int32); advances `position`."""
+        tokens = self._next_tokens()
+        if not self.cfg.segment_ids:
+            return tokens
+        seg, pos = document_segments(tokens, self._eos)
+        return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+    def _next_tokens(self) -> np.ndarray:
         b = self.batch_size
         if self._tokens is not None:
             out = np.stack([self._sequence(self.position + j) for j in range(b)])
@@ -170,15 +199,20 @@ class PackedData:
             except StopIteration:  # a finished stream starts over: one more epoch in the same order
                 self._stream = None
                 self.position = 0
-                return self.next_batch()
+                return self._next_tokens()
         self.position += b
         return out
 
     def state(self) -> dict:
-        return {"position": int(self.position), "seq_len": self.seq_len, "batch_size": self.batch_size}
+        return {"position": int(self.position), "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "segment_ids": bool(self.cfg.segment_ids)}
 
     def restore(self, state: dict) -> None:
         if state.get("seq_len") != self.seq_len:
             raise DataError(f"checkpoint data seq_len {state.get('seq_len')} != configured {self.seq_len}")
+        saved = bool(state.get("segment_ids", False))  # checkpoints from before the option packed without them
+        if saved != bool(self.cfg.segment_ids):
+            raise DataError(f"checkpoint was trained with data.segment_ids {str(saved).lower()}, the config says "
+                            f"{str(bool(self.cfg.segment_ids)).lower()}: resume with the setting it was trained with")
         self.position = int(state["position"])
         self._stream = None

@@ -120,6 +120,52 @@ def _optimizer(tc: TrainConfig, sc: StageConfig):
     )
 
 
+def stage1_loss(student: Transformer, teacher: Transformer, params, teacher_params, batch, *, loss: str = "mse",
+                kd_weight: float = 0.0, kd_temperature: float = 1.0):
+    """Stage 1 (attention transfer): each converted student layer (kind other than "softmax") gets the teacher's
+    input to that layer and is scored against the teacher layer's output; the mean over those layers, plus
+    `kd_weight` x KL of the whole student's logits to the teacher's. `batch` as `losses.split_batch`: with
+    segment ids the teacher and the student layers run packed the same way (positions per document), padding is
+    not scored, and the KL scores what the LM loss scores."""
+    tokens, _, positions, seg, mask = losses.split_batch(batch)
+    packed = {} if seg is None else {"segment_ids": seg}
+    t_logits, inter = teacher.apply({"params": teacher_params}, tokens, positions, mutable=["intermediates"],
+                                    **packed)
+    inter = inter["intermediates"]
+    cfg = student.cfg
+    converted = _converted_layers(cfg)
+    real = None if seg is None else (seg != 0).astype(jnp.float32)
+    total = 0.0
+    for i in converted:
+        spec = cfg.attention[i]
+        h = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_in"][0])
+        a = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_out"][0])
+        y, _ = layer_class(spec.kind)(cfg, spec).apply({"params": params[f"layers_{i}"]["attn"]}, h, positions,
+                                                       **packed)
+        total = total + losses.attention_transfer(y, a, loss, real)
+    total = total / len(converted)
+    if kd_weight > 0:
+        logits = student.apply({"params": params}, tokens, positions, **packed)
+        total = total + kd_weight * losses.distill_kl(logits, jax.lax.stop_gradient(t_logits), kd_temperature,
+                                                      mask)
+    return total
+
+
+def stage2_loss(student: Transformer, teacher: Transformer, params, teacher_params, batch, *,
+                kd_weight: float = 0.0, kd_temperature: float = 1.0):
+    """Stage 2 (fine-tuning): next-token cross-entropy of the student (+ `kd_weight` x KL to the teacher's
+    logits); `batch` as `losses.split_batch` (with segment ids: packed, and no target that starts a document or
+    is padding is scored)."""
+    tokens, targets, positions, seg, mask = losses.split_batch(batch)
+    packed = {} if seg is None else {"segment_ids": seg}
+    logits = student.apply({"params": params}, tokens, positions, **packed)
+    out = losses.next_token_ce(logits, targets, mask)
+    if kd_weight > 0:
+        t_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, positions, **packed))
+        out = out + kd_weight * losses.distill_kl(logits, t_logits, kd_temperature, mask)
+    return out
+
+
 class Trainer:
     def __init__(self, tc: TrainConfig, *, config_dict: dict | None = None):
         self.tc = tc
@@ -192,37 +238,17 @@ class Trainer:
 
     # ---- losses
     def _stage1_loss(self, trainable, frozen, teacher_params, batch):
-        params = join(trainable["new"], frozen)
-        tokens = batch[:, :-1]
-        t_logits, inter = self.teacher.apply({"params": teacher_params}, tokens, mutable=["intermediates"])
-        inter = inter["intermediates"]
-        total = 0.0
-        for i in self.converted:
-            spec = self.student_cfg.attention[i]
-            h = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_in"][0])
-            a = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_out"][0])
-            y, _ = layer_class(spec.kind)(self.student_cfg, spec).apply(
-                {"params": params[f"layers_{i}"]["attn"]}, h, None)
-            total = total + losses.attention_transfer(y, a, self.tc.stage1.loss)
-        total = total / len(self.converted)
-        if self.tc.stage1.kd_weight > 0:
-            logits = self.student.apply({"params": params}, tokens)
-            total = total + self.tc.stage1.kd_weight * losses.distill_kl(
-                logits, jax.lax.stop_gradient(t_logits), self.tc.stage1.kd_temperature)
-        return total
+        sc = self.tc.stage1
+        return stage1_loss(self.student, self.teacher, join(trainable["new"], frozen), teacher_params, batch,
+                           loss=sc.loss, kd_weight=sc.kd_weight, kd_temperature=sc.kd_temperature)
 
     def _stage2_loss(self, trainable, frozen, teacher_params, batch):
         sc = self.tc.stage2
         params = join(trainable["new"], frozen)
         if trainable["lora"]:
             params = merge_lora(params, trainable["lora"], sc.lora.alpha)
-        tokens, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.student.apply({"params": params}, tokens)
-        loss = losses.next_token_ce(logits, targets)
-        if sc.kd_weight > 0:
-            t_logits = jax.lax.stop_gradient(self.teacher.apply({"params": teacher_params}, tokens))
-            loss = loss + sc.kd_weight * losses.distill_kl(logits, t_logits, sc.kd_temperature)
-        return loss
+        return stage2_loss(self.student, self.teacher, params, teacher_params, batch, kd_weight=sc.kd_weight,
+                           kd_temperature=sc.kd_temperature)
 
     # ---- stage construction
     def _trainable_init(self, index: int, new, params):
@@ -275,10 +301,15 @@ class Trainer:
                               "data-parallel devices of the mesh")
         return data
 
-    def _global_batch(self, batch: np.ndarray):
+    def _global_batch(self, batch):
+        """The host batch (an array, or a dict of arrays with segment ids) as global arrays over the mesh."""
         n, k = jax.process_count(), jax.process_index()
-        local = batch[k * len(batch) // n: (k + 1) * len(batch) // n]
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, batch.shape)
+
+        def one(rows: np.ndarray):
+            local = rows[k * len(rows) // n: (k + 1) * len(rows) // n]
+            return jax.make_array_from_process_local_data(self.batch_sharding, local, rows.shape)
+
+        return jax.tree_util.tree_map(one, batch)
 
     # ---- checkpoints
     def _save(self, global_step: int, stage: Stage, state, data: PackedData, force: bool = False):
