@@ -13,8 +13,8 @@ Conventions (every layer follows them):
   tokens of its own segment. `positions` are then per document (`document_positions(segment_ids)` when None), so
   RoPE restarts with each document; they must count up by one within a document (the softmax ops then mask by
   segment and index, which keeps their banded sliding-window path). Padding is one more segment (the trainer's
-  packer gives it id 0); its outputs are not meaningful. No cache (training / scoring only): with a cache it is an error. With
-  `segment_ids=None` the layer makes exactly the calls it made before segment ids existed (Python branch).
+  packer gives it id 0); its outputs are not meaningful. No cache (training / scoring only): with a cache it is
+  an error. With `segment_ids=None` the layer makes exactly the calls it made before segment ids existed (Python branch).
 - projections are named q_proj/k_proj/v_proj/o_proj in every family, so a softmax teacher's weights load
   unchanged into a student layer and only the new parameters are added.
 """

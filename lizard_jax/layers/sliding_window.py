@@ -46,7 +46,8 @@ def local_attention(cfg: ModelConfig, q, k, v, positions, cache: KVCache | None,
 
     q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads, head_dim]`, positions `[batch, seq]` or None
     (= arange; required with a cache). With a cache the new tokens are appended to it (a ring buffer keeps the
-    last `window`). segment_ids `[batch, seq]` or None (no cache): attention stays inside each segment. Returns (o `[batch, seq, heads, head_dim]`, the new cache or None).
+    last `window`). segment_ids `[batch, seq]` or None (no cache): attention stays inside each segment.
+    Returns (o `[batch, seq, heads, head_dim]`, the new cache or None).
     """
     if rope:
         pos = positions if positions is not None else default_positions(*q.shape[:2])
