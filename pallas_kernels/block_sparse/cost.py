@@ -171,3 +171,25 @@ def flops_ratio(design: str, **kw) -> float:
     sparse = cost(design, **kw)
     kw = {k: v for k, v in kw.items() if k not in ("block_size", "selected_blocks_per_query_block", "block_sizes")}
     return dense_cost(**kw).flops / sparse.flops if sparse.flops else math.inf
+
+
+def segment_bytes(*, batch: int, seq: int, heads: int, kv_heads: int, block_size: int,
+                  selected_blocks_per_query_block: int, mode: str = "fwd_bwd") -> int:
+    """Extra HBM bytes requested by the GPU v1 kernels with segment ids (packed documents; issue #19), not in
+    ``cost``: the q ids int32 broadcast over the padded group ``[B, T, Gp]`` (built once per pass in XLA: one
+    write, then read per row tile like lse) and the k ids ``[B, T]`` read per gathered key tile (``bs`` ids
+    per listed block, per program); plus the segment-uniform test of the mask-free ordering (one read of both).
+    Small next to q/k/v: ~(Gp + sel * bs / rows_per_program) * 4 bytes per query position and pass."""
+    bs = block_size
+    t_pad = -(-seq // bs) * bs
+    gp = next_pow2(heads // kv_heads)
+    n_qb = t_pad // bs
+    q_ids = batch * t_pad * gp * 4
+    k_tiles = batch * kv_heads * n_qb * selected_blocks_per_query_block * bs * 4  # one row tile per query block
+    uniform = 2 * batch * t_pad * 4
+    fwd = 2 * q_ids + k_tiles + uniform
+    if mode == "fwd":
+        return fwd
+    # dq as the forward; dk/dv: q ids of every selecting query block's rows, k ids once per key block
+    dkv = 2 * q_ids + batch * kv_heads * n_qb * selected_blocks_per_query_block * bs * gp * 4 + batch * t_pad * 4
+    return 2 * fwd + dkv
