@@ -65,12 +65,16 @@ SPECS = [
 # two rows of 40 tokens: ragged documents (one of length 1), padding (segment 0) at the end of row 0
 ROWS = [[17, 1, 10, 5, ("pad", 7)], [9, 31]]
 SEQ = 40
+# InfLLM-V2 proper inside documents: blocks of 16, 3 of an 80-token document's 5 chosen; the op is exact for
+# documents shorter than dense_below or starting at a multiple of block_size (ops/sparse/selection.py), as these do
+ALIGNED_SPARSE = dict(block_size=16, topk=1, kernel=8, stride=4, init_blocks=1, local_window=16, dense_below=24)
+ALIGNED_ROWS = [[80, 32, 5, 1, ("pad", 10)], [16, 1, 1, 14, 96]]
 
 
 def layout(rows=ROWS):
     """segment ids `[batch, seq]` (documents 1, 2, ... per row, padding 0) and the (row, start, length) of each
     document."""
-    seg = np.zeros((len(rows), SEQ), np.int32)
+    seg = np.zeros((len(rows), sum(n if isinstance(n, int) else n[1] for n in rows[0])), np.int32)
     docs = []
     for r, row in enumerate(rows):
         at = 0
@@ -81,7 +85,7 @@ def layout(rows=ROWS):
             seg[r, at:at + n] = j + 1
             docs.append((r, at, n))
             at += n
-        assert at == SEQ, row
+        assert at == sum(n if isinstance(n, int) else n[1] for n in rows[0]), row
     return jnp.asarray(seg), docs
 
 
@@ -105,9 +109,20 @@ def assert_trees_close(got, want, name):
 def test_packed_row_equals_documents_alone(name, spec):
     """Outputs and gradients (parameters, input) of a packed batch == the documents one by one (float32, 1e-5);
     the padding's inputs reach no document's output."""
+    check_packed_equals_alone(name, spec, ROWS)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_sparse_selection_inside_block_aligned_documents(impl):
+    """The sparse layer above dense_below with real selection (3 of 5 or 6 blocks) in block-aligned documents,
+    short documents (dense) between them, padding at the end."""
+    check_packed_equals_alone(f"sparse-aligned-{impl}", SparseSpec(**ALIGNED_SPARSE, impl=impl), ALIGNED_ROWS)
+
+
+def check_packed_equals_alone(name, spec, rows):
     layer, params = make_layer(spec, seed=3)
-    seg, docs = layout()
-    x = jax.random.normal(jax.random.key(7), (seg.shape[0], SEQ, CFG.d_model), jnp.float32)
+    seg, docs = layout(rows)
+    x = jax.random.normal(jax.random.key(7), (seg.shape[0], seg.shape[1], CFG.d_model), jnp.float32)
     w = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)  # the loss's weights
     real = (seg != 0)[..., None]
 
