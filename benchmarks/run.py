@@ -32,8 +32,11 @@ measured in step 1, so the report shows measured vs predicted.
 ``--tiny``: the same steps at tiny shapes on the CPU, kernels in interpret mode; fla and cuDNN rows are skipped
 with a reason (no GPU). Used by tests/test_bench_runner.py.
 
-Segment-id (packed sequence) rows are a later issue: they will be a ``segments`` field of the GLA / sparse row
-specs (``_gla_rows`` / ``_sparse_rows``) and their own step after "sparse"; nothing else needs to change.
+Segment-id (packed sequence, issue #19) rows: step "segments", after "sparse", times the same kernels on rows
+packed with ``SEGMENTS`` documents of ragged lengths (``segments`` field of the row spec; the id ends in
+``/seg{n}``), beside the unsegmented rows of the steps before: the overhead of segment ids. Only kernels that take
+segment ids have rows: block-sparse v1 (``SEGMENT_DESIGNS``); GLA's joins when its kernel takes them
+(``SEGMENT_GLA_VARIANTS``, empty until then).
 """
 
 from __future__ import annotations
@@ -127,16 +130,42 @@ def sparse_designs() -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------- row specs
 
 
-def _gla_rows(sh: Shapes, impls) -> list[dict]:
+# packed rows of the "segments" step: documents per row, and the kernels that take segment ids
+SEGMENTS = 8
+SEGMENT_DESIGNS = ("v1",)
+SEGMENT_GLA_VARIANTS: tuple[str, ...] = ()
+
+
+def _seg_suffix(segments: int | None) -> str:
+    return "" if segments is None else f"/seg{segments}"
+
+
+def _gla_rows(sh: Shapes, impls, segments: int | None = None) -> list[dict]:
     # a backward tile setting leaves the forward as its variant has it: timed once
-    return [dict(id=f"gla/{impl}/{gate}/T{t}/{p}", impl=impl, gate=gate, T=t, mode=p)
+    return [dict(id=f"gla/{impl}/{gate}/T{t}/{p}{_seg_suffix(segments)}", impl=impl, gate=gate, T=t, mode=p,
+                 **({} if segments is None else {"segments": segments}))
             for t in sh.gla_seqs for gate in GATES for impl in impls for p in PASSES
             if not (impl in GLA_TILES and p == "fwd")]
 
 
-def _sparse_rows(sh: Shapes, impls) -> list[dict]:
-    return [dict(id=f"sparse/{impl}/T{t}/1of{f}/{p}", impl=impl, T=t, frac=f, mode=p)
+def _sparse_rows(sh: Shapes, impls, segments: int | None = None) -> list[dict]:
+    return [dict(id=f"sparse/{impl}/T{t}/1of{f}/{p}{_seg_suffix(segments)}", impl=impl, T=t, frac=f, mode=p,
+                 **({} if segments is None else {"segments": segments}))
             for t in sh.sparse_seqs for f in sh.sparse_fracs for impl in impls for p in PASSES]
+
+
+def _segment_rows(sh: Shapes) -> list[dict]:
+    return _gla_rows(sh, SEGMENT_GLA_VARIANTS, SEGMENTS) + _sparse_rows(sh, SEGMENT_DESIGNS, SEGMENTS)
+
+
+def segment_ids_of(batch: int, seq: int, n: int):
+    """int32 `[batch, seq]`: `n` documents of ragged lengths (deterministic; none a multiple of 64) per row."""
+    import numpy as np
+
+    cuts = np.sort(np.random.default_rng(seq).choice(np.arange(1, seq), n - 1, replace=False))
+    row = np.zeros(seq, np.int32)
+    row[cuts] = 1
+    return np.broadcast_to(np.cumsum(row, dtype=np.int32) + 1, (batch, seq)).copy()
 
 
 def _cudnn_rows(sh: Shapes) -> list[dict]:
@@ -160,6 +189,8 @@ STEPS = [
     Step("ceilings", 60, 15, lambda sh: [dict(id="ceilings")], "bf16 matmul and copy ceilings"),
     Step("gla", 300, 190, lambda sh: _gla_rows(sh, gla_variants()), "chunked GLA, ours, every variant"),
     Step("sparse", 180, 100, lambda sh: _sparse_rows(sh, sparse_designs()), "block-sparse, ours, every design"),
+    Step("segments", 180, 60, _segment_rows, f"packed rows ({SEGMENTS} documents): block-sparse v1 (GLA when its "
+         "kernel takes segment ids)"),
     Step("fla-tune", 240, 120, lambda sh: [dict(id="fla-tune")], "fla Triton autotune + compile (untimed)"),
     Step("gla-fla", 120, 40, lambda sh: _gla_rows(sh, ("fla",)), "fla chunk_gla / chunk_simple_gla"),
     Step("sparse-cudnn", 90, 30, _cudnn_rows, "dense causal cuDNN"),
@@ -255,6 +286,13 @@ def row_cost(row: dict, sh: Shapes) -> dict | None:
             k = max(2, row["T"] // s["block_size"] // frac)
             c = _kernel_cost("pallas_kernels.block_sparse.cost", row["impl"], row["mode"],
                              dict(kw, block_size=s["block_size"], selected_blocks_per_query_block=k))
+            if row.get("segments"):  # the ids' extra bytes (cost.segment_bytes)
+                from pallas_kernels.block_sparse.cost import segment_bytes
+
+                kw.pop("head_dim"), kw.pop("dtype")
+                c["hbm_bytes"] += segment_bytes(**kw, block_size=s["block_size"], selected_blocks_per_query_block=k,
+                                                mode="fwd" if row["mode"] == "fwd" else "fwd_bwd")
+                return {**c, "source": f"cost.py {row['impl']} + segment_bytes"}
             return {**c, "source": f"cost.py {row['impl']}"}
         pairs = sparse_pairs(row["T"], s["block_size"], frac)
         return {**attention_ideal(mode=row["mode"], pairs=pairs, **kw), "source": "ideal minimum"}
@@ -482,10 +520,13 @@ def run_sparse(specs, sh, ctx):
         try:
             q, k, v, do = _sparse_inputs(sh, spec["T"])
             total = max(2, spec["T"] // bs // spec["frac"])
+            seg = {}
+            if spec.get("segments"):  # packed rows: selection and kernel inside each document
+                seg = dict(segment_ids=jax.numpy.asarray(segment_ids_of(q.shape[0], spec["T"], spec["segments"])))
             select = jax.jit(functools.partial(infllm_select, block_size=bs, topk=total - total // 2,
-                                               local_window=(total // 2) * bs))
+                                               local_window=(total // 2) * bs, **seg))
             idx, cnt = jax.block_until_ready(select(q, k))
-            kw = dict(variant=spec["impl"]) if has_designs else {}
+            kw = dict(dict(variant=spec["impl"]) if has_designs else {}, **seg)
             f = lambda q, k, v: block_sparse_attention(  # noqa: E731
                 q, k, v, idx, cnt, block_size=bs, backend="gpu", interpret=ctx.tiny, **kw)
             fwd, fb = _fwd_fwdbwd(f, 3)
@@ -650,7 +691,16 @@ def run_star(specs, sh, ctx):
         jax.clear_caches()
 
 
-RUNNERS = {"ceilings": run_ceilings, "gla": run_gla, "sparse": run_sparse, "fla-tune": run_fla_tune,
+def run_segments(specs, sh, ctx):
+    """The packed rows: sparse ones through run_sparse (GLA ones through run_gla once its kernel takes them)."""
+    gla = [s for s in specs if s["id"].startswith("gla/")]
+    for spec in gla:
+        yield _skip(spec, "the chunked GLA kernel does not take segment ids yet")
+    yield from run_sparse([s for s in specs if s["id"].startswith("sparse/")], sh, ctx)
+
+
+RUNNERS = {"ceilings": run_ceilings, "gla": run_gla, "sparse": run_sparse, "segments": run_segments,
+           "fla-tune": run_fla_tune,
            "gla-fla": run_gla_fla, "sparse-cudnn": run_cudnn, "teacher": run_teacher, "lizard-sala": run_speed,
            "lazyllm": run_lazyllm, "star-prefill": run_star_prefill, "star": run_star}
 
