@@ -308,3 +308,129 @@ def test_cost_model():
         assert (t1.launches, t2.launches) == (3, 2) and t2.hbm_bytes < t1.hbm_bytes
     with pytest.raises(ValueError, match="mode"):
         cost("v2", batch=1, seq=8, heads=1, dk=16, dv=16, per_dim=True, dtype="float32", mode="bwd")
+
+
+# ----------------------------------------------------------------------------- packed documents (issue #19)
+
+# two rows of 45 tokens at chunks of 16 (SMALL): row 0 has ragged documents, one of length 1, a boundary
+# exactly at a chunk boundary (16) and mid-chunk ones (5, 17, 33), then 3 tokens of padding (its own
+# segment); row 1 ends with a real document (the final state is that document's)
+SEGMENT_ROWS = ([5, 11, 1, 16, 9, 3], [16, 1, 20, 8])
+
+
+def segment_ids_of(rows):
+    return np.stack([np.concatenate([np.full(n, i) for i, n in enumerate(lens)]) for lens in rows]).astype(np.int32)
+
+
+def documents_alone(rows, *arrays):
+    """Each document of the packed rows as its own row starting at t = 0, zero-padded at the end to the longest:
+    ``[documents, max_len, ...]`` per array, and the (row, start, length) of each."""
+    docs = [(b, sum(lens[:i]), n) for b, lens in enumerate(rows) for i, n in enumerate(lens)]
+    width = max(n for _, _, n in docs)
+    out = [np.stack([np.pad(np.asarray(x[b, s:s + n], np.float32), [(0, width - n)] + [(0, 0)] * (x.ndim - 2))
+                     for b, s, n in docs]) for x in arrays]
+    return docs, out
+
+
+def packed_vs_alone(gla_fn, rows, heads, dk, dv, per_head, gate, seed=0):
+    """``gla_fn(q, k, v, log_g, h0, segment_ids) -> (o, ht)`` on the packed rows against the same function on each
+    document alone (one call, the documents as rows, segment_ids None) to ``FORMS_RTOL``, and against the float64
+    recurrence of each document to the float32 tolerance: outputs, final state (the last segment's) and the
+    gradients of sum(o*do) + sum(ht*dht) wrt q, k, v, log_g, h0 (h0 feeds the first document of a row only, dht
+    the last; a document start's log_g gradient is exactly 0)."""
+    seg = segment_ids_of(rows)
+    batch, seq = seg.shape
+    q, k, v, log_g, h0, do, dht = make_inputs(Case(batch, seq, heads, dk, dv, gate, per_head=per_head), seed)
+    (o, ht), vjp = jax.vjp(lambda *a: gla_fn(*a, jnp.asarray(seg)), q, k, v, log_g, h0)
+    grads = dict(zip(("q", "k", "v", "log_g", "h0"), vjp((do, dht))))
+
+    docs, (dq_, dk_, dv_, dg_, ddo) = documents_alone(rows, q, k, v, log_g, do)
+    first = np.array([s == 0 for _, s, _ in docs])
+    lastd = np.array([s + n == seq for _, s, n in docs])
+    rows_of = np.array([b for b, _, _ in docs])
+    h0_d = np.where(first[:, None, None, None], np.asarray(h0)[rows_of], 0.0).astype(np.float32)
+    dht_d = np.where(lastd[:, None, None, None], np.asarray(dht)[rows_of], 0.0).astype(np.float32)
+    (o_a, ht_a), vjp_a = jax.vjp(lambda *a: gla_fn(*a, None), *map(jnp.asarray, (dq_, dk_, dv_, dg_, h0_d)))
+    grads_a = dict(zip(("q", "k", "v", "log_g", "h0"), vjp_a((jnp.asarray(ddo), jnp.asarray(dht_d)))))
+
+    x64 = {n: np.asarray(x, np.float64) for n, x in dict(q=q, k=k, v=v, log_g=log_g, do=do).items()}
+    close = functools.partial(numerics.assert_close, dtype="float32")
+    for d, (b, s, n) in enumerate(docs):
+        sl = slice(s, s + n)
+        what = f"row {b} document tokens {s}..{s + n - 1}"
+        ro, rht, rg = oracle(*(x64[name][b:b + 1, sl] for name in ("q", "k", "v", "log_g")),
+                             np.asarray(h0_d[d:d + 1], np.float64), x64["do"][b:b + 1, sl],
+                             np.asarray(dht_d[d:d + 1], np.float64))
+        pairs = [("o", o[b:b + 1, sl], o_a[d:d + 1, :n], ro)]
+        pairs += [(f"d{name}", grads[name][b:b + 1, sl], grads_a[name][d:d + 1, :n], rg[name])
+                  for name in ("q", "k", "v")]
+        # the unpacked kernel's dlog_g at t = 0 with h0 = 0 is the rounding of a sum that cancels to 0; the
+        # packed one is exactly 0 there (asserted below): compare the rest
+        dg_alone = grads_a["log_g"][d:d + 1, :n] if first[d] else grads_a["log_g"][d:d + 1, :n].at[:, 0].set(0.0)
+        pairs.append(("dlog_g", grads["log_g"][b:b + 1, sl], dg_alone, rg["log_g"]))
+        if first[d]:
+            pairs.append(("dh0", grads["h0"][b:b + 1], grads_a["h0"][d:d + 1], rg["h0"]))
+        if lastd[d]:
+            pairs.append(("final state", ht[b:b + 1], ht_a[d:d + 1], rht))
+        for name, packed, alone, ref in pairs:
+            close(packed, alone, rtol=numerics.FORMS_RTOL, name=f"{name}, {what}, packed vs alone")
+            close(packed, ref, name=f"{name}, {what}, packed vs float64")
+        if not first[d]:  # the gate of a document's first token multiplies a discarded state
+            np.testing.assert_array_equal(np.asarray(grads["log_g"][b, s]), 0.0)
+
+
+def _kernel_fn(backend, variant, block_sizes=SMALL):
+    def fn(q, k, v, log_g, h0, seg):
+        return gla(q, k, v, log_g, initial_state=h0, return_final_state=True, backend=backend, interpret=True,
+                   block_sizes=block_sizes, variant=variant, segment_ids=seg)
+    return fn
+
+
+# (backend, variant, per_head, gate): "mixed" per dimension runs the folded fast path and the exact per-key
+# path side by side; "extreme" forces the per-key path in every chunk
+SEGMENT_CASES = [("gpu", "v1", False, "mixed"), ("gpu", "v2", True, "moderate"), ("tpu", "v1", True, "moderate"),
+                 ("tpu", "v2", False, "extreme")]
+SEGMENT_SLOW = [("gpu", "v1", True, "weak"), ("gpu", "v2", False, "extreme"), ("tpu", "v1", False, "mixed"),
+                ("tpu", "v2", True, "moderate")]
+
+
+def _seg_id(c):
+    return f"{c[0]}-{c[1]}-{'head' if c[2] else 'dim'}-{c[3]}"
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=_seg_id)
+def test_segments_packed_equals_documents_alone(case):
+    backend, variant, per_head, gate = case
+    packed_vs_alone(_kernel_fn(backend, variant), SEGMENT_ROWS, 2, 16, 32, per_head, gate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SEGMENT_SLOW, ids=_seg_id)
+def test_segments_packed_equals_documents_alone_sweep(case):
+    backend, variant, per_head, gate = case
+    packed_vs_alone(_kernel_fn(backend, variant), SEGMENT_ROWS, 2, 16, 32, per_head, gate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_segments_default_block_sizes_padded_dims(backend):
+    """Default block sizes (chunk 64, TPU v2 128), head dims padded inside (24 -> 32 / 128): documents across
+    and at the chunk boundary, the padded dims' -inf starts included."""
+    rows = ([30, 34, 1, 70, 5], [64, 64, 12])
+    for variant in VARIANTS:
+        packed_vs_alone(_kernel_fn(backend, variant, None), rows, 1, 24, 40, False, "moderate")
+
+
+def test_segments_single_segment_equals_none():
+    """One segment everywhere (the mask path, no start) gives what segment_ids=None gives."""
+    case = Case(1, 37, 2, 16, 16, "moderate")
+    q, k, v, log_g, h0, do, dht = make_inputs(case, seed=2)
+    kw = dict(initial_state=h0, return_final_state=True, interpret=True, block_sizes=SMALL)
+    o, ht = gla(q, k, v, log_g, **kw)
+    o1, ht1 = gla(q, k, v, log_g, segment_ids=jnp.full((1, 37), 7, jnp.int32), **kw)
+    numerics.assert_close(o1, o, rtol=numerics.FORMS_RTOL, name="o")
+    numerics.assert_close(ht1, ht, rtol=numerics.FORMS_RTOL, name="ht")
+    with pytest.raises(ValueError, match="segment_ids"):
+        gla(q, k, v, log_g, segment_ids=jnp.zeros((1, 36), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="segment_ids"):
+        gla(q, k, v, log_g, segment_ids=jnp.zeros((1, 37), jnp.float32), interpret=True)

@@ -137,6 +137,10 @@ class Config:
     interpret: bool
     dtype: str  # operand dtype of the matrix products (that of q, k, v)
     variant: str = "v1"  # one of VARIANTS
+    # segment resets (packed documents): a token whose log-gates are -inf in every (padded) dim starts a new
+    # segment; the kernels split it into a finite gate and a reset mask (see ``chunk_gates``). False: the
+    # kernels are exactly those without segments (no compare, no mask)
+    resets: bool = False
 
     @property
     def chunk(self) -> int:
@@ -167,6 +171,7 @@ class MatOps:
     precision: Any  # for products in ``dtype``
     precise: Any  # for the float32 segment-sum products
     tpu: bool
+    resets: bool = False  # Config.resets: chunk_gates looks for -inf rows (segment starts)
 
     @classmethod
     def for_config(cls, cfg: Config) -> "MatOps":
@@ -179,7 +184,7 @@ class MatOps:
         # dlog_g terms need ~5e-4 per term against a 2e-2 tolerance) and saves registers on the GPU
         return cls(dtype=dtype, precision=full if dtype == jnp.float32 else None,
                    precise=full if dtype == jnp.float32 or cfg.backend == "tpu" else None,
-                   tpu=cfg.backend == "tpu")
+                   tpu=cfg.backend == "tpu", resets=cfg.resets)
 
     def _dot(self, a, b, dims):
         return lax.dot_general(a.astype(self.dtype), b.astype(self.dtype), (dims, ((), ())),
@@ -212,14 +217,17 @@ class MatOps:
             return jnp.sum(tile.T, axis=0, keepdims=True)
         return col.T
 
-    def seg_sum(self, x, rel: str):
+    def seg_sum(self, x, rel: str, within=None):
         """out[s] = sum_{t: t rel s} x[t] over axis 0 of [C, G] float32, each sum formed directly (never as a
         difference of two long sums, which would cancel): a Triton scan for the inclusive prefix on the GPU,
-        else a full-precision product with a 0/1 mask, or for G = 1 a masked row-sum of [C, C]."""
+        else a full-precision product with a 0/1 mask, or for G = 1 a masked row-sum of [C, C]. within: None or
+        a [C, C] bool mask [s, t] that further restricts the sum (t in the segment of s)."""
         c, g = x.shape
-        if rel == "<=" and not self.tpu and g > 1:  # Triton's scan lowering asserts on a [C, 1] scan
+        if rel == "<=" and not self.tpu and g > 1 and within is None:  # Triton's scan asserts on a [C, 1] scan
             return jnp.cumsum(x, axis=0)
         keep = _RELATIONS[rel](_iota((c, c), 1), _iota((c, c), 0))  # keep[s, t]
+        if within is not None:
+            keep = keep & within
         if g == 1:  # no N = 1 product and no [C, 1] transpose
             xt = jnp.broadcast_to(x, (c, c)).T  # xt[s, t] = x[t]
             return jnp.sum(jnp.where(keep, xt, 0.0), axis=1, keepdims=True)
@@ -228,19 +236,48 @@ class MatOps:
 
 
 class Gates(NamedTuple):
-    """Log-gate sums of one chunk, g [C, G] float32."""
+    """Log-gate sums of one chunk, g [C, G] float32. The segment fields are None without ``Config.resets``."""
 
-    g: Any  # [C, G] the log-gates
+    g: Any  # [C, G] the log-gates (finite: a segment start's -inf replaced by 0)
     b: Any  # [C, G] inclusive prefix sums: the decay from the chunk start through token i
     bt: Any  # [C, G] exclusive suffix sums B - b_j: the decay from token j to the chunk end
     last: Any  # [1, G] B, the whole chunk's decay
     last_col: Any  # [G, 1] B as a column, to scale the rows of a [dk, dv] state
+    # segments (float 0/1 masks: every value they multiply is finite, so a product by 0 is an exact 0)
+    first: Any = None  # [C, 1] 1 where token i is in the segment of the state entering the chunk
+    tail: Any = None  # [C, 1] 1 where token j is in the segment of the state leaving the chunk
+    carry: Any = None  # [1, 1] 1 if no segment starts in the chunk (the entering state reaches its end)
+    same: Any = None  # [C, C] bool: tokens i and j in one segment
+    keep_g: Any = None  # [C, 1] 0 at segment starts (their gate multiplies a discarded state: zero gradient)
 
 
 def chunk_gates(g, ops: MatOps) -> Gates:
+    """The gate sums of one chunk. With ``ops.resets``, a row of g that is -inf in every column is a segment
+    start: its gate becomes 0 (so every sum, fold and exponent stays finite and the fast path's span is that of
+    the finite gates) and the reset is carried by masks instead, exactly: with ``n_i`` the number of starts in
+    [chunk start, i], tokens i and j share a segment iff ``n_i == n_j``; the entering state reaches token i
+    iff ``n_i == 0`` and the chunk end iff ``n_{C-1} == 0``; key j reaches the leaving state iff
+    ``n_j == n_{C-1}``. Any pair that a replaced gate sits between is masked, so no value depends on it."""
+    if ops.resets:
+        c = g.shape[0]
+        g_max = g if g.shape[1] == 1 else jnp.max(g, axis=1, keepdims=True)  # -inf iff every column is
+        start = jnp.where(g_max == -jnp.inf, 1.0, 0.0)  # [C, 1]
+        g = jnp.where(jnp.broadcast_to(start, g.shape) > 0.0, 0.0, g)
+        n = ops.seg_sum(start, "<=")  # [C, 1] small integers, exact
+        total = jnp.sum(start, axis=0, keepdims=True)  # [1, 1]
+        n_ij = jnp.broadcast_to(n, (c, c))  # [i, j] = n_i
+        segs = dict(first=jnp.maximum(1.0 - n, 0.0), tail=jnp.maximum(1.0 - (total - n), 0.0),
+                    carry=jnp.maximum(1.0 - total, 0.0), same=n_ij == n_ij.T, keep_g=1.0 - start)
+    else:
+        segs = {}
     last = jnp.sum(g, axis=0, keepdims=True)
     last_col = ops.row_to_col(last, g) if g.shape[1] > 1 else last
-    return Gates(g=g, b=ops.seg_sum(g, "<="), bt=ops.seg_sum(g, ">"), last=last, last_col=last_col)
+    return Gates(g=g, b=ops.seg_sum(g, "<="), bt=ops.seg_sum(g, ">"), last=last, last_col=last_col, **segs)
+
+
+def _masked(x, m):
+    """x * m for a float 0/1 mask m (x finite), or x itself without segments (m None)."""
+    return x if m is None else x * m
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -295,12 +332,15 @@ def _decay_from(g, j, ops: MatOps):
     return jnp.where(rows >= j, jnp.exp(jnp.minimum(ops.seg_sum(jnp.where(rows > j, g, 0.0), "<="), 0.0)), 0.0)
 
 
-def intra_scores(q, k, g, b, ops: MatOps, transpose: bool = False):
+def intra_scores(q, k, g, b, ops: MatOps, transpose: bool = False, same=None):
     """A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, else 0; [C, C] float32 (A^T if transpose).
 
-    g: the chunk's log-gates [C, G], b: their inclusive prefix sums."""
+    g: the chunk's log-gates [C, G], b: their inclusive prefix sums; same: None or the [C, C] segment mask
+    (symmetric), which removes the pairs of different segments."""
     c = q.shape[0]
     keep = _iota((c, c), 1) >= _iota((c, c), 0) if transpose else _causal(c)
+    if same is not None:
+        keep = keep & same
     if b.shape[1] == 1:
         qk = ops.mm_nt(k, q) if transpose else ops.mm_nt(q, k)
         return jnp.where(keep, qk * _pair_decay(g, keep, ops, transpose), 0.0)
@@ -319,7 +359,8 @@ def intra_scores(q, k, g, b, ops: MatOps, transpose: bool = False):
                 return a + jnp.where(_iota((c, c), 0) == j, jnp.sum(p.T, axis=0, keepdims=True), 0.0)
             return a + jnp.where(_iota((c, c), 1) == j, jnp.sum(p, axis=1, keepdims=True), 0.0)
 
-        return lax.fori_loop(0, c, body, jnp.zeros((c, c), F32))
+        a = lax.fori_loop(0, c, body, jnp.zeros((c, c), F32))
+        return a if same is None else jnp.where(same, a, 0.0)
 
     return lax.cond(fits, folded, by_key)
 
@@ -355,27 +396,27 @@ def intra_grads(da, da_t, q, k, g, b, ops: MatOps):
 
 def chunk_output(q, k, v, gates: Gates, h, ops: MatOps):
     """o = (q * exp(b)) h + A v. [C, dv] float32."""
-    qd = q.astype(F32) * jnp.exp(gates.b)
-    return ops.mm(qd, h) + ops.mm(intra_scores(q, k, gates.g, gates.b, ops), v)
+    qd = _masked(q.astype(F32) * jnp.exp(gates.b), gates.first)
+    return ops.mm(qd, h) + ops.mm(intra_scores(q, k, gates.g, gates.b, ops, same=gates.same), v)
 
 
 def state_update(h, k, v, gates: Gates, ops: MatOps):
     """h_next = exp(B) * h + (k * exp(B - b))^T v, float32 [dk, dv]."""
-    kd = k.astype(F32) * jnp.exp(gates.bt)
-    return jnp.exp(gates.last_col) * h + ops.mm_tn(kd, v)
+    kd = _masked(k.astype(F32) * jnp.exp(gates.bt), gates.tail)
+    return _masked(jnp.exp(gates.last_col), gates.carry) * h + ops.mm_tn(kd, v)
 
 
 def dstate_update(dh, q, do, gates: Gates, ops: MatOps):
     """Gradient of the state entering the chunk from that of the state leaving it: exp(B) * dh + (q*exp(b))^T do."""
-    qd = q.astype(F32) * jnp.exp(gates.b)
-    return jnp.exp(gates.last_col) * dh + ops.mm_tn(qd, do)
+    qd = _masked(q.astype(F32) * jnp.exp(gates.b), gates.first)
+    return _masked(jnp.exp(gates.last_col), gates.carry) * dh + ops.mm_tn(qd, do)
 
 
 def dv_parts(q, k, gates: Gates, dh, ops: MatOps):
     """The two terms of dv that contract over key dimensions, for a tile of them: (A^T [C, C] from this
     tile's dims, (k * exp(B - b)) dh [C, bv]). Both add up over tiles; dv = A^T do + the second."""
-    kd = k.astype(F32) * jnp.exp(gates.bt)
-    return intra_scores(q, k, gates.g, gates.b, ops, transpose=True), ops.mm(kd, dh)
+    kd = _masked(k.astype(F32) * jnp.exp(gates.bt), gates.tail)
+    return intra_scores(q, k, gates.g, gates.b, ops, transpose=True, same=gates.same), ops.mm(kd, dh)
 
 
 def chunk_dv(q, k, gates: Gates, do, dh, ops: MatOps):
@@ -400,18 +441,25 @@ def chunk_dqk(q, k, gates: Gates, v, do, h, dh, ops: MatOps):
     c = q.shape[0]
     b = gates.b
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    lower, upper = rows > cols, rows < cols
+    if gates.same is not None:  # pairs of different segments carry nothing (same is symmetric)
+        lower, upper = lower & gates.same, upper & gates.same
     da = ops.mm_nt(do, v)
-    dq_strict, dk_strict = intra_grads(jnp.where(rows > cols, da, 0.0),
-                                       jnp.where(rows < cols, ops.mm_nt(v, do), 0.0), q, k, gates.g, b, ops)
+    dq_strict, dk_strict = intra_grads(jnp.where(lower, da, 0.0), jnp.where(upper, ops.mm_nt(v, do), 0.0),
+                                       q, k, gates.g, b, ops)
     da_diag = jnp.sum(jnp.where(rows == cols, da, 0.0), axis=1, keepdims=True)  # [C, 1]
     qf, kf = q.astype(F32), k.astype(F32)
-    dq_inter = ops.mm_nt(do, h) * jnp.exp(b)
-    dk_inter = ops.mm_nt(v, dh) * jnp.exp(gates.bt)
+    dq_inter = _masked(ops.mm_nt(do, h) * jnp.exp(b), gates.first)
+    dk_inter = _masked(ops.mm_nt(v, dh) * jnp.exp(gates.bt), gates.tail)
     x = qf * (dq_inter + dq_strict) - kf * dk_strict
     y = kf * dk_inter
     hdh = h.astype(F32) * dh.astype(F32)
-    extra = jnp.exp(gates.last) * ops.col_to_row(jnp.sum(hdh, axis=1, keepdims=True), hdh)
+    extra = _masked(jnp.exp(gates.last), gates.carry) * ops.col_to_row(jnp.sum(hdh, axis=1, keepdims=True), hdh)
     if b.shape[1] == 1:
         x, y, extra = (jnp.sum(t, axis=1, keepdims=True) for t in (x, y, extra))
-    dg = ops.seg_sum(x, ">=") + ops.seg_sum(y, "<") + extra
+    # the suffix sum stays inside the segment of s: a later segment's x_t adds and removes the same pairs (0 in
+    # exact arithmetic, rounding noise otherwise); y is nonzero in the last segment only. A segment start's
+    # gate multiplies a discarded state: its gradient is 0 (already 0 in exact arithmetic; the mask removes
+    # the rounding)
+    dg = _masked(ops.seg_sum(x, ">=", gates.same) + ops.seg_sum(y, "<") + extra, gates.keep_g)
     return dq_inter + dq_strict + da_diag * kf, dk_inter + dk_strict + da_diag * qf, dg

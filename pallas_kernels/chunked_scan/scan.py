@@ -55,6 +55,13 @@ def _pad_to(x, shape):
     return jnp.pad(x, pads) if any(p for _, p in pads) else x
 
 
+def segment_starts(segment_ids):
+    """bool ``[batch, seq]``: True where a new segment starts after the first token (t >= 1 and
+    ``segment_ids[t] != segment_ids[t-1]``); position 0 continues the initial state."""
+    changed = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
+
+
 def gla(
     q,
     k,
@@ -67,6 +74,7 @@ def gla(
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
     variant: str = "v1",
+    segment_ids=None,
 ):
     """Chunkwise-parallel gated linear attention as Pallas kernels, differentiable.
 
@@ -83,6 +91,12 @@ def gla(
       variant: one of ``VARIANTS``. "v1": per-chunk states through HBM (GPU: forward 2 launches, backward 4).
         "v2": the state carried on chip (GPU, ``gpu_v2.py``: forward 1 launch, backward 2; TPU: chunk 128,
         backward without HBM states where they fit VMEM). Same results to the tolerances.
+      segment_ids: None, or int ``[batch, seq]`` equal within a document (packed documents): the state
+        restarts at each segment start t (``segment_ids[t] != segment_ids[t-1]``), i.e. the log-gate there is
+        -inf (the state is multiplied by exactly 0), handled exactly by the kernels (``common.chunk_gates``:
+        a finite gate and masks). initial_state applies to the first segment only; S_T is the last
+        segment's state. The gradient wrt log_g at a segment start is 0. None: the kernels and their inputs
+        are those without segments.
 
     Returns:
       o ``[batch, seq, heads, dv]`` in v's dtype, or ``(o, S_T)``. No scaling is applied inside.
@@ -107,6 +121,10 @@ def gla(
     dv = v.shape[-1]
     if initial_state is not None and initial_state.shape != (batch, heads, dk, dv):
         raise ValueError(f"{initial_state.shape=} must be {(batch, heads, dk, dv)}")
+    if segment_ids is not None and (segment_ids.shape != (batch, seq)
+                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be int [batch, seq] = {(batch, seq)}; got {segment_ids.shape=} "
+                         f"{segment_ids.dtype=}")
 
     dkp, dvp = _pad_dim(backend, dk), _pad_dim(backend, dv)
     if block_sizes is None:
@@ -121,11 +139,13 @@ def gla(
     vp = _pad_to(v, (batch, seqp, heads, dvp))
     # a trailing 1 is the per-head fast path (for dk == 1 both readings agree: padded dims have q = k = 0)
     gp = _pad_to(log_g, (batch, seqp, heads, 1 if log_g.shape[-1] == 1 else dkp))
+    if segment_ids is not None:  # -inf in every column, padded dims included (what chunk_gates looks for)
+        gp = jnp.where(_pad_to(segment_starts(segment_ids), (batch, seqp))[:, :, None, None], -jnp.inf, gp)
     h0 = jnp.zeros((batch, heads, dkp, dvp), F32) if initial_state is None else _pad_to(
         initial_state.astype(F32), (batch, heads, dkp, dvp))
 
     cfg = Config(block_sizes=block_sizes, backend=backend, interpret=bool(interpret), dtype=jnp.dtype(q.dtype).name,
-                 variant=variant)
+                 variant=variant, resets=segment_ids is not None)
     o, ht = _gla_vjp(cfg)(qp, kp, vp, gp, h0)
     o = o[:, :seq, :, :dv]
     if return_final_state:
