@@ -144,10 +144,13 @@ def visible(st: Static, row_pos, key_pos):
 
 
 def same_segment(mask, q_seg, k_seg):
-    """``mask & (q_seg[:, None] == k_seg[None, :])`` (``mask`` None: all visible); q_seg None: ``mask``."""
+    """``mask & (q_seg[:, None] == k_seg[None, :])`` (``mask`` None: all visible); q_seg None: ``mask``.
+    1-D ``q_seg`` [R] / ``k_seg`` [K] (the GPU kernels' gathered ids) are compared as an outer product; 2-D ones
+    are already broadcastable to the mask (the TPU kernels: q ids as a [rows, 1] column, k ids a [1, bs] row,
+    or transposed)."""
     if q_seg is None:
         return mask
-    same = q_seg[:, None] == k_seg[None, :]
+    same = q_seg[:, None] == k_seg[None, :] if q_seg.ndim == 1 else q_seg == k_seg
     return same if mask is None else mask & same
 
 
@@ -158,6 +161,21 @@ def segment_block_uniform(seg, bs: int):
     sb = seg.reshape(batch, t // bs, bs)
     lo, hi = sb.min(axis=-1), sb.max(axis=-1)
     return lo, lo == hi
+
+
+def segment_block_table(seg, bs: int):
+    """int32 ``[batch * n_blocks * 2]``: per block of ``seg [batch, n_blocks * bs]`` its lowest id and 1 if all
+    its ids are equal (``segment_block_uniform`` flattened, for scalar prefetch); a block pair of one segment
+    needs no segment mask: both uniform with equal ids (``segment_uniform_pair``)."""
+    lo, uni = segment_block_uniform(seg, bs)
+    return jnp.stack([lo, uni.astype(jnp.int32)], axis=-1).reshape(-1)
+
+
+def segment_uniform_pair(q_table, k_table, q_row, k_row):
+    """Traced bool: query block row ``q_row`` (= b * n_q_blocks + i) of ``q_table`` and key block row ``k_row``
+    of ``k_table`` (``segment_block_table``) lie wholly inside one and the same segment."""
+    return ((q_table[2 * q_row + 1] == 1) & (k_table[2 * k_row + 1] == 1)
+            & (q_table[2 * q_row] == k_table[2 * k_row]))
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):

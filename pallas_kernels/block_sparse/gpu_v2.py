@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_sparse import gpu
-from pallas_kernels.block_sparse.common import Static, dkv_work_items, dot, next_pow2, visible
+from pallas_kernels.block_sparse.common import Static, dkv_work_items, dot, next_pow2, same_segment, visible
 
 _NEG_INF = -jnp.inf
 _LOG2E = math.log2(math.e)
@@ -66,20 +66,31 @@ def _over_listed_blocks(st: Static, idx_ref, cnt_ref, kv_step: int, step, init):
 
 
 def _masked(pred, keep, x, fill):
-    """``where(keep, x, fill)`` only when the traced ``pred`` holds (``keep`` None: nothing to mask)."""
+    """``where(keep, x, fill)`` only when the traced ``pred`` holds (``keep`` None: nothing to mask; a callable:
+    the mask is built inside the masked branch, so its segment-id loads happen only there)."""
     if keep is None:
         return x
+    if callable(keep):
+        return lax.cond(pred, lambda x: jnp.where(keep(), x, fill), lambda x: x, x)
     return lax.cond(pred, lambda x: jnp.where(keep, x, fill), lambda x: x, x)
+
+
+def _keep(st: Static, row_pos, key_rows, listed, q_seg, ks_ref):
+    """The forward / dq mask: v1's (``gpu._keep``); with segment ids a thunk that gathers the step's k ids."""
+    if ks_ref is None:
+        return gpu._keep(st, row_pos, key_rows, listed)
+    return lambda: gpu._keep(st, row_pos, key_rows, listed, q_seg, ks_ref[key_rows])
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: Static, block_q: int,
-                kv_step: int):
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static, block_q: int, kv_step: int):
+    qs_ref, ks_ref, (o_ref, lse_ref) = gpu._seg_refs(st, refs, 2)
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
+    q_seg = None if qs_ref is None else qs_ref[...].reshape(rows)
     row_pos = gpu._row_positions(st, pl.program_id(0) * block_q, rows, group)
     c = st.scale * _LOG2E
     prescale = c <= 0
@@ -90,7 +101,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: St
         s = dot(q, k_ref[key_rows, :], trans_b=True)
         if prescale:
             s = s * c
-        s = _masked(masked, gpu._keep(st, row_pos, key_rows, listed), s, _NEG_INF)
+        s = _masked(masked, _keep(st, row_pos, key_rows, listed, q_seg, ks_ref), s, _NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
         alpha = jnp.exp2(m * cs - m_use)
@@ -109,11 +120,13 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: St
     plgpu.store(lse_ref, lse.reshape(block_q, group))
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: Static,
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,
                block_q: int, kv_step: int):
+    qs_ref, ks_ref, (dq_ref,) = gpu._seg_refs(st, refs, 1)
     _, group, dp = q_ref.shape
     rows = block_q * group
     q = q_ref[...].reshape(rows, dp)
+    q_seg = None if qs_ref is None else qs_ref[...].reshape(rows)
     do = do_ref[...].reshape(rows, dp)
     lse2 = lse_ref[...].reshape(rows)
     delta = delta_ref[...].reshape(rows)
@@ -123,7 +136,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         (dq,) = carry
         k = k_ref[key_rows, :]
         p = jnp.exp2(dot(q, k, trans_b=True) * (st.scale * _LOG2E) - lse2[:, None])
-        p = _masked(masked, gpu._keep(st, row_pos, key_rows, listed), p, 0.0)
+        p = _masked(masked, _keep(st, row_pos, key_rows, listed, q_seg, ks_ref), p, 0.0)
         ds = p * (dot(do, v_ref[key_rows, :], trans_b=True) - delta[:, None])
         return (dq + dot(ds.astype(k.dtype), k),)
 
@@ -131,9 +144,12 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     plgpu.store(dq_ref, (dq * st.scale).astype(dq_ref.dtype).reshape(block_q, group, dp))
 
 
-def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_part_ref, dv_part_ref, *, st: Static, block_q: int):
-    """Keys as rows: ``s^T = k q^T`` [bs, rows]; p^T and ds^T feed dv and dk without a transpose."""
+def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,
+                block_q: int):
+    """Keys as rows: ``s^T = k q^T`` [bs, rows]; p^T and ds^T feed dv and dk without a transpose. With segment
+    ids a step also masks unless its rows and the key block lie wholly inside one segment (a test on the
+    loaded ids: min == max on both sides, equal)."""
+    qs_ref, ks_ref, (dk_ref, dv_ref, dk_part_ref, dv_part_ref) = gpu._seg_refs(st, refs, 4)
     bs = st.block_size
     _, group, dp = q_ref.shape
     rows = block_q * group
@@ -145,6 +161,9 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     key_pos = start + lax.broadcasted_iota(jnp.int32, (bs,), 0)
     last = qlist_ref.shape[0] - 1
     n_masked = masked * steps  # the item's masked query blocks come first (ascending query blocks)
+    if ks_ref is not None:
+        k_seg = ks_ref[pl.ds(start, bs)]
+        k_lo, k_hi = jnp.min(k_seg), jnp.max(k_seg)
 
     def first_row(u):
         qblk = qlist_ref[jnp.minimum(first + lax.div(u, steps), last)]
@@ -159,7 +178,14 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
         delta = delta_ref[pl.ds(r0, block_q), :].reshape(rows)
         p_t = jnp.exp2(dot(k, q, trans_b=True) * (st.scale * _LOG2E) - lse2[None, :])
         row_pos = gpu._row_positions(st, r0, rows, group)
-        p_t = _masked(u < n_masked, visible(st, row_pos[None, :], key_pos[:, None]), p_t, 0.0)
+        if ks_ref is None:
+            p_t = _masked(u < n_masked, visible(st, row_pos[None, :], key_pos[:, None]), p_t, 0.0)
+        else:
+            q_seg = qs_ref[pl.ds(r0, block_q), :].reshape(rows)
+            one_segment = (jnp.min(q_seg) == k_lo) & (jnp.max(q_seg) == k_lo) & (k_hi == k_lo)
+            keep = lambda: same_segment(visible(st, row_pos[None, :], key_pos[:, None]), q_seg[None, :],
+                                        k_seg[:, None])
+            p_t = _masked((u < n_masked) | jnp.logical_not(one_segment), keep, p_t, 0.0)
         dv = dv + dot(p_t.astype(do.dtype), do)
         ds_t = p_t * (dot(v, do, trans_b=True) - delta[None, :])
         dk = dk + dot(ds_t.astype(q.dtype), q)
@@ -195,20 +221,22 @@ def first_unmasked(st: Static, n_qb: int, n_kb: int):
     return out
 
 
-def plan(st: Static, idx, cnt, *, backward: bool):
+def plan(st: Static, idx, cnt, *, backward: bool, seg=None):
     """The work lists, built once per selection: (idx, cnt) with mask-free blocks first for the forward and
-    dq, and with ``backward`` the dk/dv work list (items, q_blocks, slot_block). All int32 arrays."""
+    dq (with segment ids ``seg``: mask-free also needs both blocks inside one segment), and with ``backward``
+    the dk/dv work list (items, q_blocks, slot_block). All int32 arrays."""
     n_qb, max_blocks = idx.shape[2], idx.shape[3]
     n_kb = -(-st.seq_k // st.block_size)
-    idx_free, cnt_free = gpu._mask_free_first(st, idx, cnt)
+    idx_free, cnt_free = gpu._mask_free_first(st, idx, cnt, seg)
     if not backward:
         return idx_free, cnt_free
     items = dkv_work_items(idx, cnt, n_kb, st.block_sizes.dkv_split * max_blocks, first_unmasked(st, n_qb, n_kb))
     return (idx_free, cnt_free, *items)
 
 
-def forward(st: Static, q, k, v, work):
-    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (padded to whole blocks), ``work`` from ``plan`` -> o, lse."""
+def forward(st: Static, q, k, v, work, seg=None):
+    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (padded to whole blocks), ``work`` from ``plan`` -> o, lse.
+    ``seg``: None or (q segment ids [B, Tq], k segment ids [B, Tk]) int32, passed as v1 passes them."""
     idx, cnt = work[:2]
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -217,22 +245,24 @@ def forward(st: Static, q, k, v, work):
     bq = st.block_sizes.block_q
     kv_step, _ = _kv_steps(st, idx.shape[-1])
     spec = gpu._query_major_specs(bq, st.block_size // bq, idx.shape[-1], seq_k, gp, dp)
+    seg_in, seg_specs = gpu._seg_inputs(seg, gp, bq, seq_q, seq_k)
     o5, lse4 = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, block_q=bq, kv_step=kv_step),
         grid=(seq_q // bq, batch, kv_heads),
-        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"]],
+        in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"], *seg_specs],
         out_specs=[spec["rows"], spec["vec"]],
         out_shape=[jax.ShapeDtypeStruct(q5.shape, q.dtype), jax.ShapeDtypeStruct(q5.shape[:4], jnp.float32)],
         compiler_params=gpu._params(st, "fwd", bq * gp, kv_step * st.block_size),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_v2_fwd",
-    )(idx, cnt, q5, k4, v4)
+    )(idx, cnt, q5, k4, v4, *seg_in)
     return gpu._rows_to_heads(o5, heads, d), gpu._rows_to_heads(lse4, heads, None).transpose(0, 2, 1)
 
 
-def backward(st: Static, q, k, v, work, o, lse, do, dlse):
-    """Cotangents (dq, dk, dv); ``work`` is ``plan(..., backward=True)`` saved by the forward."""
+def backward(st: Static, q, k, v, work, o, lse, do, dlse, seg=None):
+    """Cotangents (dq, dk, dv); ``work`` is ``plan(..., backward=True)`` saved by the forward (``seg`` as
+    ``forward``)."""
     idx_free, cnt_free, items, qlist, slot_block = work
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -251,19 +281,21 @@ def backward(st: Static, q, k, v, work, o, lse, do, dlse):
     bq = bsz.block_q_dq
     _, kv_step = _kv_steps(st, max_blocks)
     spec = gpu._query_major_specs(bq, bs // bq, max_blocks, seq_k, gp, dp)
+    seg_in, seg_specs = gpu._seg_inputs(seg, gp, bq, seq_q, seq_k)
     dq5 = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, block_q=bq, kv_step=kv_step),
         grid=(seq_q // bq, batch, kv_heads),
         in_specs=[spec["idx"], spec["cnt"], spec["rows"], spec["kv"], spec["kv"], spec["rows"], spec["vec"],
-                  spec["vec"]],
+                  spec["vec"], *seg_specs],
         out_specs=spec["rows"],
         out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
         compiler_params=gpu._params(st, "dq", bq * gp, kv_step * bs),
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_v2_dq",
-    )(idx_free, cnt_free, q5, k4, v4, do5, lse4, delta4)
+    )(idx_free, cnt_free, q5, k4, v4, do5, lse4, delta4, *seg_in)
 
+    seg_in, seg_specs = gpu._seg_inputs(seg, gp, None, seq_q, seq_k)
     n_items, n_slots = items.shape[2], slot_block.shape[2]
     bq = bsz.block_q_dkv
     full_rows = pl.BlockSpec((None, seq_q, None, gp, dp), lambda j, b, h: (b, 0, h, 0, 0))
@@ -276,7 +308,7 @@ def backward(st: Static, q, k, v, work, o, lse, do, dlse):
         in_specs=[
             pl.BlockSpec((None, None, None, 5), lambda j, b, h: (b, h, j, 0)),
             pl.BlockSpec((None, None, qlist.shape[-1]), lambda j, b, h: (b, h, 0)),
-            full_rows, full_kv, full_kv, full_rows, full_vec, full_vec,
+            full_rows, full_kv, full_kv, full_rows, full_vec, full_vec, *seg_specs,
         ],
         out_specs=[full_kv, full_kv, part, part],
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype),
@@ -286,7 +318,7 @@ def backward(st: Static, q, k, v, work, o, lse, do, dlse):
         interpret=st.interpret,
         debug=st.debug,
         name="block_sparse_v2_dkv",
-    )(items, qlist, q5, k4, v4, do5, lse4, delta4)
+    )(items, qlist, q5, k4, v4, do5, lse4, delta4, *seg_in)
     dk4 = gpu._sum_partials(dk4, dk_part, slot_block, n_kb, bs)
     dv4 = gpu._sum_partials(dv4, dv_part, slot_block, n_kb, bs)
     return gpu._rows_to_heads(dq5, heads, d), dk4[..., :d], dv4[..., :d]
