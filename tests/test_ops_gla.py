@@ -340,3 +340,140 @@ def test_lightning_validates_slopes():
         lightning_attention(q, k, v, lightning_slopes(3))
     with pytest.raises(ValueError, match="slopes must be"):
         lightning_step(q[:, 0], k[:, 0], v[:, 0], lightning_slopes(3), jnp.zeros((1, 4, 4, 4)))
+
+
+# ----------------------------------------------------------------------------- packed documents (issue #19)
+
+# two rows of 45 tokens, chunk_size 16: row 0 has ragged documents, one of length 1, a boundary exactly at a
+# chunk boundary (16) and mid-chunk ones (5, 17, 33), then 3 tokens of padding (its own segment); row 1 ends
+# with a real document (the final state is that document's)
+SEG_ROWS = ([5, 11, 1, 16, 9, 3], [16, 1, 20, 8])
+SEG_CHUNK = 16
+
+
+def segment_ids_of(rows):
+    return jnp.asarray(np.stack([np.concatenate([np.full(n, i) for i, n in enumerate(lens)]) for lens in rows]),
+                       jnp.int32)
+
+
+def packed_vs_alone(fn, rows, tokens, h0, do, dht, params=(), gates=(), rtol=FORMS_RTOL, final_state=True):
+    """``fn(*tokens, h0, *params, segment_ids) -> (o, final state)`` on packed rows equals ``fn`` on each document
+    alone (the documents as the rows of one call, zero-padded at the end, ``segment_ids=None``): outputs, the
+    final state of each row's last segment, and the gradients of sum(o*do) + sum(ht*dht) wrt every token input
+    ``[batch, seq, ...]``, h0 (which feeds the first document of a row only; dht the last) and ``params`` (summed
+    over documents either way). ``gates``: indices of token inputs that are log-gates; their gradient at a
+    document's first token (after the first) is exactly 0 packed, and left out of the comparison.
+    final_state=False: for ops whose gate cannot be zero on the padding of the alone run (Lightning's fixed decay
+    keeps decaying the state there), dht is 0 and the final state is not compared."""
+    if not final_state:
+        dht = jnp.zeros_like(dht)
+    seg = segment_ids_of(rows)
+    seq = seg.shape[1]
+    n_tok = len(tokens)
+
+    @jax.jit
+    def run(args, cts, seg):
+        out, vjp = jax.vjp(lambda *a: fn(*a, seg), *args)
+        return out, vjp(cts)
+
+    (o, ht), grads = run((*tokens, h0, *params), (do, dht), seg)
+    docs = [(b, sum(lens[:i]), n) for b, lens in enumerate(rows) for i, n in enumerate(lens)]
+    width = max(n for *_, n in docs)
+
+    def alone(x):
+        x = np.asarray(x)
+        return jnp.asarray(np.stack([np.pad(x[b, s:s + n], [(0, width - n)] + [(0, 0)] * (x.ndim - 2))
+                                     for b, s, n in docs]), x.dtype)
+
+    first = np.array([s == 0 for _, s, _ in docs])
+    last = np.array([s + n == seq for _, s, n in docs])
+    row = np.array([b for b, _, _ in docs])
+    h0_a = jnp.where(first[:, None, None, None], h0[row], 0.0)
+    dht_a = jnp.where(last[:, None, None, None], dht[row], 0.0)
+    (o_a, ht_a), grads_a = run((*map(alone, tokens), h0_a, *params), (alone(do), dht_a), None)
+    for d, (b, s, n) in enumerate(docs):
+        what = f"row {b} document tokens {s}..{s + n - 1}, packed vs alone"
+        assert_close(o[b, s:s + n], o_a[d, :n], rtol=rtol, name=f"o, {what}")
+        for i in range(n_tok):
+            got, want = grads[i][b, s:s + n], grads_a[i][d, :n]
+            if i in gates and not first[d]:
+                np.testing.assert_array_equal(np.asarray(got[0]), 0.0, err_msg=f"gate {i} gradient at the start, {what}")
+                got, want = got[1:], want[1:]
+            assert_close(got, want, rtol=rtol, name=f"gradient of input {i}, {what}")
+        if first[d]:
+            assert_close(grads[n_tok][b], grads_a[n_tok][d], rtol=rtol, name=f"dh0, {what}")
+        if last[d] and final_state:
+            assert_close(ht[b], ht_a[d], rtol=rtol, name=f"final state, {what}")
+    for i in range(len(params)):
+        assert_close(grads[n_tok + 1 + i], grads_a[n_tok + 1 + i], rtol=rtol, name=f"gradient of param {i}")
+
+
+def _seg_inputs(seed, gate, heads=2, dk=8, dv=6, decay="mixed"):
+    seq = sum(SEG_ROWS[0])
+    q, k, v, g, h0 = make_inputs(seed, len(SEG_ROWS), seq, heads, dk, dv, gate=gate, decay=decay)
+    rng = np.random.default_rng(seed + 100)
+    do = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+    dht = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
+    return q, k, v, g, h0, do, dht
+
+
+def _gla_fn(impl, **kw):
+    def fn(q, k, v, g, h0, seg):
+        return gla(q, k, v, g, initial_state=h0, return_final_state=True, impl=impl, chunk_size=SEG_CHUNK,
+                   segment_ids=seg, **kw)
+    return fn
+
+
+SEG_GLA_CASES = [("xla", "dim", "mixed"), ("xla", "head", "strong"), ("pallas", "dim", "mixed"),
+                 ("pallas", "head", "weak")]
+
+
+@pytest.mark.parametrize("impl,gate,decay", SEG_GLA_CASES, ids=["-".join(c) for c in SEG_GLA_CASES])
+def test_gla_segments_packed_equals_documents_alone(impl, gate, decay):
+    q, k, v, g, h0, do, dht = _seg_inputs(21, gate, decay=decay)
+    if impl == "pallas":  # the kernel's tiles: chunk 16 like the XLA form here
+        from pallas_kernels.chunked_scan import BlockSizes
+        fn = _gla_fn(impl, block_sizes=BlockSizes(chunk=16, block_k=16, block_v=16, block_v_out=16, block_k_bwd=16,
+                                                  block_v_bwd=16, block_v_dv=16, block_k_dv=16, block_k_dqk=16))
+    else:
+        fn = _gla_fn(impl)
+    packed_vs_alone(fn, SEG_ROWS, (q, k, v, g), h0, do, dht, gates=(3,))
+
+
+def test_gla_reference_segments_and_errors():
+    """The reference scan with segment ids equals the chunked form with them; bad ids raise."""
+    q, k, v, g, h0, *_ = _seg_inputs(22, "dim")
+    seg = segment_ids_of(SEG_ROWS)
+    o, ht = jax.jit(functools.partial(gla_reference, segment_ids=seg))(q, k, v, g, h0)
+    o_c, ht_c = gla_xla(q, k, v, g, initial_state=h0, return_final_state=True, segment_ids=seg)
+    assert_close(o_c, o, rtol=FORMS_RTOL, name="o")
+    assert_close(ht_c, ht, rtol=FORMS_RTOL, name="final state")
+    # the first document sees h0, the others do not
+    o2 = gla_xla(q, k, v, g, initial_state=2 * h0, segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(o2[0, 5:]), np.asarray(o_c[0, 5:]))
+    assert not np.allclose(np.asarray(o2[0, :5]), np.asarray(o_c[0, :5]))
+    for bad in (seg[:, :-1], seg.astype(jnp.float32), seg[0]):
+        with pytest.raises(ValueError, match="segment_ids must be"):
+            gla(q, k, v, g, impl="xla", segment_ids=bad)
+
+
+def test_lightning_segments_packed_equals_documents_alone():
+    """Lightning packed == documents alone (outputs, dq, dk, dv, dh0, dslopes; its fixed decay would keep decaying
+    the alone run's end padding, so the final state is checked as GLA's with the explicit per-head gate, which
+    test_gla_segments_packed_equals_documents_alone holds to the documents alone)."""
+    q, k, v, _, h0, do, dht = _seg_inputs(23, "head", heads=4)
+    slopes = lightning_slopes(4)
+    seg = segment_ids_of(SEG_ROWS)
+
+    def fn(q, k, v, h0, slopes, seg, impl):
+        return lightning_attention(q, k, v, slopes, initial_state=h0, return_final_state=True, impl=impl,
+                                   chunk_size=SEG_CHUNK, segment_ids=seg)
+
+    for impl in ("xla", "pallas"):
+        packed_vs_alone(functools.partial(fn, impl=impl), SEG_ROWS, (q, k, v), h0, do, dht, params=(slopes,),
+                        final_state=False)
+    _, ht = fn(q, k, v, h0, slopes, seg, "xla")
+    log_g = jnp.broadcast_to(-slopes[:, None], q.shape[:3] + (1,))
+    _, ht_gla = gla_xla(q, k, v, log_g, initial_state=h0, return_final_state=True, chunk_size=SEG_CHUNK,
+                        segment_ids=seg)
+    assert_close(ht, ht_gla, rtol=FORMS_RTOL, name="final state")

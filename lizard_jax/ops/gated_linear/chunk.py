@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 
 from lizard_jax.ops.gated_linear.reference import PRECISION
+from lizard_jax.ops.gated_linear.segments import reset_gates
 
 DEFAULT_CHUNK_SIZE = 64
 # sub-chunk length for per-dimension gates (the diagonal blocks hold a [c, c, dk] decay tensor)
@@ -95,10 +96,14 @@ def _intra_chunk_scores(q, k, g):
     return scores.reshape(*scores.shape[:-4], n_sub * c, n_sub * c)
 
 
-def gla_chunk(q, k, v, g, initial_state=None, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def gla_chunk(q, k, v, g, initial_state=None, *, chunk_size: int = DEFAULT_CHUNK_SIZE, segment_ids=None):
     """GLA in chunked form. Same contract and return as ``reference.gla_reference``:
     (o ``[batch, seq, heads, dv]`` in v's dtype, final state ``[batch, heads, dk, dv]`` float32).
-    Inputs are assumed validated (see ``gla``)."""
+    segment_ids: None or int ``[batch, seq]``: -inf gates at segment starts (``segments.py``), exact here since
+    every exponent is a sum of gates (no inf - inf) and masks are selects after the exp (no 0 * inf), in the
+    backward pass too. Inputs are assumed validated (see ``gla``)."""
+    if segment_ids is not None:
+        g = reset_gates(g, segment_ids)
     batch, seq, heads, dk = q.shape
     dv, dg = v.shape[-1], g.shape[-1]
     size = chunk_size

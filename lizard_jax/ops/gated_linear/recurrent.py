@@ -19,6 +19,9 @@ def gla_step(q, k, v, log_g, state):
 
     Returns:
       (o ``[batch, heads, dv]`` in v's dtype, new state ``[batch, heads, dk, dv]`` float32).
+
+    No segment ids: generation is unpacked. To start a new document, start from a zero state (or pass
+    ``log_g = -inf``: the state is multiplied by exactly 0).
     """
     if state is None:
         raise ValueError("gla_step needs a state [batch, heads, dk, dv]; start from zeros")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from lizard_jax.ops.gated_linear.segments import reset_gates
+
 # every float32 contraction in the GLA family runs at full float32 precision (no TF32 / bf16 passes)
 PRECISION = lax.Precision.HIGHEST
 
@@ -27,9 +29,12 @@ def recurrence_step(h, q, k, v, g):
     return o, h
 
 
-def gla_reference(q, k, v, g, initial_state=None):
+def gla_reference(q, k, v, g, initial_state=None, *, segment_ids=None):
     """GLA by a sequential scan over tokens. Returns (o ``[batch, seq, heads, dv]`` in v's dtype,
-    final state ``[batch, heads, dk, dv]`` float32). Inputs are assumed validated (see ``gla``)."""
+    final state ``[batch, heads, dk, dv]`` float32). segment_ids: None or int ``[batch, seq]``, the state
+    restarts at each segment start (``segments.py``). Inputs are assumed validated (see ``gla``)."""
+    if segment_ids is not None:
+        g = reset_gates(g, segment_ids)
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
     h0 = (

@@ -78,6 +78,7 @@ def lightning_attention(
     return_final_state: bool = False,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    segment_ids=None,
 ):
     """Lightning attention over a sequence.
 
@@ -85,6 +86,8 @@ def lightning_attention(
       q, k: ``[batch, seq, heads, dk]``; v: ``[batch, seq, heads, dv]``.
       slopes: ``[heads]`` decay rates s_h >= 0 (e.g. ``lightning_slopes(heads)``).
       initial_state, return_final_state, impl, chunk_size: as in ``gla``.
+      segment_ids: None or int ``[batch, seq]`` (packed documents), as in ``gla``: the state restarts at each
+        segment start (the per-head decay there becomes 0); initial_state applies to the first segment only.
 
     Returns:
       o ``[batch, seq, heads, dv]`` (v's dtype), or ``(o, final_state [batch, heads, dk, dv] float32)``.
@@ -92,9 +95,11 @@ def lightning_attention(
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, seq, heads, dk], got {q.shape=}")
     log_g = _log_gate(slopes, q.shape[2], q.shape[:2])
+    seg = {} if segment_ids is None else {"segment_ids": segment_ids}  # None: the call without segments
     return gla(
         q, k, v, log_g,
         initial_state=initial_state, return_final_state=return_final_state, impl=impl, chunk_size=chunk_size,
+        **seg,
     )
 
 
