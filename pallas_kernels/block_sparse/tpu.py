@@ -11,6 +11,11 @@ per selecting query block, and a write on its last step; no atomics.
 A step takes a whole query block for all query heads of the kv head: q is laid out ``[B, KV, G, T, d]`` and a
 ``[G, block_size, d]`` tile is stacked as ``G * block_size`` rows (row r: head r // bs, query r % bs).
 Row statistics (m, l, lse, delta) are ``[rows, 1]`` columns.
+
+Segment ids (packed documents; ``Static.segments``): q ids laid out like the row statistics, a ``[rows, 1]``
+column per query block (broadcast over the group), k ids a ``[1, bs]`` row per key block fetched by the same
+index map as k/v; ``q_ids == k_ids`` joins the visibility mask of every step (v1 masks every step anyway).
+With None the kernels, their inputs and grids are exactly the unsegmented ones.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse.common import Static, dot, kv_major_schedule, visible
+from pallas_kernels.block_sparse.common import Static, dot, kv_major_schedule, same_segment, visible
 
 _NEG_INF = -jnp.inf
 
@@ -36,11 +41,23 @@ def _positions(st: Static, q_start, k_start, group: int):
     return st.q_offset + q_start + row, k_start + key
 
 
-def _logits(st: Static, q, k, q_start, k_start, group: int):
+def _logits(st: Static, q, k, q_start, k_start, group: int, q_ids=None, k_ids=None):
+    """Masked logits [rows, bs]; with segment ids ``q_ids`` [rows, 1] / ``k_ids`` [1, bs] also the segment mask."""
     s = dot(q, k, trans_b=True) * st.scale
     row_pos, key_pos = _positions(st, q_start, k_start, group)
-    mask = visible(st, row_pos, key_pos)
+    mask = same_segment(visible(st, row_pos, key_pos), q_ids, k_ids)
     return s if mask is None else jnp.where(mask, s, _NEG_INF)
+
+
+def _seg_refs(st: Static, refs):
+    """Split the refs after the q/k/v-like inputs into (q ids ref, k ids ref) or (None, None), and the rest."""
+    if st.segments:
+        return refs[0], refs[1], refs[2:]
+    return None, None, refs
+
+
+def _ids(ref):
+    return None if ref is None else ref[...]
 
 
 def _interpret(st: Static):
@@ -58,7 +75,8 @@ def _query_block_step():
     return i, t, max_blocks, (b * kv_heads + h) * n_qb + i
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: Static):
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static):
+    qs_ref, ks_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _seg_refs(st, refs)
     i, t, max_blocks, flat = _query_block_step()
     group, bs, d = q_ref.shape
 
@@ -72,7 +90,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_s
     def _step():
         q = q_ref[...].reshape(group * bs, d)
         k_start = idx_ref[flat * max_blocks + t] * bs
-        s = _logits(st, q, k_ref[...], i * bs, k_start, group)
+        s = _logits(st, q, k_ref[...], i * bs, k_start, group, _ids(qs_ref), _ids(ks_ref))
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
@@ -92,7 +110,8 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_s
         lse_ref[...] = jnp.where(empty, _NEG_INF, jnp.where(m == _NEG_INF, 0.0, m) + jnp.log(l_safe))
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, st: Static):
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static):
+    qs_ref, ks_ref, (dq_ref, dq_sc) = _seg_refs(st, refs)
     i, t, max_blocks, flat = _query_block_step()
     group, bs, d = q_ref.shape
 
@@ -108,7 +127,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         lse = jnp.where(lse == _NEG_INF, 0.0, lse)  # such rows see no key: every logit is -inf, p = 0
         k = k_ref[...]
         k_start = idx_ref[flat * max_blocks + t] * bs
-        p = jnp.exp(_logits(st, q, k, i * bs, k_start, group) - lse)
+        p = jnp.exp(_logits(st, q, k, i * bs, k_start, group, _ids(qs_ref), _ids(ks_ref)) - lse)
         ds = p * (dot(do, v_ref[...], trans_b=True) - delta_ref[...])
         dq_sc[...] += dot(ds.astype(k.dtype), k)
 
@@ -117,8 +136,8 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype).reshape(group, bs, d)
 
 
-def _dkv_kernel(qb_ref, kb_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, st: Static):
+def _dkv_kernel(qb_ref, kb_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static):
+    qs_ref, ks_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = _seg_refs(st, refs)
     b, h, t = (pl.program_id(a) for a in range(3))
     kv_heads, steps = pl.num_programs(1), pl.num_programs(2)
     group, bs, d = q_ref.shape
@@ -136,7 +155,8 @@ def _dkv_kernel(qb_ref, kb_ref, last_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         do = do_ref[...].reshape(group * bs, d)
         lse = lse_ref[...]
         lse = jnp.where(lse == _NEG_INF, 0.0, lse)
-        p = jnp.exp(_logits(st, q, k_ref[...], qblk * bs, kb_ref[flat] * bs, group) - lse)
+        p = jnp.exp(_logits(st, q, k_ref[...], qblk * bs, kb_ref[flat] * bs, group, _ids(qs_ref), _ids(ks_ref))
+                    - lse)
         dv_sc[...] += dot(p.T.astype(do.dtype), do)
         ds = p * (dot(do, v_ref[...], trans_b=True) - delta_ref[...])
         dk_sc[...] += dot(ds.T.astype(q.dtype), q)
@@ -179,8 +199,28 @@ def _kv_layout(x):
     return x.transpose(0, 2, 1, 3)  # [B, T, KV, d] -> [B, KV, T, d]
 
 
-def forward(st: Static, q, k, v, idx, cnt):
-    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (seq padded to whole blocks) -> o [B, Tq, H, d], lse [B, H, Tq]."""
+def _seg_layout(seg, group: int, bs: int):
+    """Segment ids (q [B, Tq], k [B, Tk]) -> q ids [B, nQB, G*bs, 1] (a column per query block, rows head-major
+    as the stacked q: row r is query r % bs) and k ids [B, nKB, 1, bs] (a row per key block)."""
+    q_seg, k_seg = seg
+    batch, seq_q = q_seg.shape
+    qs = jnp.tile(q_seg.reshape(batch, seq_q // bs, 1, bs), (1, 1, group, 1))
+    return qs.reshape(batch, seq_q // bs, group * bs, 1), k_seg.reshape(batch, -1, 1, bs)
+
+
+def _seg_specs(st: Static, rows: int, q_block, k_block):
+    """BlockSpecs of ``_seg_layout``'s ids ([] without segment ids): ``q_block`` / ``k_block`` map the grid
+    indices and prefetched refs to (batch, query block) / (batch, key block)."""
+    if not st.segments:
+        return []
+    bs = st.block_size
+    return [pl.BlockSpec((None, None, rows, 1), lambda *a: (*q_block(*a), 0, 0)),
+            pl.BlockSpec((None, None, 1, bs), lambda *a: (*k_block(*a), 0, 0))]
+
+
+def forward(st: Static, q, k, v, idx, cnt, seg=None):
+    """q [B, Tq, H, d], k/v [B, Tk, KV, d] (seq padded to whole blocks) -> o [B, Tq, H, d], lse [B, H, Tq].
+    ``seg``: None or (q segment ids [B, Tq], k segment ids [B, Tk]) int32."""
     batch, seq_q, heads, d = q.shape
     kv_heads = k.shape[2]
     group, bs = heads // kv_heads, st.block_size
@@ -191,10 +231,12 @@ def forward(st: Static, q, k, v, idx, cnt):
         return b, h, idx_ref[((b * kv_heads + h) * n_qb + i) * max_blocks + t], 0
 
     q_spec = pl.BlockSpec((None, None, group, bs, d), lambda b, h, i, t, *_: (b, h, 0, i, 0))
+    seg_specs = _seg_specs(st, rows, lambda b, h, i, t, *_: (b, i), lambda *a: (a[0], kv_map(*a)[2]))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(batch, kv_heads, n_qb, max_blocks),
-        in_specs=[q_spec, pl.BlockSpec((None, None, bs, d), kv_map), pl.BlockSpec((None, None, bs, d), kv_map)],
+        in_specs=[q_spec, pl.BlockSpec((None, None, bs, d), kv_map), pl.BlockSpec((None, None, bs, d), kv_map),
+                  *seg_specs],
         out_specs=[q_spec, pl.BlockSpec((None, None, None, rows, 1), lambda b, h, i, t, *_: (b, h, i, 0, 0))],
         scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                         pltpu.VMEM((rows, d), jnp.float32)],
@@ -209,12 +251,14 @@ def forward(st: Static, q, k, v, idx, cnt):
         interpret=_interpret(st),
         debug=st.debug,
         name="block_sparse_fwd",
-    )(idx.reshape(-1), cnt.reshape(-1), qt, _kv_layout(k), _kv_layout(v))
+    )(idx.reshape(-1), cnt.reshape(-1), qt, _kv_layout(k), _kv_layout(v),
+      *(() if seg is None else _seg_layout(seg, group, bs)))
     return _q_layout_back(o), _vec_layout_back(lse, heads)
 
 
-def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
-    """Cotangents (dq, dk, dv) for cotangents do [B, Tq, H, d] of o and dlse [B, H, Tq] of lse."""
+def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse, seg=None):
+    """Cotangents (dq, dk, dv) for cotangents do [B, Tq, H, d] of o and dlse [B, H, Tq] of lse (``seg`` as
+    ``forward``)."""
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group, bs = heads // kv_heads, st.block_size
@@ -232,12 +276,14 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
     q_spec = pl.BlockSpec((None, None, group, bs, d), lambda b, h, i, t, *_: (b, h, 0, i, 0))
     vec_spec = pl.BlockSpec((None, None, None, rows, 1), lambda b, h, i, t, *_: (b, h, i, 0, 0))
     kv_spec = pl.BlockSpec((None, None, bs, d), kv_map)
+    seg_in = () if seg is None else _seg_layout(seg, group, bs)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(batch, kv_heads, n_qb, max_blocks),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec],
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, vec_spec, vec_spec,
+                      *_seg_specs(st, rows, lambda b, h, i, t, *_: (b, i), lambda *a: (a[0], kv_map(*a)[2]))],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((rows, d), jnp.float32)],
         ),
@@ -246,7 +292,7 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         interpret=_interpret(st),
         debug=st.debug,
         name="block_sparse_dq",
-    )(idx.reshape(-1), cnt.reshape(-1), qt, kt, vt, dot_, lse5, delta5)
+    )(idx.reshape(-1), cnt.reshape(-1), qt, kt, vt, dot_, lse5, delta5, *seg_in)
 
     q_block, k_block, last = kv_major_schedule(idx, cnt, n_kb)
     steps = q_block.shape[-1]
@@ -271,7 +317,8 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(batch, kv_heads, steps),
-            in_specs=[qblk, kblk, kblk, qblk, vblk, vblk],
+            in_specs=[qblk, kblk, kblk, qblk, vblk, vblk,
+                      *_seg_specs(st, rows, lambda *a: (a[0], q_map(*a)[3]), lambda *a: (a[0], k_map(*a)[2]))],
             out_specs=[kblk, kblk],
             scratch_shapes=[pltpu.VMEM((bs, d), jnp.float32), pltpu.VMEM((bs, d), jnp.float32)],
         ),
@@ -280,5 +327,5 @@ def backward(st: Static, q, k, v, idx, cnt, o, lse, do, dlse):
         interpret=_interpret(st),
         debug=st.debug,
         name="block_sparse_dkv",
-    )(q_block.reshape(-1), k_block.reshape(-1), last.reshape(-1), qt, kt, vt, dot_, lse5, delta5)
+    )(q_block.reshape(-1), k_block.reshape(-1), last.reshape(-1), qt, kt, vt, dot_, lse5, delta5, *seg_in)
     return _q_layout_back(dq), _kv_layout(dk), _kv_layout(dv)
