@@ -391,19 +391,30 @@ def packed_vs_alone(fn, rows, tokens, h0, do, dht, params=(), gates=(), rtol=FOR
     h0_a = jnp.where(first[:, None, None, None], h0[row], 0.0)
     dht_a = jnp.where(last[:, None, None, None], dht[row], 0.0)
     (o_a, ht_a), grads_a = run((*map(alone, tokens), h0_a, *params), (alone(do), dht_a), None)
-    for d, (b, s, n) in enumerate(docs):
-        what = f"row {b} document tokens {s}..{s + n - 1}, packed vs alone"
-        assert_close(o[b, s:s + n], o_a[d, :n], rtol=rtol, name=f"o, {what}")
-        for i in range(n_tok):
-            got, want = grads[i][b, s:s + n], grads_a[i][d, :n]
-            if i in gates and not first[d]:
-                np.testing.assert_array_equal(np.asarray(got[0]), 0.0, err_msg=f"gate {i} gradient at the start, {what}")
-                got, want = got[1:], want[1:]
-            assert_close(got, want, rtol=rtol, name=f"gradient of input {i}, {what}")
-        if first[d]:
-            assert_close(grads[n_tok][b], grads_a[n_tok][d], rtol=rtol, name=f"dh0, {what}")
-        if last[d] and final_state:
-            assert_close(ht[b], ht_a[d], rtol=rtol, name=f"final state, {what}")
+
+    def packed(x_alone):  # the alone results back at their packed positions
+        out = np.zeros((len(rows), seq) + x_alone.shape[2:], np.float32)
+        for d, (b, s, n) in enumerate(docs):
+            out[b, s:s + n] = np.asarray(x_alone[d, :n], np.float32)
+        return out
+
+    # one comparison per quantity: each position's row against its own scale (floored at the global one, so a
+    # gradient that is 0 up to rounding, as dphi_q of a one-token document, is not compared noise to noise)
+    assert_close(o, packed(o_a), rtol=rtol, name="o, packed vs alone")
+    starts = [(b, s) for (b, s, _), f in zip(docs, first) if not f]
+    for i in range(n_tok):
+        want = packed(grads_a[i])
+        if i in gates:  # a start's gate multiplies a discarded state
+            got = np.asarray(grads[i])
+            for b, s in starts:
+                np.testing.assert_array_equal(got[b, s], 0.0, err_msg=f"gate gradient at the start ({b}, {s})")
+                want[b, s] = 0.0
+        assert_close(grads[i], want, rtol=rtol, name=f"gradient of token input {i}, packed vs alone")
+    rows_first = [d for d in range(len(docs)) if first[d]]
+    assert_close(grads[n_tok], np.asarray(grads_a[n_tok])[rows_first], rtol=rtol, name="dh0, packed vs alone")
+    if final_state:
+        assert_close(ht, np.asarray(ht_a)[[d for d in range(len(docs)) if last[d]]], rtol=rtol,
+                     name="final state, packed vs alone")
     for i in range(len(params)):
         assert_close(grads[n_tok + 1 + i], grads_a[n_tok + 1 + i], rtol=rtol, name=f"gradient of param {i}")
 

@@ -206,3 +206,51 @@ def test_step_and_feature_maps_validate():
         t2r(q, jnp.zeros((2, 4, 5)), jnp.zeros((5,)))
     with pytest.raises(ValueError, match="x must be a float array"):
         hedgehog(q[0], jnp.zeros((2, 4, 5)))
+
+
+# ----------------------------------------------------------------------------- packed documents (issue #19)
+
+SEG_CASES = [("chunk", "xla", "none"), ("quadratic", "xla", "head"), ("chunk", "pallas", "dim")]
+SEG_SLOW = [("chunk", "xla", "dim"), ("quadratic", "xla", "none"), ("chunk", "pallas", "head")]
+
+
+def _packed_linear(form, impl, gate_kind):
+    from test_ops_gla import SEG_CHUNK, SEG_ROWS, packed_vs_alone
+
+    batch, seq, heads, d, dv, f = len(SEG_ROWS), sum(SEG_ROWS[0]), 2, 8, 5, 4
+    q, k, v, rng = make_qkv(3, batch, seq, heads, d, dv)
+    w = map_params("hedgehog", rng, heads, d, f)["w"]
+    # features as the token inputs: the alone run's zero padding must add nothing (hedgehog(0) != 0)
+    fq, fk = hedgehog(q, w), hedgehog(k, w)
+    log_g = gate(rng, fq.shape, gate_kind)
+    h0 = jnp.asarray(np.abs(rng.standard_normal((batch, heads, 2 * f, dv + 1))), jnp.float32)
+    do = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+    dht = jnp.asarray(rng.standard_normal(h0.shape), jnp.float32)
+    kw = dict(form=form, impl=impl, chunk_size=SEG_CHUNK, return_final_state=True)
+    if log_g is None:
+        def fn(fq, fk, v, h0, seg):
+            return linear_attention(fq, fk, v, initial_state=h0, segment_ids=seg, **kw)
+        tokens, gates = (fq, fk, v), ()
+    else:
+        def fn(fq, fk, v, log_g, h0, seg):
+            return linear_attention(fq, fk, v, log_g=log_g, initial_state=h0, segment_ids=seg, **kw)
+        tokens, gates = (fq, fk, v, log_g), (3,)
+    packed_vs_alone(fn, SEG_ROWS, tokens, h0, do, dht, gates=gates)
+
+
+@pytest.mark.parametrize("form,impl,gate_kind", SEG_CASES, ids=["-".join(c) for c in SEG_CASES])
+def test_segments_packed_equals_documents_alone(form, impl, gate_kind):
+    """State and normaliser restart at each document: outputs, final state, gradients wrt features, v, gates, h0."""
+    _packed_linear(form, impl, gate_kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form,impl,gate_kind", SEG_SLOW, ids=["-".join(c) for c in SEG_SLOW])
+def test_segments_packed_equals_documents_alone_more(form, impl, gate_kind):
+    _packed_linear(form, impl, gate_kind)
+
+
+def test_segments_validated():
+    q, k, v, _ = make_qkv(4, 1, 8, 2, 4, 4)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        linear_attention(q, k, v, impl="xla", segment_ids=jnp.zeros((1, 7), jnp.int32))

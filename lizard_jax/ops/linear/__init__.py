@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lizard_jax.ops.gated_linear import gla, gla_step, resolve_impl
+from lizard_jax.ops.gated_linear import check_segment_ids, gla, gla_step, reset_gates, resolve_impl
 from lizard_jax.ops.gated_linear._checks import check_floating, check_inputs
 from lizard_jax.ops.gated_linear.chunk import DEFAULT_CHUNK_SIZE
 from lizard_jax.ops.linear.feature_maps import (
@@ -63,6 +63,7 @@ def linear_attention(
     eps: float = DEFAULT_EPS,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    segment_ids=None,
 ):
     """Normalised linear attention over a sequence (train / prefill).
 
@@ -79,6 +80,11 @@ def linear_attention(
       return_final_state: also return the state after the last token.
       eps: added to the denominator.
       impl, chunk_size: passed to ``gla`` (form "chunk"); "pallas" is an error with form "quadratic".
+      segment_ids: None, or int ``[batch, seq]`` equal within a document (packed documents): S and the
+        normaliser z restart at each segment start (its log-gate becomes -inf, with or without log_g), in
+        both forms and every impl. initial_state applies to the first segment only; the final state is the
+        last segment's. None: the program is the one without segments. The decoding step has none
+        (generation is unpacked).
 
     Returns:
       y ``[batch, seq, heads, dv]`` in v's dtype, or ``(y, state [batch, heads, f, dv + 1] float32)``.
@@ -86,10 +92,16 @@ def linear_attention(
     gate = _validate(phi_q, phi_k, v, log_g, initial_state, eps, layout="bthd", state_name="initial_state")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+    seg = {}
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, phi_q.shape[0], phi_q.shape[1])
+        seg = {"segment_ids": segment_ids}
     impl = resolve_impl(impl)
     if form == "quadratic":
         if impl == "pallas":
             raise ValueError("impl='pallas' applies to form='chunk' only; the quadratic form is XLA")
+        if segment_ids is not None:  # -inf gates at the starts: exact in the quadratic form (sums, then exp)
+            log_g = reset_gates(gate, segment_ids)
         y, ht = linear_attention_quadratic(phi_q, phi_k, v, log_g, initial_state, eps=eps)
     else:
         # gla takes one operand dtype: result_type(phi, v). Numerator and denominator leave the scan in it
@@ -97,7 +109,7 @@ def linear_attention(
         dtype = jnp.result_type(phi_q.dtype, v.dtype)
         o_aug, ht = gla(
             phi_q.astype(dtype), phi_k.astype(dtype), augment_with_ones(v).astype(dtype), gate,
-            initial_state=initial_state, return_final_state=True, impl=impl, chunk_size=chunk_size,
+            initial_state=initial_state, return_final_state=True, impl=impl, chunk_size=chunk_size, **seg,
         )
         y = normalise(o_aug.astype(jnp.float32), eps).astype(v.dtype)
     return (y, ht) if return_final_state else y
