@@ -165,3 +165,23 @@ def test_block_sparse_segments_lower(design, platform):
     what = f"block_sparse segments design={design} shape={SPARSE_SHAPE}"
     text = _lower(fwd_bwd, (*args, seg), platform, what)
     assert _kernels(text, platform) >= 2, f"{what}: no Pallas kernels in the {platform} module"
+
+
+@pytest.mark.parametrize("variant,gate,platform", [pytest.param(v, g, p, id=f"gla-seg-{v}-{g}-{p}")
+                                                   for v in GLA_VARIANTS for g in ("perdim", "perhead")
+                                                   for p in PLATFORMS])
+def test_gla_segments_lower(variant, gate, platform):
+    """The chunked GLA kernels with segment ids (packed documents, issue #19) at the production shape, forward +
+    backward, per-dimension (the folded path) and per-head gates: the starts ride in log_g as -inf, so the
+    kernels take the same inputs and compile their masked form (``Config.resets``)."""
+    fn, args = _gla_case(variant, gate, platform)
+    s = GLA_SHAPE
+    seg = jax.ShapeDtypeStruct((s["batch"], s["seq"]), jnp.int32)
+
+    def fwd_bwd(q, k, v, g, do, seg):
+        o, vjp = jax.vjp(lambda *a: gla(*a, backend=PLATFORMS[platform], variant=variant, segment_ids=seg), q, k, v, g)
+        return o, vjp(do)
+
+    what = f"gla segments variant={variant} gate={gate} shape={GLA_SHAPE}"
+    text = _lower(fwd_bwd, (*args, seg), platform, what)
+    assert _kernels(text, platform) >= 2, f"{what}: no Pallas kernels in the {platform} module"
