@@ -304,6 +304,7 @@ def test_cost_model():
         one_tile = dataclasses.replace(BlockSizes.get_default(d, d, variant="v2"), block_v_bwd=d)
         f2_one = cost("v2", mode="fwd_bwd", block_sizes=one_tile, **kw)
         assert f2_one.launches == 3 and f2_one.hbm_bytes < min(f1.hbm_bytes, f2.hbm_bytes)
+        assert cost("v1", mode="fwd_bwd", segments=True, **kw) == f1  # the starts ride in log_g (-inf)
         t1, t2 = (cost(var, mode="fwd_bwd", backend="tpu", **kw) for var in VARIANTS)
         assert (t1.launches, t2.launches) == (3, 2) and t2.hbm_bytes < t1.hbm_bytes
     with pytest.raises(ValueError, match="mode"):

@@ -1,7 +1,7 @@
 """Static cost model of the chunked GLA kernels: HBM bytes, matrix-product FLOPs and launches per variant.
 
     cost(variant, *, batch, seq, heads, dk, dv, per_dim, dtype, mode="fwd"|"fwd_bwd", block_sizes=None,
-         backend="gpu") -> Cost(hbm_bytes, flops, launches)
+         backend="gpu", segments=False) -> Cost(hbm_bytes, flops, launches)
 
 Counted from what the kernels as written read, write and multiply (``gpu.py``, ``gpu_v2.py``, ``tpu.py``), at
 the sizes ``scan.gla`` runs them (seq padded to whole chunks, head dims padded, default block sizes):
@@ -15,6 +15,10 @@ the sizes ``scan.gla`` runs them (seq padded to whole chunks, head dims padded, 
   not counted.
 - launches: pallas_calls (plus one XLA fusion for v2's share sums on the GPU when dv has several tiles).
 mode "fwd_bwd" is one forward and one backward (the backward recomputes the states: residuals are inputs).
+segments=True (``segment_ids``, packed documents) costs the same here: the starts ride in log_g as -inf (no
+extra kernel input or HBM byte), and the kernels' masks and reset counts are selects and masked row-sums, no
+matrix product (the dlog_g suffix sum's mask is folded into the 0/1 matrix it already multiplies); the XLA
+``where`` that writes the -inf into log_g is glue, left out like the padding.
 """
 
 from __future__ import annotations
@@ -73,8 +77,10 @@ class _Chunk:
 
 
 def cost(variant: str, *, batch: int, seq: int, heads: int, dk: int, dv: int, per_dim: bool, dtype,
-         mode: str, block_sizes: BlockSizes | None = None, backend: str = "gpu") -> Cost:
-    """Predicted cost of ``gla(..., variant=variant)`` (see the module docstring)."""
+         mode: str, block_sizes: BlockSizes | None = None, backend: str = "gpu", segments: bool = False) -> Cost:
+    """Predicted cost of ``gla(..., variant=variant)`` (see the module docstring; ``segments`` changes nothing
+    counted here)."""
+    del segments  # same bytes, products and launches (module docstring)
     if variant not in VARIANTS:
         raise ValueError(f"{variant=} is not one of {VARIANTS}")
     if backend not in BACKENDS:
