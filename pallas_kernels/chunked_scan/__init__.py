@@ -3,8 +3,9 @@
     S_0 = initial_state or 0,   S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
 
 ``gla(q, k, v, log_g, *, initial_state=None, return_final_state=False, backend="gpu"|"tpu",
-interpret=False, block_sizes=None, variant="v1")``, ``variant`` one of ``VARIANTS = ("v1", "v2")``; log_g
-``[..., dk]`` per dimension or ``[..., 1]`` per head (fast path).
+interpret=False, block_sizes=None, variant="v1", segment_ids=None)``, ``variant`` one of
+``VARIANTS = ("v1", "v2")``; log_g ``[..., dk]`` per dimension or ``[..., 1]`` per head (fast path); segment_ids
+``[batch, seq]`` int for packed documents (the state restarts at each segment; ``common.py`` says how).
 
 Files: ``scan.py`` (validation, padding, the custom_vjp glue, ``gla``), ``common.py`` (BlockSizes, the
 per-chunk math and its overflow argument), ``gpu.py`` (Pallas Triton, v1), ``gpu_v2.py`` (Pallas Triton, v2:

@@ -30,6 +30,19 @@ Why nothing overflows, and why what underflows does not matter (log_g <= 0 is th
 - One decay per head (log_g ``[..., 1]``) needs no folding: the [C, C] matrix ``exp(sum_{j<t<=i} g_t)``
   is formed directly (the fast path).
 
+Segment starts (packed documents, ``Config.resets``; ``scan.gla(segment_ids=...)`` writes log_g = -inf at each
+start, in every padded dim). -inf never enters the fold: ``chunk_gates`` finds the rows that are -inf in every
+column, replaces them by 0 and counts the starts ``n_i`` in [chunk start, i]. Then every prefix/suffix sum, the
+midpoint r, the span test and each exp see finite gates <= 0 (the overflow argument above holds as it is; a
+start does not by itself push a chunk off the fast path), and the reset is exact by masks: A_ij kept iff
+``n_i == n_j``; (q * exp(b)) h iff ``n_i == 0``; exp(B) h iff the chunk has no start; k_j * exp(B - b_j) iff
+``n_j == n_{C-1}``. Every pair a replaced gate sits between is masked, so nothing depends on it. Gradients
+use the same masks (dq/dk inter terms, da restricted to one segment, dh carried back only through a chunk
+without a start); dlog_g's suffix sum over t >= s is restricted to s's segment (a later segment would add
+and remove the same pairs: 0 exactly, rounding noise otherwise) and is 0 at a start (its gate multiplies a
+discarded state). Masks are selects, or products of finite values with 0/1. Without resets none of this is
+traced: the kernels are those without segments.
+
 Gradients are chunk-local and exact; ``chunk_dqk`` writes dlog_g without the catastrophic cancellation of
 the textbook ``suffix_sum(q*dq - k*dk)`` form (see its docstring). No product's result is transposed into
 another product (Triton 3.4 to 3.7.0 miscompile that on Hopper, flash-linear-attention issue 640): A^T and
@@ -441,12 +454,13 @@ def chunk_dqk(q, k, gates: Gates, v, do, h, dh, ops: MatOps):
     c = q.shape[0]
     b = gates.b
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
-    lower, upper = rows > cols, rows < cols
-    if gates.same is not None:  # pairs of different segments carry nothing (same is symmetric)
-        lower, upper = lower & gates.same, upper & gates.same
+
+    def strict(mask):  # pairs of different segments carry nothing (same is symmetric)
+        return mask if gates.same is None else mask & gates.same
+
     da = ops.mm_nt(do, v)
-    dq_strict, dk_strict = intra_grads(jnp.where(lower, da, 0.0), jnp.where(upper, ops.mm_nt(v, do), 0.0),
-                                       q, k, gates.g, b, ops)
+    dq_strict, dk_strict = intra_grads(jnp.where(strict(rows > cols), da, 0.0),
+                                       jnp.where(strict(rows < cols), ops.mm_nt(v, do), 0.0), q, k, gates.g, b, ops)
     da_diag = jnp.sum(jnp.where(rows == cols, da, 0.0), axis=1, keepdims=True)  # [C, 1]
     qf, kf = q.astype(F32), k.astype(F32)
     dq_inter = _masked(ops.mm_nt(do, h) * jnp.exp(b), gates.first)
