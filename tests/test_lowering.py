@@ -143,8 +143,8 @@ def test_cuda_target_is_explicit_sm90():
     assert (info.arch_name, info.compute_capability) == ("9.0", 90)
 
 
-# (design, platform) whose kernels take segment ids (issue #19)
-SEGMENT_KERNELS = (("v1", "cuda"), ("v2", "cuda"), ("v1", "tpu"))
+# (design, platform) whose kernels take segment ids (issue #19): every design, both platforms
+SEGMENT_KERNELS = tuple((d, p) for d in SPARSE_DESIGNS for p in PLATFORMS)
 
 
 @pytest.mark.parametrize("design,platform", [pytest.param(d, p, id=f"sparse-seg-{d}-{p}")

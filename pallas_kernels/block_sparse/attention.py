@@ -24,7 +24,8 @@ from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes, Static, norm
 _BACKENDS = {"gpu": gpu, "tpu": tpu}
 _V2 = {"gpu": gpu_v2, "tpu": tpu_v2}
 BLOCK_SIZES = (16, 32, 64, 128)
-_SEGMENT_KERNELS = (("gpu", "v1"), ("gpu", "v2"), ("tpu", "v1"))  # (backend, variant) whose kernels take segment ids
+# (backend, variant) whose kernels take segment ids: all of them
+_SEGMENT_KERNELS = (("gpu", "v1"), ("gpu", "v2"), ("tpu", "v1"), ("tpu", "v2"))
 
 
 # v1 passes (idx, cnt) to every pass, which derives its own lists; v2 builds its work lists once (``plan``) in
