@@ -329,39 +329,51 @@ def packed_segments(batch, seq, lengths):
 
 
 SEG_CASES = [CASES[i] for i in (1, 2, 3)]  # ragged GQA 3 batch 2, GQA 8 block 32, non-causal
+SEG_KERNELS = [("gpu", "v1"), ("gpu", "v2"), ("tpu", "v1"), ("tpu", "v2")]  # every (backend, design)
+# GPU v1: all cases, default tiles and two key blocks per step with split key blocks; the others (TPU interpret
+# is slow) the ragged batch-2 case, GPU v2 with both tilings
+SEG_RUNS = ([("gpu", "v1", c, t) for c in SEG_CASES for t in (None, "kv2")]
+            + [("gpu", "v2", SEG_CASES[0], t) for t in (None, "kv2")]
+            + [(b, "v" + v, SEG_CASES[0], None) for b, v in (("tpu", "1"), ("tpu", "2"))])
 
 
-@pytest.mark.parametrize("case", SEG_CASES, ids=case_id)
-@pytest.mark.parametrize("block_sizes", [None, "kv2"])
-def test_segments_vs_oracle(case, block_sizes):
-    """Segment ids in the GPU v1 kernels: forward, lse and dq/dk/dv against the float64 oracle. Segments of
-    35 (whole blocks of one segment: the mask-free path), 1, 13 and 7 tokens, then padding."""
+@pytest.mark.parametrize("backend,design,case,block_sizes", [
+    pytest.param(*r, id=f"{r[0]}-{r[1]}-{case_id(r[2])}-{r[3] or 'default'}") for r in SEG_RUNS])
+def test_segments_vs_oracle(backend, design, case, block_sizes):
+    """Segment ids in every kernel (GPU and TPU interpret, v1 and v2): forward, lse and dq/dk/dv against the
+    float64 oracle. Segments of 35 (whole blocks of one segment: the mask-free path), 1, 13 and 7 tokens, then
+    padding (its own segment, then the padded tail of a ragged sequence)."""
     batch, seq_q, seq_k = case[:3]
     seg = packed_segments(batch, seq_q, [35, 1, 13, 7])
     tiles = None
     if block_sizes == "kv2":
         tiles = BlockSizes(block_q=case[6] // 2, block_q_dq=case[6], block_q_dkv=case[6] // 2, kv_step=2,
                            kv_step_dq=2, dkv_split=1)
-    run_case(case, jnp.float32, "gpu", 19, block_sizes=tiles, segments=(seg, seg))
+    run_case(case, jnp.float32, backend, 19, block_sizes=tiles, segments=(seg, seg), variant=design)
 
 
-def test_segments_decoding_like():
+@pytest.mark.parametrize("backend,design", SEG_KERNELS, ids=lambda x: x)
+def test_segments_decoding_like(backend, design):
     """q_segment_ids / kv_segment_ids with seq_q < seq_k (q_offset 70)."""
     case = CASES[4]
     kv = packed_segments(1, 90, [30, 1, 41])
-    run_case(case, jnp.float32, "gpu", 3, segments=(kv[:, 70:], kv))
+    run_case(case, jnp.float32, backend, 3, segments=(kv[:, 70:], kv), variant=design)
 
 
-def test_segments_none_unchanged_and_unsupported():
+@pytest.mark.parametrize("backend,design", SEG_KERNELS, ids=lambda x: x)
+def test_segments_none_unchanged_and_unsupported(backend, design, monkeypatch):
     q = jax.ShapeDtypeStruct((1, 64, 2, 16), jnp.float32)
     idx = jax.ShapeDtypeStruct((1, 2, 4, 2), jnp.int32)
     cnt = jax.ShapeDtypeStruct((1, 2, 4), jnp.int32)
     f = lambda **kw: lambda q, i, c: block_sparse_attention(q, q, q, i, c, block_size=16, interpret=True,
-                                                           backend="gpu", **kw)
+                                                           backend=backend, variant=design, **kw)
     assert jax.jit(f()).lower(q, idx, cnt).as_text() == \
         jax.jit(f(segment_ids=None)).lower(q, idx, cnt).as_text()
+    from pallas_kernels.block_sparse import attention
+
+    monkeypatch.setattr(attention, "_SEGMENT_KERNELS", ())  # every kernel takes them now: the guard still works
     seg = jnp.zeros((1, 64), jnp.int32)
     with pytest.raises(NotImplementedError, match="segment ids"):
         block_sparse_attention(jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)), jnp.zeros((1, 64, 2, 16)),
                                jnp.zeros((1, 2, 4, 2), jnp.int32), jnp.zeros((1, 2, 4), jnp.int32), block_size=16,
-                               backend="tpu", interpret=True, segment_ids=seg)
+                               backend=backend, variant=design, interpret=True, segment_ids=seg)
