@@ -310,6 +310,11 @@ def test_cost_model():
     assert sparse("v1", 8192, 8, "fwd_bwd").flops == pytest.approx(4.5 * sparse("v1", 8192, 8, "fwd").flops)
     with pytest.raises(ValueError, match="design"):
         cost("v3", seq=8192, block_size=64, selected_blocks_per_query_block=16, **shape)
+    from pallas_kernels.block_sparse.cost import segment_bytes
+
+    seg = dict(batch=1, seq=8192, heads=16, kv_heads=4, block_size=64, selected_blocks_per_query_block=16)
+    assert segment_bytes(**seg, mode="fwd", design="v2") == segment_bytes(**seg, mode="fwd") > 0
+    assert segment_bytes(**seg, design="v2") < segment_bytes(**seg)  # v2: no segment-uniform test in the backward
     with pytest.raises(ValueError, match="mode"):
         cost("v1", seq=8192, block_size=64, selected_blocks_per_query_block=16, mode="bwd", **shape)
 

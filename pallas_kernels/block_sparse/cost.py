@@ -174,12 +174,19 @@ def flops_ratio(design: str, **kw) -> float:
 
 
 def segment_bytes(*, batch: int, seq: int, heads: int, kv_heads: int, block_size: int,
-                  selected_blocks_per_query_block: int, mode: str = "fwd_bwd") -> int:
-    """Extra HBM bytes requested by the GPU v1 kernels with segment ids (packed documents; issue #19), not in
+                  selected_blocks_per_query_block: int, mode: str = "fwd_bwd", design: str = "v1") -> int:
+    """Extra HBM bytes requested by the GPU kernels with segment ids (packed documents; issue #19), not in
     ``cost``: the q ids int32 broadcast over the padded group ``[B, T, Gp]`` (built once per pass in XLA: one
     write, then read per row tile like lse) and the k ids ``[B, T]`` read per gathered key tile (``bs`` ids
     per listed block, per program); plus the segment-uniform test of the mask-free ordering (one read of both).
-    Small next to q/k/v: ~(Gp + sel * bs / rows_per_program) * 4 bytes per query position and pass."""
+    Small next to q/k/v: ~(Gp + sel * bs / rows_per_program) * 4 bytes per query position and pass.
+
+    v2 (``gpu_v2``) takes v1's id layouts and loads; its mask-free ordering is built once (``plan``, in the
+    forward rule), so the backward has no segment-uniform test of its own, and its dk/dv one-segment test reads
+    the ids the step loads anyway. (The TPU kernels lay the ids out per block, q ids over the unpadded group, and
+    prefetch per-block tables in v2; they are not modelled here, as ``cost`` is not.)"""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown {design=}; expected one of {DESIGNS}")
     bs = block_size
     t_pad = -(-seq // bs) * bs
     gp = next_pow2(heads // kv_heads)
@@ -192,4 +199,4 @@ def segment_bytes(*, batch: int, seq: int, heads: int, kv_heads: int, block_size
         return fwd
     # dq as the forward; dk/dv: q ids of every selecting query block's rows, k ids once per key block
     dkv = 2 * q_ids + batch * kv_heads * n_qb * selected_blocks_per_query_block * bs * gp * 4 + batch * t_pad * 4
-    return 2 * fwd + dkv
+    return 2 * fwd + dkv - (uniform if design == "v2" else 0)
