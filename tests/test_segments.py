@@ -342,7 +342,7 @@ def test_packer_segments_deterministic_resumable_one_token_cache(tmp_path):
     text = tmp_path / "docs.txt"
     text.write_text("\n\n".join(f"document {i} " + "ab" * (i % 7) for i in range(60)))
     tok = char_tokenizer()
-    cfg = DataConfig(paths=(str(text),), seq_len=24, batch_size=3)
+    cfg = DataConfig(paths=(str(text),), seq_len=24, batch_size=3, segment_ids=False)
     seg_cfg = dataclasses.replace(cfg, segment_ids=True)
     plain = PackedData(cfg, tok, 1, seed=1, cache_dir=tmp_path / "cache")
     packed = PackedData(seg_cfg, tok, 1, seed=1, cache_dir=tmp_path / "cache")
