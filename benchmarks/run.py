@@ -35,8 +35,7 @@ with a reason (no GPU). Used by tests/test_bench_runner.py.
 Segment-id (packed sequence, issue #19) rows: step "segments", after "sparse", times the same kernels on rows
 packed with ``SEGMENTS`` documents of ragged lengths (``segments`` field of the row spec; the id ends in
 ``/seg{n}``), beside the unsegmented rows of the steps before: the overhead of segment ids. Only kernels that take
-segment ids have rows: block-sparse v1 (``SEGMENT_DESIGNS``); GLA's joins when its kernel takes them
-(``SEGMENT_GLA_VARIANTS``, empty until then).
+segment ids have rows: chunked GLA v1/v2 (``SEGMENT_GLA_VARIANTS``), block-sparse v1 (``SEGMENT_DESIGNS``).
 """
 
 from __future__ import annotations
@@ -133,7 +132,7 @@ def sparse_designs() -> tuple[str, ...]:
 # packed rows of the "segments" step: documents per row, and the kernels that take segment ids
 SEGMENTS = 8
 SEGMENT_DESIGNS = ("v1",)
-SEGMENT_GLA_VARIANTS: tuple[str, ...] = ()
+SEGMENT_GLA_VARIANTS = ("v1", "v2")
 
 
 def _seg_suffix(segments: int | None) -> str:
@@ -189,8 +188,8 @@ STEPS = [
     Step("ceilings", 60, 15, lambda sh: [dict(id="ceilings")], "bf16 matmul and copy ceilings"),
     Step("gla", 300, 190, lambda sh: _gla_rows(sh, gla_variants()), "chunked GLA, ours, every variant"),
     Step("sparse", 180, 100, lambda sh: _sparse_rows(sh, sparse_designs()), "block-sparse, ours, every design"),
-    Step("segments", 180, 60, _segment_rows, f"packed rows ({SEGMENTS} documents): block-sparse v1 (GLA when its "
-         "kernel takes segment ids)"),
+    Step("segments", 300, 150, _segment_rows, f"packed rows ({SEGMENTS} documents): chunked GLA v1/v2, "
+         "block-sparse v1"),
     Step("fla-tune", 240, 120, lambda sh: [dict(id="fla-tune")], "fla Triton autotune + compile (untimed)"),
     Step("gla-fla", 120, 40, lambda sh: _gla_rows(sh, ("fla",)), "fla chunk_gla / chunk_simple_gla"),
     Step("sparse-cudnn", 90, 30, _cudnn_rows, "dense causal cuDNN"),
@@ -417,6 +416,10 @@ def run_gla(specs, sh, ctx):
         try:
             q, k, v, lg, do = _gla_inputs(sh, spec["T"], spec["gate"] == "per-dim")
             kw = gla_kernel_args(spec["impl"], sh.gla["dk"], sh.gla["dv"])
+            if spec.get("segments"):  # packed rows: the state restarts at each document
+                import jax.numpy as jnp
+
+                kw["segment_ids"] = jnp.asarray(segment_ids_of(q.shape[0], spec["T"], spec["segments"]))
             f = lambda q, k, v, g: gla(q, k, v, g, backend="gpu", interpret=interpret, **kw)  # noqa: E731
             fwd, fb = _fwd_fwdbwd(f, 4)
             ms = _time(fwd, (q, k, v, lg), sh) if spec["mode"] == "fwd" else _time(fb, (q, k, v, lg, do), sh)
@@ -692,10 +695,8 @@ def run_star(specs, sh, ctx):
 
 
 def run_segments(specs, sh, ctx):
-    """The packed rows: sparse ones through run_sparse (GLA ones through run_gla once its kernel takes them)."""
-    gla = [s for s in specs if s["id"].startswith("gla/")]
-    for spec in gla:
-        yield _skip(spec, "the chunked GLA kernel does not take segment ids yet")
+    """The packed rows, through run_gla and run_sparse."""
+    yield from run_gla([s for s in specs if s["id"].startswith("gla/")], sh, ctx)
     yield from run_sparse([s for s in specs if s["id"].startswith("sparse/")], sh, ctx)
 
 
