@@ -35,7 +35,7 @@ with a reason (no GPU). Used by tests/test_bench_runner.py.
 Segment-id (packed sequence, issue #19) rows: step "segments", after "sparse", times the same kernels on rows
 packed with ``SEGMENTS`` documents of ragged lengths (``segments`` field of the row spec; the id ends in
 ``/seg{n}``), beside the unsegmented rows of the steps before: the overhead of segment ids. Only kernels that take
-segment ids have rows: chunked GLA v1/v2 (``SEGMENT_GLA_VARIANTS``), block-sparse v1 (``SEGMENT_DESIGNS``).
+segment ids have rows: chunked GLA v1/v2 (``SEGMENT_GLA_VARIANTS``), block-sparse v1/v2 (``SEGMENT_DESIGNS``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def sparse_designs() -> tuple[str, ...]:
 
 # packed rows of the "segments" step: documents per row, and the kernels that take segment ids
 SEGMENTS = 8
-SEGMENT_DESIGNS = ("v1",)
+SEGMENT_DESIGNS = ("v1", "v2")
 SEGMENT_GLA_VARIANTS = ("v1", "v2")
 
 
@@ -189,7 +189,7 @@ STEPS = [
     Step("gla", 300, 190, lambda sh: _gla_rows(sh, gla_variants()), "chunked GLA, ours, every variant"),
     Step("sparse", 180, 100, lambda sh: _sparse_rows(sh, sparse_designs()), "block-sparse, ours, every design"),
     Step("segments", 300, 150, _segment_rows, f"packed rows ({SEGMENTS} documents): chunked GLA v1/v2, "
-         "block-sparse v1"),
+         "block-sparse v1/v2"),
     Step("fla-tune", 240, 120, lambda sh: [dict(id="fla-tune")], "fla Triton autotune + compile (untimed)"),
     Step("gla-fla", 120, 40, lambda sh: _gla_rows(sh, ("fla",)), "fla chunk_gla / chunk_simple_gla"),
     Step("sparse-cudnn", 90, 30, _cudnn_rows, "dense causal cuDNN"),
