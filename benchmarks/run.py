@@ -289,7 +289,8 @@ def row_cost(row: dict, sh: Shapes) -> dict | None:
                 from pallas_kernels.block_sparse.cost import segment_bytes
 
                 kw.pop("head_dim"), kw.pop("dtype")
-                c["hbm_bytes"] += segment_bytes(**kw, block_size=s["block_size"], selected_blocks_per_query_block=k,
+                c["hbm_bytes"] += segment_bytes(**kw, design=row["impl"], block_size=s["block_size"],
+                                                selected_blocks_per_query_block=k,
                                                 mode="fwd" if row["mode"] == "fwd" else "fwd_bwd")
                 return {**c, "source": f"cost.py {row['impl']} + segment_bytes"}
             return {**c, "source": f"cost.py {row['impl']}"}
