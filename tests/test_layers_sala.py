@@ -447,6 +447,27 @@ def test_sparse_decode_equals_the_op_per_token():
     assert rel_err(got[:, p:], o_proj(params, o)) <= FORMS_RTOL
 
 
+def test_sparse_token_selection_prefill_equals_decode():
+    """selection="token" (the paper's), sparse regime: full prefill (the op) == chunked prefill (any chunks, the
+    op then the cached path) == token-by-token decoding; selection="block" breaks prefill == decode here (a
+    prefill row shares its query block's choice)."""
+    t = 70
+    x = make_x(12, 2, t)
+    errs = {}
+    for sel in ("token", "block"):
+        layer, params = make_layer(dataclasses.replace(SPARSE, selection=sel), seed=12)
+        full, _ = jit_apply(layer)(params, x)
+        decoded, _ = run_chunks(layer, params, x, [1] * t, max_len=80)
+        errs[sel] = rel_err(decoded, full)
+        if sel == "token":
+            fresh, _ = jit_apply(layer)(params, x, arange_pos(2, t))  # positions given: the cached path
+            assert rel_err(fresh, full) <= FORMS_RTOL
+            chunked, _ = run_chunks(layer, params, x, [5, 19, 1, 45], max_len=80)
+            assert rel_err(chunked, full) <= FORMS_RTOL
+    assert errs["token"] <= FORMS_RTOL, errs
+    assert errs["block"] > 1e-3, errs
+
+
 def test_sparse_left_padding_matches_the_unpadded_row():
     """Sparse regime, row 1 left-padded by 11: its real tokens give what the unpadded sequence gives, through
     the no-cache path (positions given), a padded prefill + chunks through the cache, and decoding."""
@@ -468,10 +489,16 @@ def test_sparse_left_padding_matches_the_unpadded_row():
 
 
 def test_sparse_new_parameters_and_errors():
-    layer = SparseAttention(CFG, SparseSpec())
+    layer = SparseAttention(CFG, SparseSpec())  # official SALA sparse layers: no QK-norm
     p = nn.unbox(layer.init(jax.random.key(0), jnp.zeros((1, 4, CFG.d_model)))["params"])
-    assert set(p) == {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "o_gate"}
+    assert set(p) == {"q_proj", "k_proj", "v_proj", "o_proj", "o_gate"}
     assert np.all(np.asarray(p["o_gate"]["kernel"]) == 0.0) and np.all(np.asarray(p["o_gate"]["bias"]) == 4.0)
+    layer = SparseAttention(CFG, SparseSpec(qk_norm=True))
+    p = nn.unbox(layer.init(jax.random.key(0), jnp.zeros((1, 4, CFG.d_model)))["params"])
+    assert {"q_norm", "k_norm"} <= set(p)
+    with pytest.raises(ConfigError, match="selection"):
+        SparseSpec(selection="row")
+    assert spec_from_any({"kind": "sparse", "selection": "token"}).infllm.selection == "token"
     with pytest.raises(ConfigError, match="stride"):
         SparseSpec(stride=0)
     with pytest.raises(ConfigError, match="impl"):

@@ -7,12 +7,14 @@ and training-free sparse prefill/decoding for an unchanged softmax teacher.
 
 `rope=True, qk_norm=False, output_gate=False` is the teacher's softmax layer with InfLLM-V2 above the threshold:
 below it the layer makes exactly the teacher's call (same op, same arguments), so it equals the teacher bit for
-bit. SALA's own sparse layers are the defaults: no RoPE (HyPE), QK-norm, output gate.
+bit. SALA's own sparse layers are the defaults: no RoPE (HyPE), no QK-norm (the official modeling code has none
+in its sparse layers), output gate.
 
 Paths (chosen by static shapes, except the traced switches named):
   * no cache, seq < dense_below: `ops.softmax.attention` with the positions (the teacher's call).
-  * no cache, seq >= dense_below, positions None: `ops.sparse.infllm_attention` (selection per query block of
-    `block_size` rows, then the block-sparse op: the Pallas kernel on GPU). The training path.
+  * no cache, seq >= dense_below, positions None: `ops.sparse.infllm_attention` (selection per token or per
+    query block of `block_size` rows, `selection`; then the block-sparse op: per block the Pallas kernel on GPU,
+    per token the exact XLA form). The training path.
   * no cache, seq >= dense_below, positions given: as with a cache, on a fresh cache of `seq` slots, so
     left-padded rows select exactly as their unpadded sequence would.
   * with a cache: the new keys are written, compressed keys completed by them are added, then the batch's
@@ -30,8 +32,9 @@ breaking it is not detected under jit (writes past the cache are dropped).
 
 How the cached path selects (our generalisation of the op to traced, per-row offsets; where the paper is
 silent we chose, and this is the rule):
-  * queries are grouped by position block: a call with T > 1 tokens groups its rows into blocks
-    [J*bs, (J+1)*bs) of positions (the op's query blocks); a single decoding token is its own group.
+  * `selection="token"` (the paper's): every token is its own group, in prefill and decoding alike.
+  * `selection="block"`: queries are grouped by position block: a call with T > 1 tokens groups its rows into
+    blocks [J*bs, (J+1)*bs) of positions (the op's query blocks); a single decoding token is its own group.
   * each group selects like `ops.sparse.selection`: per token and query head softmax of scale*q.k_cmp over the
     compressed keys complete at that token, summed over the group's heads and rows; block score = max over the
     compressed keys overlapping the block that are complete at the group's last row; the initial blocks and
@@ -46,9 +49,12 @@ What is therefore exact (tested):
     and it is always kept when local_window >= 1); chunked prefill
     == full prefill when every chunk starts at a multiple of `block_size` (the groups are then the same);
     each decoded token chooses exactly what `infllm_select_decode` chooses for that token alone from
-    `compress_keys` of the keys so far. Prefill and decode differ in the sparse regime by design: a prefill
-    row shares its query block's choice (which also depends on the later rows of the block, without gradient),
-    a decoded token chooses alone.
+    `compress_keys` of the keys so far.
+  * `selection="token"`: full prefill == chunked prefill (any chunks) == token-by-token decode in the sparse
+    regime too (every token chooses alone everywhere; tested).
+  * `selection="block"`: prefill and decode differ in the sparse regime (an approximation): a prefill row
+    shares its query block's choice (which also depends on the later rows of the block, without gradient), a
+    decoded token chooses alone.
 The selection has no gradient (as in the paper); gradients flow through the attention over the chosen blocks.
 """
 
@@ -83,7 +89,7 @@ class SparseSpec(AttentionSpec, InfLLMConfig):
     dense_below; the paper's by default) and
 
     rope: RoPE on q and k (SALA/HyPE: off; on for an unchanged teacher).
-    qk_norm: per-head RMSNorm on q and k (before RoPE).
+    qk_norm: per-head RMSNorm on q and k before RoPE (official SALA sparse layers: none).
     output_gate: multiply the attention output by sigmoid(o_gate x) before o_proj.
     gate_bias_init: initial bias of o_gate (its kernel starts at 0): the layer starts as sigmoid(4) = 0.982
       times the ungated one.
@@ -92,11 +98,13 @@ class SparseSpec(AttentionSpec, InfLLMConfig):
     variant, block_sizes (from `InfLLMConfig`): the Pallas kernel's design and tiles, passed down with the
       other InfLLM-V2 settings (None: the kernel's defaults); YAML: `variant: v2`,
       `block_sizes: {block_q: 32, block_q_dq: 32, block_q_dkv: 32, kv_step: 2}`.
+    selection (from `InfLLMConfig`): "token" (the paper's; prefill == decode; exact XLA form on every impl) or
+      "block" (default for now: one choice per query block, the Pallas kernel's granularity).
     """
 
     kind: ClassVar[str] = "sparse"
     rope: bool = False
-    qk_norm: bool = True
+    qk_norm: bool = False
     output_gate: bool = True
     gate_bias_init: float = 4.0
     impl: str = "auto"
@@ -266,7 +274,7 @@ def _attend_groups(q_grp, pos_grp, k, v, idx, counts, *, block_size: int, scale:
 def _grouped(q, q_pos, kv_heads: int, spec: SparseSpec):
     """q `[B, T, H, d]` -> (q_grp `[B, n, g, KV, G, d]`, pos_grp `[B, n, g]`, slot `[B, T]`, rows R)."""
     batch, t, heads, d = q.shape
-    g = 1 if t == 1 else spec.block_size
+    g = 1 if t == 1 or spec.selection == "token" else spec.block_size
     q_buf, pos_buf, slot = _group_queries(q, q_pos, g)
     n = pos_buf.shape[1] // g
     return (q_buf.reshape(batch, n, g, kv_heads, heads // kv_heads, d), pos_buf.reshape(batch, n, g), slot,

@@ -17,17 +17,19 @@ def selected_blocks(block_indices, block_counts, n_kv_blocks: int):
 
 
 def attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: bool = True, scale=None,
-              q_offset=None, do=None, dlse=None, q_segment_ids=None, kv_segment_ids=None):
+              q_offset=None, do=None, dlse=None, q_segment_ids=None, kv_segment_ids=None, query_block=None):
     """Returns (o, lse) and, given cotangents ``do [B, Tq, H, d]`` and ``dlse [B, H, Tq]``, also
     (dq, dk, dv); all float64. Rows that see no key: o = 0, lse = -inf, no gradient. Segment ids
     ``q_segment_ids [B, Tq]`` and ``kv_segment_ids [B, Tk]`` (packed documents, both or neither): a row also
-    sees only keys of its own segment."""
+    sees only keys of its own segment. ``query_block`` (None: ``block_size``): query rows per block list (1:
+    per-token lists, ``block_indices [B, KV, Tq, M]``)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     q_offset = seq_k - seq_q if q_offset is None else q_offset
+    qb = block_size if query_block is None else query_block
     blocks = selected_blocks(block_indices, block_counts, -(-seq_k // block_size))
     rows, cols = np.arange(seq_q), np.arange(seq_k)
     o = np.zeros_like(q)
@@ -40,7 +42,7 @@ def attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: 
     for b in range(batch):
         for h in range(heads):
             g = h // group
-            mask = blocks[b, g][rows // block_size][:, cols // block_size]
+            mask = blocks[b, g][rows // qb][:, cols // block_size]
             if causal:
                 mask &= cols[None, :] <= rows[:, None] + q_offset
             if q_segment_ids is not None:
@@ -63,18 +65,20 @@ def attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: 
 
 
 def random_selection(rng, batch: int, kv_heads: int, seq_q: int, seq_k: int, block_size: int, max_blocks: int,
-                     *, causal: bool = True, q_offset=None, p_empty: float = 0.1):
+                     *, causal: bool = True, q_offset=None, p_empty: float = 0.1, query_block=None):
     """Random duplicate-free selections: for each query block a random subset (size 0..max_blocks, size 0 with
     probability ``p_empty``) of the key blocks it may see (causal: up to its last row's block), sorted, the
-    unused tail filled with random in-range junk (which no implementation may read)."""
-    n_qb, n_kb = -(-seq_q // block_size), -(-seq_k // block_size)
+    unused tail filled with random in-range junk (which no implementation may read). ``query_block`` (None:
+    ``block_size``): query rows per list."""
+    qb = block_size if query_block is None else query_block
+    n_qb, n_kb = -(-seq_q // qb), -(-seq_k // block_size)
     q_offset = seq_k - seq_q if q_offset is None else q_offset
     idx = rng.integers(0, n_kb, (batch, kv_heads, n_qb, max_blocks)).astype(np.int32)
     cnt = np.zeros((batch, kv_heads, n_qb), np.int32)
     for b in range(batch):
         for h in range(kv_heads):
             for i in range(n_qb):
-                last = min((i + 1) * block_size, seq_q) - 1 + q_offset
+                last = min((i + 1) * qb, seq_q) - 1 + q_offset
                 n_vis = min(n_kb, last // block_size + 1) if causal else n_kb
                 if n_vis <= 0 or rng.random() < p_empty:
                     continue

@@ -32,7 +32,7 @@ from lizard_jax.ops.sparse.selection import (
     num_compressed,
     select_blocks,
 )
-from lizard_jax.ops.sparse.settings import PAPER, InfLLMConfig
+from lizard_jax.ops.sparse.settings import PAPER, SELECTIONS, InfLLMConfig
 
 
 def _is_concrete(*xs) -> bool:
@@ -42,7 +42,8 @@ def _is_concrete(*xs) -> bool:
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                            causal: bool = True, scale: float | None = None, q_offset: int | None = None,
                            return_lse: bool = False, impl: str = "auto", variant: str | None = None,
-                           block_sizes=None, segment_ids=None, q_segment_ids=None, kv_segment_ids=None):
+                           block_sizes=None, segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
+                           query_block: int | None = None):
     """Attention of each query block over its listed key blocks (see ``reference.py`` for the exact rule).
 
     q ``[batch, seq_q, heads, d]``; k, v ``[batch, seq_k, kv_heads, d]``; block_indices int32
@@ -60,18 +61,27 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     Packed documents: ``segment_ids`` int ``[batch, seq]`` (self-attention, seq_q == seq_k) or
     ``q_segment_ids [batch, seq_q]`` with ``kv_segment_ids [batch, seq_k]``: a row sees only keys of its own
     segment among its listed blocks (both impls; None: the unsegmented program, unchanged).
+
+    ``query_block`` (None: ``block_size``): query rows per list; ``1`` gives per-token lists
+    ``block_indices [batch, kv_heads, seq_q, max_blocks]`` (InfLLM-V2's per-token selection). Only impl "xla"
+    takes a ``query_block`` other than ``block_size`` (exact, O(seq_q * seq_k) work); "pallas" raises
+    NotImplementedError and "auto" resolves to "xla" for it (the kernels take one list per ``block_size`` rows).
     """
-    check_shapes(q, k, v, block_indices, block_counts, block_size)
+    check_shapes(q, k, v, block_indices, block_counts, block_size, query_block)
+    per_row = query_block is not None and query_block != block_size
     q_seg, k_seg = resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids, q_segment_ids,
                                     kv_segment_ids)
-    impl = resolve_impl(impl)
+    if per_row and impl == "pallas":
+        raise NotImplementedError(f"block_sparse_attention: the Pallas kernels take one list per block_size="
+                                  f"{block_size} query rows, not {query_block=}; use impl='xla' (or 'auto')")
+    impl = "xla" if per_row else resolve_impl(impl)
     if _is_concrete(block_indices, block_counts):
         check_block_indices(block_indices, block_counts, num_blocks(k.shape[1], block_size))
     kw = dict(block_size=block_size, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse)
     if q_seg is not None:
         kw.update(q_segment_ids=q_seg, kv_segment_ids=k_seg)
     if impl == "xla":
-        return block_sparse_attention_xla(q, k, v, block_indices, block_counts, **kw)
+        return block_sparse_attention_xla(q, k, v, block_indices, block_counts, query_block=query_block, **kw)
     block_sparse, backend = pallas_kernel("pallas_kernels.block_sparse", "use impl='xla' for the gather form")
     return block_sparse.block_sparse_attention(q, k, v, block_indices, block_counts, **kw, **backend,
                                                variant=variant, block_sizes=block_sizes)
@@ -83,6 +93,10 @@ def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = Tr
     """InfLLM-V2 attention: exactly dense attention when ``seq_k < config.dense_below``, else InfLLM-V2
     selection (no gradient) followed by ``block_sparse_attention`` (with the config's kernel ``variant`` and
     ``block_sizes``). Shapes as ``block_sparse_attention``.
+
+    ``config.selection``: "block" selects once per query block of ``block_size`` rows (the kernel's lists);
+    "token" (the paper's) per query token, then runs the exact per-token XLA form whatever ``impl`` says (the
+    Pallas kernels take per-block lists only; ``InfLLMConfig`` docstring).
 
     ``segment_ids`` int ``[batch, seq]`` (packed documents; causal self-attention only, seq_q == seq_k and
     q_offset 0: decoding from a cache is unpacked and raises): selection and attention stay inside each
@@ -100,21 +114,26 @@ def infllm_attention(q, k, v, *, config: InfLLMConfig = PAPER, causal: bool = Tr
     if k.shape[1] < config.dense_below:
         return dense_attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse,
                                **seg)
+    query_block = 1 if config.selection == "token" else config.block_size
     block_indices, block_counts = infllm_select(
         jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), block_size=config.block_size, topk=config.topk,
         kernel=config.kernel, stride=config.stride, init_blocks=config.init_blocks,
-        local_window=config.local_window, causal=causal, q_offset=q_offset, scale=scale,
+        local_window=config.local_window, causal=causal, q_offset=q_offset, scale=scale, query_block=query_block,
         **(dict(seg, dense_below=config.dense_below) if seg else {}),
     )
+    if query_block != config.block_size:
+        impl = "xla"  # per-token lists: the exact XLA form (the kernels take per-block lists only)
     return block_sparse_attention(q, k, v, block_indices, block_counts, block_size=config.block_size,
                                   causal=causal, scale=scale, q_offset=q_offset, return_lse=return_lse, impl=impl,
-                                  variant=config.variant, block_sizes=config.block_sizes, **seg)
+                                  variant=config.variant, block_sizes=config.block_sizes, query_block=query_block,
+                                  **seg)
 
 
 __all__ = [
     "IMPLS",
     "InfLLMConfig",
     "PAPER",
+    "SELECTIONS",
     "block_scores",
     "block_sparse_attention",
     "block_sparse_attention_reference",

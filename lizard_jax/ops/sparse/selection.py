@@ -10,19 +10,23 @@
    group shares one choice).
 3. Block score: max over the compressed keys whose windows overlap the key block (block 64, kernel 32,
    stride 16: the 5 windows starting at 16*(4J-1) ... 16*(4J+3), the CUDA max-pool with kernel 5, stride 4,
-   padding 1). Our selection is per query block (the kernel's granularity), so the token scores are also
-   summed over the rows of the query block before pooling.
-4. Choice: key blocks in the future of the query block's last row are never chosen. The first
+   padding 1). Granularity (``query_block``, ``InfLLMConfig.selection``): with ``query_block=1`` ("token", the
+   paper's) every query token chooses for itself from its own row's scores; with ``query_block=block_size``
+   ("block", the kernel's granularity; the default argument) the token scores are summed over the rows of the
+   query block before pooling and the block shares one choice. In general a *query group* is ``query_block``
+   consecutive rows; everything below says "query group" for it.
+4. Choice: key blocks in the future of the query group's last row are never chosen. The first
    ``init_blocks`` blocks and the ``ceil(local_window / block_size)`` local blocks (ending at the block of the
-   query block's last row) are always chosen; the best-scoring other blocks fill up to
+   query group's last row) are always chosen; the best-scoring other blocks fill up to
    ``topk + n_local`` in all. So ``topk`` counts the initial blocks but not the local window, as in the CUDA
    code, where initial blocks score +inf inside the top-k and the window is attended beside it.
    Ties go to the lower block index (``lax.top_k``); chosen indices are sorted ascending and the unused tail
    repeats the last chosen index (0 if none), so every entry is a valid block.
 
 Packed documents (``segment_ids [batch, seq]``, self-attention only: seq_q == seq_k, q_offset 0; generation is
-unpacked). Each query block has a *primary* segment, that of its first row; the rows of other segments in it
-start inside the block. Exactly:
+unpacked). Each query group has a *primary* segment, that of its first row; the rows of other segments in it
+start inside the group (per token: none, every row is its own group). Below, "query block" reads "query group"
+and "the query block" (as a key block) reads "the key block of the group's last row". Exactly:
 - a compressed key c is usable by row r iff its window lies inside r's segment (``seg[c*stride] == seg[r]``;
   with causality its last key is <= r, and segments are contiguous); softmax over those only;
 - token scores are summed over the rows of the primary segment only; a key block pools only the windows lying
@@ -91,8 +95,10 @@ def overlap_windows(n_kb: int, n_cmp: int, block_size: int, kernel: int, stride:
 
 def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, kernel: int = PAPER.kernel,
                  stride: int = PAPER.stride, causal: bool = True, q_offset: int | None = None,
-                 scale: float | None = None, chunk_elems: int = 1 << 26, segment_ids=None):
-    """Aggregated relevance float32 ``[batch, kv_heads, n_q_blocks, n_kv_blocks]`` (steps 2-3 above).
+                 scale: float | None = None, chunk_elems: int = 1 << 26, segment_ids=None,
+                 query_block: int | None = None):
+    """Aggregated relevance float32 ``[batch, kv_heads, n_q_groups, n_kv_blocks]`` (steps 2-3 above), one row
+    per query group of ``query_block`` rows (None: ``block_size``; 1: per token).
 
     Processed in chunks of query blocks (``lax.map``) so memory stays ~``chunk_elems`` floats.
     Blocks no window overlaps score -inf. ``segment_ids [batch, seq]`` (seq_q == seq_k, q_offset 0): the
@@ -102,19 +108,20 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, ke
     n_cmp, kv_heads = k_cmp.shape[1], k_cmp.shape[2]
     group = heads // kv_heads
     bs = block_size
+    qg = block_size if query_block is None else query_block
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
-    n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
+    n_qb, n_kb = num_blocks(seq_q, qg), num_blocks(seq_k, bs)
     win_idx, win_valid = overlap_windows(n_kb, n_cmp, bs, kernel, stride)
     if n_cmp == 0:
         return jnp.full((batch, kv_heads, n_qb, n_kb), -jnp.inf, jnp.float32)
 
-    per_block = batch * bs * heads * n_cmp
+    per_block = batch * qg * heads * n_cmp
     chunk = max(1, min(n_qb, chunk_elems // max(per_block, 1)))
     n_chunks = -(-n_qb // chunk)
-    rows = n_chunks * chunk * bs
+    rows = n_chunks * chunk * qg
     qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, rows - seq_q), (0, 0), (0, 0)))
-    qf = qf.reshape(batch, n_chunks, chunk * bs, kv_heads, group, d).transpose(1, 0, 3, 4, 2, 5)
+    qf = qf.reshape(batch, n_chunks, chunk * qg, kv_heads, group, d).transpose(1, 0, 3, 4, 2, 5)
     kc = k_cmp.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, KV, n_cmp, d]
     cmp_end = jnp.arange(n_cmp) * stride + kernel - 1  # last key of each window
     seg = segment_ids is not None
@@ -126,14 +133,14 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, ke
         w_seg = segs[:, cmp_end - kernel + 1]  # [B, n_cmp]: segment of each window's first key
         w_inside = w_seg == segs[:, cmp_end]
         rows_seg = jnp.pad(segs, ((0, 0), (0, rows - seq_q)), constant_values=-1)
-        prim = rows_seg[:, ::bs]  # [B, n_chunks*chunk]: primary segment of each query block
-        xs = xs + (rows_seg.reshape(batch, n_chunks, chunk * bs).transpose(1, 0, 2),
+        prim = rows_seg[:, ::qg]  # [B, n_chunks*chunk]: primary segment of each query group
+        xs = xs + (rows_seg.reshape(batch, n_chunks, chunk * qg).transpose(1, 0, 2),
                    prim.reshape(batch, n_chunks, chunk).transpose(1, 0, 2))
 
     def one_chunk(args):
-        qc, c0, *sc = args  # qc [B, KV, G, chunk*bs, d]
+        qc, c0, *sc = args  # qc [B, KV, G, chunk*qg, d]
         s = jnp.einsum("bhgqd,bhcd->bhgqc", qc, kc, precision=jax.lax.Precision.HIGHEST) * scale
-        row = c0 * chunk * bs + jnp.arange(chunk * bs)
+        row = c0 * chunk * qg + jnp.arange(chunk * qg)
         if causal:
             s = jnp.where(cmp_end[None, :] <= (row + q_offset)[:, None], s, -jnp.inf)
         if seg:
@@ -145,8 +152,8 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, ke
         p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
         p = jnp.where((row < seq_q)[:, None], p, 0.0)  # padded rows add nothing
         if seg:  # only the primary segment's rows score
-            p = jnp.where((rseg == jnp.repeat(pseg, bs, axis=1))[:, None, None, :, None], p, 0.0)
-        agg = p.sum(axis=2).reshape(batch, kv_heads, chunk, bs, n_cmp).sum(axis=3)  # [B,KV,chunk,n_cmp]
+            p = jnp.where((rseg == jnp.repeat(pseg, qg, axis=1))[:, None, None, :, None], p, 0.0)
+        agg = p.sum(axis=2).reshape(batch, kv_heads, chunk, qg, n_cmp).sum(axis=3)  # [B,KV,chunk,n_cmp]
         ok = win_valid
         if seg:  # [B, 1, chunk, nKB, w]: windows inside the primary segment
             mine = w_inside[:, None, :] & (w_seg[:, None, :] == pseg[:, :, None])  # [B, chunk, n_cmp]
@@ -161,19 +168,22 @@ def block_scores(q, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, ke
 
 def select_blocks(scores, *, seq_q: int, seq_k: int, block_size: int = PAPER.block_size, topk: int = PAPER.topk,
                   init_blocks: int = PAPER.init_blocks, local_window: int = PAPER.local_window, causal: bool = True,
-                  q_offset: int | None = None, segment_ids=None, dense_below: int = PAPER.dense_below):
-    """Step 4: ``scores [batch, kv_heads, n_q_blocks, n_kv_blocks]`` -> (block_indices, block_counts).
+                  q_offset: int | None = None, segment_ids=None, dense_below: int = PAPER.dense_below,
+                  query_block: int | None = None):
+    """Step 4: ``scores [batch, kv_heads, n_q_groups, n_kv_blocks]`` -> (block_indices, block_counts), one list
+    per query group of ``query_block`` rows (None: ``block_size``; 1: per token).
     ``segment_ids``: the packed rule of the module docstring (``dense_below`` only matters with them)."""
+    qg = block_size if query_block is None else query_block
     if segment_ids is not None:
         return _select_segmented(scores, segment_ids, block_size=block_size, topk=topk, init_blocks=init_blocks,
                                  local_window=local_window, causal=causal, q_offset=q_offset,
-                                 dense_below=dense_below)
+                                 dense_below=dense_below, query_block=qg)
     bs = block_size
     q_offset = resolve_q_offset(seq_q, seq_k, q_offset)
-    n_qb, n_kb = num_blocks(seq_q, bs), num_blocks(seq_k, bs)
+    n_qb, n_kb = num_blocks(seq_q, qg), num_blocks(seq_k, bs)
     n_local = -(-local_window // bs)
     max_blocks = max(1, min(n_kb, topk + n_local))
-    last_row = jnp.minimum((jnp.arange(n_qb) + 1) * bs, seq_q) - 1 + q_offset  # abs position
+    last_row = jnp.minimum((jnp.arange(n_qb) + 1) * qg, seq_q) - 1 + q_offset  # abs position
     last_blk = last_row // bs  # [nQB]
     j = jnp.arange(n_kb)
     valid = (j[None, :] <= last_blk[:, None]) if causal else jnp.ones((n_qb, n_kb), bool)
@@ -205,18 +215,18 @@ def _segment_bounds(segs):
 
 
 def _select_segmented(scores, segment_ids, *, block_size, topk, init_blocks, local_window, causal, q_offset,
-                      dense_below):
+                      dense_below, query_block):
     batch, kv_heads, n_qb, n_kb = scores.shape
-    bs = block_size
+    bs, qg = block_size, query_block
     segs = jnp.asarray(segment_ids, jnp.int32)
     t = segs.shape[1]
-    if not causal or (q_offset or 0) != 0 or num_blocks(t, bs) != n_qb or n_qb != n_kb:
+    if not causal or (q_offset or 0) != 0 or num_blocks(t, qg) != n_qb or num_blocks(t, bs) != n_kb:
         raise ValueError("segment_ids: causal self-attention only (seq_q == seq_k, q_offset 0)")
     n_local = -(-local_window // bs)
     start, end = _segment_bounds(segs)
-    first = jnp.arange(n_qb) * bs
+    first = jnp.arange(n_qb) * qg
     p_start, p_end = start[:, first], end[:, first]  # [B, nQB]: the primary segment's bounds
-    qb = jnp.arange(n_qb)
+    qb = (jnp.minimum(first + qg, t) - 1) // bs  # key block of each group's last row
     sb = p_start // bs  # the primary segment's initial block
     j = jnp.arange(n_kb)
     cand = (j >= sb[..., None]) & (j <= qb[:, None])  # [B, nQB, nKB]
@@ -227,7 +237,7 @@ def _select_segmented(scores, segment_ids, *, block_size, topk, init_blocks, loc
     vals, idx = jax.lax.top_k(s, k1)
     top = ((idx[..., None] == j) & (vals > -jnp.inf)[..., None]).any(axis=-2)  # [B, KV, nQB, nKB]
     short = (p_end - p_start + 1) < dense_below
-    multi = p_end < jnp.minimum(first + bs, t) - 1  # other segments start inside the block
+    multi = p_end < jnp.minimum(first + qg, t) - 1  # other segments start inside the group
     sel = jnp.where(short[:, None, :, None], cand[:, None], top) | (multi[..., None] & (j == qb[:, None]))[:, None]
     width = max(1, min(n_kb, max(k1 + 1, -(-dense_below // bs) + 1)))
     big = jnp.int32(n_kb)
@@ -245,11 +255,12 @@ def infllm_select(q, k, *, block_size: int = PAPER.block_size, topk: int = PAPER
                   stride: int = PAPER.stride, init_blocks: int = PAPER.init_blocks,
                   local_window: int = PAPER.local_window, causal: bool = True,
                   q_offset: int | None = None, scale: float | None = None, segment_ids=None,
-                  dense_below: int = PAPER.dense_below):
+                  dense_below: int = PAPER.dense_below, query_block: int | None = None):
     """InfLLM-V2 selection for ``q [batch, seq_q, heads, d]`` against ``k [batch, seq_k, kv_heads, d]``.
 
-    Returns ``block_indices int32 [batch, kv_heads, ceil(seq_q/bs), min(n_kv_blocks, topk + n_local)]`` and
-    ``block_counts int32 [batch, kv_heads, ceil(seq_q/bs)]`` for ``block_sparse_attention``.
+    Returns ``block_indices int32 [batch, kv_heads, ceil(seq_q/qg), min(n_kv_blocks, topk + n_local)]`` and
+    ``block_counts int32 [batch, kv_heads, ceil(seq_q/qg)]`` for ``block_sparse_attention``, ``qg`` =
+    ``query_block`` (None: ``block_size``, one choice per query block; 1: per token, the paper's).
     ``segment_ids [batch, seq]`` (packed documents; causal self-attention only): the module docstring's rule,
     ``dense_below`` naming the documents that get all their blocks.
     """
@@ -259,20 +270,22 @@ def infllm_select(q, k, *, block_size: int = PAPER.block_size, topk: int = PAPER
             raise ValueError("segment_ids: causal self-attention only (seq_q == seq_k, q_offset 0); decoding "
                              "from a cache is unpacked")
         scores = block_scores(q, k_cmp, seq_k=k.shape[1], block_size=block_size, kernel=kernel, stride=stride,
-                              causal=causal, q_offset=q_offset, scale=scale, segment_ids=segment_ids)
+                              causal=causal, q_offset=q_offset, scale=scale, segment_ids=segment_ids,
+                              query_block=query_block)
         return select_blocks(scores, seq_q=q.shape[1], seq_k=k.shape[1], block_size=block_size, topk=topk,
                              init_blocks=init_blocks, local_window=local_window, causal=causal, q_offset=q_offset,
-                             segment_ids=segment_ids, dense_below=dense_below)
+                             segment_ids=segment_ids, dense_below=dense_below, query_block=query_block)
     return infllm_select_decode(q, k_cmp, seq_k=k.shape[1], block_size=block_size, topk=topk, kernel=kernel,
                                 stride=stride, init_blocks=init_blocks, local_window=local_window,
-                                causal=causal, q_offset=q_offset, scale=scale)
+                                causal=causal, q_offset=q_offset, scale=scale, query_block=query_block)
 
 
 def infllm_select_decode(q_new, k_cmp, *, seq_k: int, block_size: int = PAPER.block_size, topk: int = PAPER.topk,
                          kernel: int = PAPER.kernel, stride: int = PAPER.stride, init_blocks: int = PAPER.init_blocks,
                          local_window: int = PAPER.local_window, causal: bool = True,
-                         q_offset: int | None = None, scale: float | None = None):
-    """Selection for a few new query rows from cached compressed keys.
+                         q_offset: int | None = None, scale: float | None = None, query_block: int | None = None):
+    """Selection for a few new query rows from cached compressed keys (``query_block`` as ``infllm_select``;
+    with 1, each new token's choice equals the prefill's per-token choice for that token).
 
     ``q_new [batch, n_new, heads, d]`` are the last ``n_new`` positions of a sequence of ``seq_k`` keys
     (``q_offset`` defaults to ``seq_k - n_new``); ``k_cmp [batch, n_cmp, kv_heads, d]`` are the compressed keys
@@ -281,6 +294,7 @@ def infllm_select_decode(q_new, k_cmp, *, seq_k: int, block_size: int = PAPER.bl
     if k_cmp.shape[1] != num_compressed(seq_k, kernel, stride):
         raise ValueError(f"{k_cmp.shape=} does not hold num_compressed({seq_k}) windows of {kernel}/{stride}")
     scores = block_scores(q_new, k_cmp, seq_k=seq_k, block_size=block_size, kernel=kernel, stride=stride,
-                          causal=causal, q_offset=q_offset, scale=scale)
+                          causal=causal, q_offset=q_offset, scale=scale, query_block=query_block)
     return select_blocks(scores, seq_q=q_new.shape[1], seq_k=seq_k, block_size=block_size, topk=topk,
-                         init_blocks=init_blocks, local_window=local_window, causal=causal, q_offset=q_offset)
+                         init_blocks=init_blocks, local_window=local_window, causal=causal, q_offset=q_offset,
+                         query_block=query_block)

@@ -4,6 +4,12 @@ MiniCPM4 / MiniCPM-SALA (arXiv 2509.24663, 2602.11761; reference/papers.md B): k
 blocks, compressed keys mean-pooled with kernel 32 / stride 16, 1 initial block, a 2048-token local window,
 dense attention below 8192 keys. The selection functions default to `PAPER`, the sparse layer's spec extends
 `InfLLMConfig`, and `sala.sparse_teacher` starts from it.
+
+Selection granularity (``selection``): the paper (and its CUDA code) selects key blocks per query token, shared
+over the query heads of a GQA group ("token": the reference semantics, prefill == token-by-token decode). Our
+fast kernel runs one selection per query block of ``block_size`` rows, the token scores summed over its rows
+("block": an approximation, a row's choice also depends on the other rows of its block). The default stays
+"block" (the behaviour before the option existed) until the measurement of issue #16 item 3 decides.
 """
 
 from __future__ import annotations
@@ -13,12 +19,20 @@ import dataclasses
 # jax only: the kernel package loads Pallas on first use of the kernel, not for these names
 from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes
 
+SELECTIONS = ("token", "block")
+
 
 @dataclasses.dataclass(frozen=True)
 class InfLLMConfig:
     """InfLLM-V2 settings (defaults: the paper's), plus the Pallas kernel's static options: ``variant`` (one of
     ``pallas_kernels.block_sparse.DESIGNS``; None: the kernel's default) and ``block_sizes`` (its tiles,
-    ``BlockSizes``; None: ``BlockSizes.get_default``). Those two only affect impl "pallas"."""
+    ``BlockSizes``; None: ``BlockSizes.get_default``). Those two only affect impl "pallas".
+
+    ``selection``: "token" (the paper's: each query token chooses its own blocks, shared over its GQA group's
+    heads; exact prefill == decode) or "block" (one choice per query block of ``block_size`` rows, scores summed
+    over the rows; what the Pallas kernel runs). With "token" every impl runs the exact per-token XLA form
+    (``block_sparse_attention(query_block=1)``, masked dense per chunk of rows: O(seq_q * seq_k) work): the
+    Pallas kernels take one list per query block only, so impl "pallas"/"auto" fall back to it."""
 
     block_size: int = 64
     topk: int = 64
@@ -29,8 +43,11 @@ class InfLLMConfig:
     dense_below: int = 8192
     variant: str | None = None
     block_sizes: BlockSizes | None = None
+    selection: str = "block"
 
     def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"InfLLMConfig.selection={self.selection!r} must be one of {SELECTIONS}")
         if self.variant is not None and self.variant not in DESIGNS:
             raise ValueError(f"InfLLMConfig.variant={self.variant!r} must be one of {DESIGNS} or None")
         for name in ("block_size", "topk", "kernel", "stride"):
