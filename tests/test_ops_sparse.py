@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -458,3 +460,149 @@ def test_segment_errors():
     with pytest.raises(ValueError, match="go together"):
         block_sparse_attention(q, q, q, jnp.zeros((1, 2, 4, 1), jnp.int32), jnp.zeros((1, 2, 4), jnp.int32),
                                block_size=16, q_segment_ids=seg, impl="xla")
+
+
+# ------------------------------------------------------------------ per-token selection (issue #16 item 1)
+
+TOKEN_SEL = dict(block_size=16, topk=2, kernel=8, stride=4, init_blocks=1, local_window=16)
+
+
+def token_selection_oracle(q, k, *, block_size, topk, kernel, stride, init_blocks, local_window):
+    """The paper's per-token selection in float64 NumPy, token by token (causal, q_offset seq_k - seq_q):
+    sets of chosen key blocks ``[batch][kv_head][row]``."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    batch, seq_q, heads, d = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group, off, bs = heads // kv_heads, seq_k - seq_q, block_size
+    n_cmp = max(0, (seq_k - kernel) // stride + 1)
+    k_cmp = np.stack([k[:, c * stride:c * stride + kernel].mean(axis=1) for c in range(n_cmp)], axis=1)
+    n_kb, n_local = -(-seq_k // bs), -(-local_window // bs)
+    out = [[[None] * seq_q for _ in range(kv_heads)] for _ in range(batch)]
+    for b in range(batch):
+        for g in range(kv_heads):
+            for i in range(seq_q):
+                p = i + off
+                seen = [c for c in range(n_cmp) if c * stride + kernel - 1 <= p]
+                agg = np.zeros(n_cmp)
+                for h in range(g * group, (g + 1) * group):
+                    if seen:
+                        s = np.array([q[b, i, h] @ k_cmp[b, c, g] / np.sqrt(d) for c in seen])
+                        e = np.exp(s - s.max())
+                        agg[seen] += e / e.sum()
+                last = p // bs
+                score = {}
+                for j in range(min(last, n_kb - 1) + 1):
+                    win = [c for c in range(n_cmp) if c * stride < (j + 1) * bs and c * stride + kernel > j * bs]
+                    score[j] = np.inf if (j < init_blocks or j > last - n_local) else max(
+                        [agg[c] for c in win], default=-np.inf)
+                ranked = sorted(score, key=lambda j: (-score[j], j))
+                out[b][g][i] = set(ranked[:topk + n_local])
+    return out
+
+
+def _lists(idx, cnt):
+    idx, cnt = np.asarray(idx), np.asarray(cnt)
+    return [[[set(idx[b, h, i, :cnt[b, h, i]].tolist()) for i in range(idx.shape[2])] for h in range(idx.shape[1])]
+            for b in range(idx.shape[0])]
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq_q,seq_k", [(2, 2, 75, 75), (6, 2, 53, 53), (6, 2, 9, 61)])
+def test_token_selection_vs_float64_oracle(heads, kv_heads, seq_q, seq_k):
+    """infllm_select(query_block=1): every token's blocks == the float64 per-token oracle (GQA 1 and 3, ragged,
+    prefill and a few rows at an offset)."""
+    rng = np.random.default_rng(seq_q)
+    q = jnp.asarray(2 * rng.standard_normal((2, seq_q, heads, 16)), jnp.float32)
+    k = jnp.asarray(2 * rng.standard_normal((2, seq_k, kv_heads, 16)), jnp.float32)
+    idx, cnt = infllm_select(q, k, query_block=1, **TOKEN_SEL)
+    assert idx.shape[:3] == (2, kv_heads, seq_q)
+    assert _lists(idx, cnt) == token_selection_oracle(q, k, **TOKEN_SEL)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq", [(2, 2, 75), (6, 2, 53)])
+def test_infllm_token_attention_vs_float64_oracle(heads, kv_heads, seq):
+    """infllm_attention with selection="token": above dense_below it is the float64 oracle's block-sparse
+    attention over the oracle's per-token choice (outputs and dq, dk, dv; every impl runs the exact XLA form);
+    below it exactly dense attention."""
+    rng = np.random.default_rng(seq + heads)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, seq, h, 16)), jnp.float32) for h in (heads, kv_heads, kv_heads))
+    do = rng.standard_normal(q.shape)
+    chosen = token_selection_oracle(q, k, **TOKEN_SEL)
+    m = max(len(s) for row in chosen for h in row for s in h)
+    idx = np.zeros((2, kv_heads, seq, m), np.int32)
+    cnt = np.zeros((2, kv_heads, seq), np.int32)
+    for b in range(2):
+        for h in range(kv_heads):
+            for i in range(seq):
+                c = sorted(chosen[b][h][i])
+                idx[b, h, i, :len(c)], cnt[b, h, i] = c, len(c)
+    want = oracle.attention(q, k, v, idx, cnt, block_size=16, query_block=1, do=do)
+    cfg = InfLLMConfig(**TOKEN_SEL, dense_below=seq, selection="token")
+    for impl in ("xla", "pallas"):
+        f = lambda q, k, v: infllm_attention(q, k, v, config=cfg, impl=impl)
+        o, vjp = jax.vjp(f, q, k, v)
+        assert_close(o, want[0], name=f"{impl} o")
+        for name, a, b in zip(("dq", "dk", "dv"), vjp(jnp.asarray(do, jnp.float32)), want[2:]):
+            assert_close(a, b, name=f"{impl} {name}")
+    below = dataclasses.replace(cfg, dense_below=seq + 1)
+    assert np.array_equal(infllm_attention(q, k, v, config=below), dense_attention(q, k, v, causal=True))
+    block = infllm_attention(q, k, v, config=dataclasses.replace(cfg, selection="block"))
+    assert float(jnp.max(jnp.abs(block - want[0]))) > 1e-3  # the per-block approximation chooses otherwise here
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=sid)
+def test_per_token_lists_vs_oracle(shape):
+    """block_sparse_attention(query_block=1) (random per-token lists) == the float64 oracle: o, lse, grads;
+    the mask form too; impl "pallas" refuses per-token lists, "auto" runs the XLA form."""
+    batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = shape
+    rng = np.random.default_rng(11)
+    q, k, v, _, _ = inputs(shape, 12)
+    idx, cnt = oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks, causal=causal,
+                                       query_block=1)
+    do = rng.standard_normal(q.shape)
+    dlse = rng.standard_normal((batch, heads, seq_q))
+    ro, rlse, *rgrads = oracle.attention(q, k, v, idx, cnt, block_size=bs, causal=causal, query_block=1, do=do,
+                                         dlse=dlse)
+    fin = np.isfinite(rlse)
+    f = lambda q, k, v: block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs,
+                                               causal=causal, return_lse=True, query_block=1, impl="auto")
+    (o, lse), vjp = jax.vjp(f, q, k, v)
+    assert_close(o, ro, name="o")
+    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+    assert_close(np.where(fin, lse, 0), np.where(fin, rlse, 0), name="lse")
+    grads = vjp((jnp.asarray(do, jnp.float32), jnp.asarray(np.where(fin, dlse, 0), jnp.float32)))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(a, b, name=name)
+    ref = block_sparse_attention_reference(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs,
+                                           causal=causal, query_block=1)
+    assert_close(ref, ro, name="reference")
+    with pytest.raises(NotImplementedError, match="query_block"):
+        block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs, query_block=1,
+                               impl="pallas")
+
+
+def test_token_selection_prefill_equals_decode():
+    """Per-token selection of a prefill == each token's decode selection from the compressed keys so far."""
+    q, k = _select_inputs(21, seq=70)
+    cfg = dict(block_size=16, topk=1, kernel=8, stride=4, local_window=16)
+    idx, cnt = infllm_select(q, k, query_block=1, **cfg)
+    for t in range(70):
+        i2, c2 = infllm_select_decode(q[:, t:t + 1], compress_keys(k[:, :t + 1], 8, 4), seq_k=t + 1,
+                                      query_block=1, **cfg)
+        assert _lists(i2, c2) == [[[row[t]] for row in b] for b in _lists(idx, cnt)]
+
+
+def test_infllm_token_packed_equals_documents_alone():
+    """selection="token" with segment ids == each document alone (outputs and grads), pallas impl included
+    (it runs the exact XLA form)."""
+    q, k, v, w = _pack_inputs(23)
+    seg = packed_ids(PACK_DOCS, PACK_PAD)
+    cfg = dataclasses.replace(PACK_CFG, selection="token")
+    for impl in ("xla", "pallas"):
+        _packed_vs_alone(lambda q, k, v: infllm_attention(q, k, v, config=cfg, impl=impl, segment_ids=seg),
+                         lambda q, k, v: infllm_attention(q, k, v, config=cfg, impl=impl), q, k, v, w)
+
+
+def test_selection_option():
+    assert InfLLMConfig().selection == "block"  # the default until issue #16 item 3 measures
+    with pytest.raises(ValueError, match="selection"):
+        InfLLMConfig(selection="query")
