@@ -71,7 +71,8 @@ def log(msg: str) -> None:
 def sparse_teacher(cfg: ModelConfig, **infllm) -> ModelConfig:
     """`cfg` with every full-causal softmax layer run as InfLLM-V2 (teacher parameters unchanged). `infllm`
     overrides the paper's settings (`PAPER_INFLLM`: block_size, topk, kernel, stride, init_blocks, local_window,
-    dense_below)."""
+    dense_below, and `selection`: "token" for the paper's per-token choice, prefill == decode; "block", the
+    default for now, one choice per query block as the Pallas kernel runs)."""
     unknown = sorted(set(infllm) - set(PAPER_INFLLM))
     if unknown:
         raise ConfigError(f"sparse_teacher: unknown InfLLM-V2 option(s) {unknown}; allowed: {sorted(PAPER_INFLLM)}")

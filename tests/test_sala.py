@@ -76,6 +76,29 @@ def test_sparse_teacher_is_the_teacher_below_the_threshold():
     assert rel_err(run(sparse_teacher(cfg, **SMALL, dense_below=0), tokens), want) > 1e-3  # 6 blocks, 4 kept
 
 
+def test_sparse_teacher_token_selection():
+    """sparse_teacher(selection="token") (the paper's granularity): the config travels with a checkpoint; in the
+    sparse regime the model's prefill == token-by-token decoding through the cache; the training path (no cache)
+    differentiates."""
+    cfg = tiny_config(attention=(SoftmaxSpec(), SoftmaxSpec(window=8)))
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    sp = sparse_teacher(cfg, **SMALL, dense_below=0, selection="token")
+    assert sp.attention[0].selection == "token" and sparse_teacher(cfg).attention[0].selection == "block"
+    assert type(sp).from_dict(sp.to_dict()) == sp
+    t = 70
+    tokens = jax.random.randint(jax.random.key(2), (2, t), 0, cfg.vocab_size)
+    want = jax.jit(Transformer(sp).apply)({"params": params}, tokens)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+    step = jax.jit(lambda tok, p, c: Transformer(sp).apply({"params": params}, tok, p, c))
+    outs, caches = [], init_caches(sp, 2, 80)
+    for i in range(t):
+        logits, caches = step(tokens[:, i:i + 1], pos[:, i:i + 1], caches)
+        outs.append(logits)
+    assert rel_err(jnp.concatenate(outs, axis=1), want) <= FORMS_RTOL
+    g = jax.jit(jax.grad(lambda p: Transformer(sp).apply({"params": p}, tokens).astype(jnp.float32).mean()))(params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The layer choice
 
