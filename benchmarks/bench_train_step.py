@@ -7,7 +7,8 @@ Teachers have random weights in the shapes of SmolLM2-135M and Llama-3.2-1B (a s
 saved as checkpoints with a character tokenizer; the student is `configs/lizard_smollm2.yaml`'s recipe (Lizard on
 every layer) and its training settings, with `--set` overrides in `train.py`'s syntax. For each stage the step the
 trainer runs (`Trainer._make_stage`: jit, donation, shardings) is timed, and beside it the parts it is made of,
-each jitted alone on the same inputs, so that differences place the time:
+each jitted alone on the same inputs, so that differences place the time (packed batches with segment ids
+when the config's `data.segment_ids` is on):
   stage 1: teacher forward with the layer inputs/outputs recorded; the whole loss (teacher + student layers);
            its value_and_grad; the full step (+ clipping and AdamW);
   stage 2: student forward (loss only); value_and_grad; the full step.
@@ -38,7 +39,7 @@ from benchmarks.common import measure_ceilings, report  # noqa: E402
 from benchmarks.bench_model import LLAMA_1B  # noqa: E402
 from lizard_jax.config import RopeConfig, apply_overrides  # noqa: E402
 from lizard_jax.testing import save_tiny_teacher  # noqa: E402
-from lizard_jax.train import TrainConfig, Trainer  # noqa: E402
+from lizard_jax.train import TrainConfig, Trainer, losses  # noqa: E402
 from lizard_jax.train.trees import join  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -90,8 +91,14 @@ def bench_model(name: str, shape: dict, *, batch: int, seq: int, steps: int, ove
             args = (state["trainable"], tr.frozen, tr.teacher_params, batch_arr)
             parts = {}
             if index == 1:
-                t_fwd = jax.jit(lambda tp, b: jax.tree_util.tree_map(
-                    jnp.sum, tr.teacher.apply({"params": tp}, b[:, :-1], mutable=["intermediates"])[1]))
+                def teacher_forward(tp, b):
+                    tokens, _, positions, seg, _ = losses.split_batch(b)
+                    packed = {} if seg is None else {"segment_ids": seg}
+                    _, inter = tr.teacher.apply({"params": tp}, tokens, positions, mutable=["intermediates"],
+                                                **packed)
+                    return jax.tree_util.tree_map(jnp.sum, inter)
+
+                t_fwd = jax.jit(teacher_forward)
                 parts["teacher forward (+ layer in/out)"] = lambda: t_fwd(tr.teacher_params, batch_arr)
             loss = jax.jit(loss_fn)
             grad = jax.jit(jax.value_and_grad(loss_fn))
