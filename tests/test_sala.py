@@ -241,6 +241,9 @@ def test_eval_perplexity_sparse_prefill(tmp_path, capsys):
     cli_error(capsys, eval_py.main, [*args, "--sparse-option", "topk=4"], "needs --sparse-prefill")
     cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "top_k=4"],
               "unknown InfLLM-V2 option")
+    cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "selection=tokens"], "selection")
+    cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "topk=all"], "expected an integer")
+    assert eval_py._sparse_option("selection=token") == ("selection", "token")
 
 
 @pytest.mark.slow
