@@ -162,16 +162,34 @@ LAZY = LazyConfig(layers=(0, 2), keep=(0.4, 0.2), bucket=4, revive_buckets=(2, 8
 NEW = 16
 
 
+_RUNS = {}
+
+
+def _lazy_run(decode):
+    """A lazy greedy generation (B4, ragged) shared by the decoding tests, once per decode mode per module."""
+    if decode not in _RUNS:
+        lazy = dataclasses.replace(LAZY, decode=decode)
+        model, params = tiny(layers=4)
+        toks, pos = prompts([70, 41, 12, 66], seed=2)
+        out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=lazy, max_new_tokens=NEW,
+                            sampling=GREEDY, eos_ids=())
+        _, st0 = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)
+        _RUNS[decode] = model, params, toks, pos, out, st0, lazy
+    return _RUNS[decode]
+
+
 @pytest.fixture(scope="module", params=["attend_all", "paper"])
 def run(request):
-    """A lazy greedy generation (B4, ragged) shared by the decoding tests, in each decode mode."""
-    lazy = dataclasses.replace(LAZY, decode=request.param)
-    model, params = tiny(layers=4)
-    toks, pos = prompts([70, 41, 12, 66], seed=2)
-    out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=lazy, max_new_tokens=NEW,
-                        sampling=GREEDY, eos_ids=())
-    _, st0 = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)
-    return model, params, toks, pos, out, st0, lazy
+    """The decoding tests whose property depends on the decode mode (what a step attends to, revives, counts):
+    each mode."""
+    return _lazy_run(request.param)
+
+
+@pytest.fixture(scope="module")
+def run_default():
+    """Tests of the generation loop around the step (greedy == the steps one at a time, batch sharding), which
+    is the same code for both modes (`_step` only dispatches): the default mode only."""
+    return _lazy_run(LazyConfig.decode)
 
 
 def test_counter_at_most_once_per_layer(run):
@@ -189,9 +207,9 @@ def test_counter_at_most_once_per_layer(run):
     assert float(st.computed_fraction()) > float(st0.computed_fraction())
 
 
-def test_generation_is_teacher_forcing(run):
+def test_generation_is_teacher_forcing(run_default):
     """Greedy generation picks each step's argmax of the same decode steps, taken one at a time here."""
-    model, params, toks, pos, out, st, lazy = run
+    model, params, toks, pos, out, st, lazy = run_default
     logits = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)[0]
     last = jnp.max(pos, axis=1)
     for s in range(NEW):
@@ -270,8 +288,8 @@ def test_paper_decode_keys_are_budgets_and_nested(run):
             np.testing.assert_array_equal(active[j + 1], has_kv)
 
 
-def test_batch_sharded_equals_unsharded(run):
-    model, params, toks, pos, out, _, lazy = run
+def test_batch_sharded_equals_unsharded(run_default):
+    model, params, toks, pos, out, _, lazy = run_default
     mesh = make_mesh({"data": 4}, devices=jax.devices()[:4])
     shard = NamedSharding(mesh, P("data"))
     got = generate_lazy(model, params, jax.device_put(toks, shard), jax.device_put(pos, shard), jax.random.key(0),
