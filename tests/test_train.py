@@ -185,6 +185,7 @@ def test_sharded_training_equals_single_device(teacher, tmp_path):
     np.testing.assert_allclose([l for _, l in runs["eight"]], [l for _, l in runs["one"]], rtol=2e-4)
 
 
+@pytest.mark.slow  # redundant: test_resume_reproduces_uninterrupted_curve, test_kill9_then_resume, test_segments.py
 def test_segment_ids_training_resumes_exactly_on_a_mesh(teacher, tmp_path, monkeypatch):
     """data.segment_ids: both stages train on packed documents (batches as dicts of sharded arrays over a
     2-device data mesh), a run interrupted in stage 2 resumes to the uninterrupted curve, and the losses differ
