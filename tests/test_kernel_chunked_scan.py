@@ -80,9 +80,8 @@ def run_case(case: Case, backend: str, seed: int = 0, variant: str = "v1"):
         return gla(q, k, v, log_g, initial_state=h0 if case.h0 else None, return_final_state=True,
                    backend=backend, interpret=True, block_sizes=case.block_sizes, variant=variant)
 
-    (o, ht), vjp = jax.vjp(f, q, k, v, log_g, h0)
     dht_used = dht if case.ht else jnp.zeros_like(dht)
-    dq, dk, dv, dg, dh0 = vjp((do, dht_used))
+    (o, ht), (dq, dk, dv, dg, dh0) = fwd_vjp(f, (q, k, v, log_g, h0), (do, dht_used))
     to64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, log_g, do)]
     h0_used = np.asarray(h0, np.float64) if case.h0 else np.zeros(h0.shape)
     ro, rht, rg = oracle(*to64[:4], h0_used, to64[4], np.asarray(dht_used, np.float64))
@@ -103,6 +102,15 @@ def run_case(case: Case, backend: str, seed: int = 0, variant: str = "v1"):
     for x, ref in ((dq, q), (dk, k), (dv, v), (dg, log_g)):
         assert x.dtype == ref.dtype and x.shape == ref.shape
     return errs
+
+
+def fwd_vjp(f, primals, cotangents):
+    """``f``'s outputs and vjp at ``cotangents``, in one jitted program (eager dispatch of interpret-mode
+    kernels is slow)."""
+    def run(primals, cotangents):
+        out, vjp = jax.vjp(f, *primals)
+        return out, vjp(cotangents)
+    return jax.jit(run)(primals, cotangents)
 
 
 def assert_errs(errs, dtype):
@@ -239,7 +247,7 @@ def test_under_shard_map():
     # check_vma=False: pallas_call outputs carry no varying-axes annotation (as with jax's own Pallas ops)
     fn = jax.shard_map(lambda *a: gla(*a, backend="gpu", interpret=True), mesh=mesh, in_specs=(spec,) * 4,
                        out_specs=spec, check_vma=False)
-    o = fn(q, k, v, log_g)
+    o = jax.jit(fn)(q, k, v, log_g)
     ro, _, _ = oracle(q, k, v, log_g, np.zeros(h0.shape), do, dht)
     numerics.assert_close(o, ro, dtype="float32", name="o")
 
@@ -342,8 +350,8 @@ def packed_vs_alone(gla_fn, rows, heads, dk, dv, per_head, gate, seed=0):
     seg = segment_ids_of(rows)
     batch, seq = seg.shape
     q, k, v, log_g, h0, do, dht = make_inputs(Case(batch, seq, heads, dk, dv, gate, per_head=per_head), seed)
-    (o, ht), vjp = jax.vjp(lambda *a: gla_fn(*a, jnp.asarray(seg)), q, k, v, log_g, h0)
-    grads = dict(zip(("q", "k", "v", "log_g", "h0"), vjp((do, dht))))
+    (o, ht), g = fwd_vjp(lambda *a: gla_fn(*a[:5], a[5]), (q, k, v, log_g, h0, jnp.asarray(seg)), (do, dht))
+    grads = dict(zip(("q", "k", "v", "log_g", "h0"), g))
 
     docs, (dq_, dk_, dv_, dg_, ddo) = documents_alone(rows, q, k, v, log_g, do)
     first = np.array([s == 0 for _, s, _ in docs])
@@ -351,8 +359,9 @@ def packed_vs_alone(gla_fn, rows, heads, dk, dv, per_head, gate, seed=0):
     rows_of = np.array([b for b, _, _ in docs])
     h0_d = np.where(first[:, None, None, None], np.asarray(h0)[rows_of], 0.0).astype(np.float32)
     dht_d = np.where(lastd[:, None, None, None], np.asarray(dht)[rows_of], 0.0).astype(np.float32)
-    (o_a, ht_a), vjp_a = jax.vjp(lambda *a: gla_fn(*a, None), *map(jnp.asarray, (dq_, dk_, dv_, dg_, h0_d)))
-    grads_a = dict(zip(("q", "k", "v", "log_g", "h0"), vjp_a((jnp.asarray(ddo), jnp.asarray(dht_d)))))
+    (o_a, ht_a), g_a = fwd_vjp(lambda *a: gla_fn(*a, None), tuple(map(jnp.asarray, (dq_, dk_, dv_, dg_, h0_d))),
+                               (jnp.asarray(ddo), jnp.asarray(dht_d)))
+    grads_a = dict(zip(("q", "k", "v", "log_g", "h0"), g_a))
 
     x64 = {n: np.asarray(x, np.float64) for n, x in dict(q=q, k=k, v=v, log_g=log_g, do=do).items()}
     close = functools.partial(numerics.assert_close, dtype="float32")
@@ -427,8 +436,10 @@ def test_segments_single_segment_equals_none():
     case = Case(1, 37, 2, 16, 16, "moderate")
     q, k, v, log_g, h0, do, dht = make_inputs(case, seed=2)
     kw = dict(initial_state=h0, return_final_state=True, interpret=True, block_sizes=SMALL)
-    o, ht = gla(q, k, v, log_g, **kw)
-    o1, ht1 = gla(q, k, v, log_g, segment_ids=jnp.full((1, 37), 7, jnp.int32), **kw)
+    run = jax.jit(lambda q, k, v, log_g, h0, seg: gla(q, k, v, log_g, initial_state=h0, segment_ids=seg,
+                                                      **{n: x for n, x in kw.items() if n != "initial_state"}))
+    o, ht = run(q, k, v, log_g, h0, None)
+    o1, ht1 = run(q, k, v, log_g, h0, jnp.full((1, 37), 7, jnp.int32))
     numerics.assert_close(o1, o, rtol=numerics.FORMS_RTOL, name="o")
     numerics.assert_close(ht1, ht, rtol=numerics.FORMS_RTOL, name="ht")
     with pytest.raises(ValueError, match="segment_ids"):
