@@ -88,6 +88,8 @@ def block_reference(model, params, tokens, positions, block: int, anchor: int):
     """Per-layer KV `[B, C, KVH, D]` of Star's phase 1, one block at a time on one device with the normal
     KV cache (masks by position): block j is encoded as [anchor, block j] (block 0 alone), its own KV kept."""
     c = tokens.shape[1]
+    # jitted (one compile per block length): op-by-op dispatch of the model is slow on CPU
+    apply = jax.jit(lambda p, t, q: model.apply({"params": p}, t, q, init_caches(CFG, t.shape[0], t.shape[1])))
     ks = [[] for _ in range(CFG.num_layers)]
     vs = [[] for _ in range(CFG.num_layers)]
     for j in range(c // block):
@@ -95,7 +97,7 @@ def block_reference(model, params, tokens, positions, block: int, anchor: int):
         pre = anchor if j and anchor else 0
         tok = jnp.concatenate([tokens[:, :pre], tokens[:, sl]], axis=1)
         pos = jnp.concatenate([positions[:, :pre], positions[:, sl]], axis=1)
-        _, caches = model.apply({"params": params}, tok, pos, init_caches(CFG, tok.shape[0], tok.shape[1]))
+        _, caches = apply(params, tok, pos)
         for i, cache in enumerate(caches):
             ks[i].append(cache.k[:, pre:])
             vs[i].append(cache.v[:, pre:])
@@ -148,7 +150,7 @@ def test_devices_agree(model_params):
     same on 1, 2, 4, 8 devices and differs from global (its blocks do not see each other)."""
     model, params = model_params
     tokens, positions = ragged_prompts(1, (120, 77))
-    logits = model.apply({"params": params}, tokens, positions)[:, -1]
+    logits = jax.jit(lambda p, t, q: model.apply({"params": p}, t, q))(params, tokens, positions)[:, -1]
     star = {}
     for n in (1, 2, 4, 8):
         mesh = mesh_of(n)
