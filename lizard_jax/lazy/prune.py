@@ -339,24 +339,30 @@ def _stage_step(model, params, stacked, first: int, last: int, n_revive: int, sc
     return x[:, -1:], score if new_score is None else new_score, state
 
 
-def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
-    """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state). `stacked`: `stack_layers(...)`."""
-    if lazy.decode == "paper":
-        return _step_paper(model, params, stacked, lazy, tok, pos, state)
+def _first_stage(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
+    """Both decode modes' start of a step: the new token's slot and position, then the layers before the first
+    pruning layer over every key with KV there. -> (P, stages, budgets, batch index `[B, 1]`, slots, pos,
+    x, scores at the first pruning layer, state)."""
     n_layers = model.cfg.num_layers
     p = state.aux.shape[1]
     stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
     bsz = tok.shape[0]
-    b = jnp.arange(bsz)[:, None]
     slot = p + state.step
     slots = jnp.full((bsz, 1), slot, jnp.int32)
     pos = pos.astype(jnp.int32)
     state = state.replace(slot_pos=state.slot_pos.at[:, slot].set(pos[:, 0]),
                           depth=state.depth.at[:, slot].set(n_layers), step=state.step + 1)
-    x = _embed(model, params, tok)
     first, last = stages[0]
-    x, score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
-                           score=len(stages) > 1)
+    x, score, state = _run(model, params, stacked, state, first, last, _embed(model, params, tok), pos, slots,
+                           local=False, score=len(stages) > 1)
+    return p, stages, budgets, jnp.arange(bsz)[:, None], slots, pos, x, score, state
+
+
+def _step(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos, state: LazyState):
+    """decode_loop's step: tok, pos `[B, 1]` -> (logits `[B, 1, V]`, state). `stacked`: `stack_layers(...)`."""
+    if lazy.decode == "paper":
+        return _step_paper(model, params, stacked, lazy, tok, pos, state)
+    p, stages, budgets, b, slots, pos, x, score, state = _first_stage(model, params, stacked, lazy, tok, pos, state)
     for j, (first, last) in enumerate(stages[1:]):
         score_next = j + 2 < len(stages)
         if budgets[j] == p:  # nothing was ever pruned before this stage: nothing to revive
@@ -381,20 +387,8 @@ def _step_paper(model: Transformer, params, stacked, lazy: LazyConfig, tok, pos,
     tokens (among the ones it attended to there) that take part in the next stage; the chosen ones without KV
     there are revived from the Aux Cache, and the stage's keys are gathered: the chosen prompt slots and every
     generated slot, `[B, budget + generated]`."""
-    n_layers = model.cfg.num_layers
-    p, s = state.aux.shape[1], state.depth.shape[1]
-    stages, budgets = lazy.stages(n_layers), lazy.budgets(p)
-    bsz = tok.shape[0]
-    b = jnp.arange(bsz)[:, None]
-    slot = p + state.step
-    slots = jnp.full((bsz, 1), slot, jnp.int32)
-    pos = pos.astype(jnp.int32)
-    state = state.replace(slot_pos=state.slot_pos.at[:, slot].set(pos[:, 0]),
-                          depth=state.depth.at[:, slot].set(n_layers), step=state.step + 1)
-    x = _embed(model, params, tok)
-    first, last = stages[0]
-    x, score, state = _run(model, params, stacked, state, first, last, x, pos, slots, local=False,
-                           score=len(stages) > 1)
+    p, stages, budgets, b, slots, pos, x, score, state = _first_stage(model, params, stacked, lazy, tok, pos, state)
+    s, bsz, last = state.depth.shape[1], tok.shape[0], stages[0][1]
     cand = state.kv(last)[2][:, :p] >= 0  # prompt tokens the new token attended to at the pruning layer
     active = [cand]
     generated = jnp.broadcast_to(jnp.arange(p, s, dtype=jnp.int32), (bsz, s - p))
