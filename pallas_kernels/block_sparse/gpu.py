@@ -104,6 +104,34 @@ def _seg_refs(st: Static, refs, n_out: int):
     return None, None, refs[:n_out]
 
 
+def online_softmax_init(rows: int, dp: int):
+    """(acc [rows, dp], running max [rows], denominator [rows]) before the first key step."""
+    return (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax_step(acc, m, l, s, v, cs):
+    """One key step of the base-2 online softmax: logits s [rows, keys] (times ``cs`` in the exponent), values v
+    [keys, dp]. Rows that have seen no key keep m = -inf and contribute exp2(-inf) = 0."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
+    alpha = jnp.exp2(m * cs - m_use)
+    p = jnp.exp2(s * cs - m_use[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    return alpha[:, None] * acc + dot(p.astype(v.dtype), v), m_new, l
+
+
+def store_softmax(o_ref, lse_ref, acc, m, l, cs):
+    """Write o = acc / l as o_ref's [block_q, group, dp] and the natural-log lse [block_q, group] (-inf where a
+    row saw no key)."""
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(o_ref.shape))
+    m2 = jnp.where(m == _NEG_INF, 0.0, m) * cs
+    lse = jnp.where(empty, _NEG_INF, (m2 + jnp.log2(l_safe)) / _LOG2E)
+    plgpu.store(lse_ref, lse.reshape(lse_ref.shape))
+
+
 def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static, block_q: int, kv_step: int):
     qs_ref, ks_ref, (o_ref, lse_ref) = _seg_refs(st, refs, 2)
     _, group, dp = q_ref.shape
@@ -124,23 +152,10 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static, block_
         if masked:
             k_seg = None if ks_ref is None else ks_ref[key_rows]
             s = jnp.where(_keep(st, row_pos, key_rows, listed, q_seg, k_seg), s, _NEG_INF)
-        cs = 1.0 if prescale else c
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
-        alpha = jnp.exp2(m * cs - m_use)
-        p = jnp.exp2(s * cs - m_use[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
-        return alpha[:, None] * acc + dot(p.astype(v_ref.dtype), v_ref[key_rows, :]), m_new, l
+        return online_softmax_step(acc, m, l, s, v_ref[key_rows, :], 1.0 if prescale else c)
 
-    init = (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    acc, m, l = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, init)
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp))
-    m2 = jnp.where(m == _NEG_INF, 0.0, m) * (1.0 if prescale else c)
-    lse = jnp.where(empty, _NEG_INF, (m2 + jnp.log2(l_safe)) / _LOG2E)
-    plgpu.store(lse_ref, lse.reshape(block_q, group))
+    acc, m, l = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, online_softmax_init(rows, dp))
+    store_softmax(o_ref, lse_ref, acc, m, l, 1.0 if prescale else c)
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,

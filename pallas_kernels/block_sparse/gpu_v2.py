@@ -102,22 +102,10 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, st: Static, block_
         if prescale:
             s = s * c
         s = _masked(masked, _keep(st, row_pos, key_rows, listed, q_seg, ks_ref), s, _NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new) * cs
-        alpha = jnp.exp2(m * cs - m_use)
-        p = jnp.exp2(s * cs - m_use[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
-        return alpha[:, None] * acc + dot(p.astype(v_ref.dtype), v_ref[key_rows, :]), m_new, l
+        return gpu.online_softmax_step(acc, m, l, s, v_ref[key_rows, :], cs)
 
-    init = (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    acc, m, l = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, init)
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    plgpu.store(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype).reshape(block_q, group, dp))
-    m2 = jnp.where(m == _NEG_INF, 0.0, m) * cs
-    lse = jnp.where(empty, _NEG_INF, (m2 + jnp.log2(l_safe)) / _LOG2E)
-    plgpu.store(lse_ref, lse.reshape(block_q, group))
+    acc, m, l = _over_listed_blocks(st, idx_ref, cnt_ref, kv_step, step, gpu.online_softmax_init(rows, dp))
+    gpu.store_softmax(o_ref, lse_ref, acc, m, l, cs)
 
 
 def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: Static,
