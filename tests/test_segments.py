@@ -129,28 +129,38 @@ def check_packed_equals_alone(name, spec, rows):
     w = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)  # the loss's weights
     real = (seg != 0)[..., None]
 
+    # one jitted program (one compile) for the packed batch and every document alone, the documents of each
+    # length batched as rows of one call (rows are independent: each is its own sequence, no segment ids)
+    groups = {}
+    for r, a, n in docs:
+        groups.setdefault(n, []).append((r, a))
+
     @jax.jit
-    def packed(p, xs):
-        def loss(p, xs):
+    def run(p, xs):
+        def packed_loss(p, xs):
             y, _ = layer.apply({"params": p}, xs, document_positions(seg), segment_ids=seg)
             return jnp.sum(jnp.where(real, y * w, 0.0)), y
-        (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, xs)
-        return y, g
 
-    @jax.jit
-    def alone(p, xs, ws):
-        def loss(p, xs):
-            y, _ = layer.apply({"params": p}, xs)  # positions None: arange, one document
+        def alone_loss(p, xs, ws):
+            y, _ = layer.apply({"params": p}, xs)  # positions None: arange, one document per row
             return jnp.sum(y * ws), y
-        (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, xs)
-        return y, g
 
-    y, (gp, gx) = packed(params, x)
+        (_, y), g = jax.value_and_grad(packed_loss, argnums=(0, 1), has_aux=True)(p, xs)
+        alone = {}
+        for n, at in groups.items():
+            xd = jnp.concatenate([xs[r:r + 1, a:a + n] for r, a in at])
+            wd = jnp.concatenate([w[r:r + 1, a:a + n] for r, a in at])
+            (_, yd), gd = jax.value_and_grad(alone_loss, argnums=(0, 1), has_aux=True)(p, xd, wd)
+            alone[n] = (yd, gd)  # parameter gradients: summed over the group's documents
+        return y, g, alone
+
+    y, (gp, gx), alone = run(params, x)
     y_ref, gx_ref = np.zeros(y.shape, np.float32), np.zeros(x.shape, np.float32)
     gp_ref = jax.tree_util.tree_map(jnp.zeros_like, params)
-    for r, a, n in docs:
-        yd, (gpd, gxd) = alone(params, x[r:r + 1, a:a + n], w[r:r + 1, a:a + n])
-        y_ref[r, a:a + n], gx_ref[r, a:a + n] = yd[0], gxd[0]
+    for n, at in groups.items():
+        yd, (gpd, gxd) = alone[n]
+        for i, (r, a) in enumerate(at):
+            y_ref[r, a:a + n], gx_ref[r, a:a + n] = yd[i], gxd[i]
         gp_ref = jax.tree_util.tree_map(jnp.add, gp_ref, gpd)
     m = np.asarray(real)
     assert_close(np.where(m, y, 0.0), y_ref, dtype="float32", rtol=FORMS_RTOL, name=f"{name} output")
@@ -265,8 +275,9 @@ def padded_batch(docs):
 def tiny_models():
     student, teacher = Transformer(MODEL_CFG), Transformer(TEACHER_CFG)
     z = jnp.zeros((1, 8), jnp.int32)
-    sp = randomize(nn.unbox(student.init(jax.random.key(0), z)["params"]), jax.random.key(1))
-    tp = randomize(nn.unbox(teacher.init(jax.random.key(2), z)["params"]), jax.random.key(3))
+    # jitted inits: op-by-op dispatch of two 5-layer models' initialisers is slow on CPU
+    sp = randomize(nn.unbox(jax.jit(student.init)(jax.random.key(0), z)["params"]), jax.random.key(1))
+    tp = randomize(nn.unbox(jax.jit(teacher.init)(jax.random.key(2), z)["params"]), jax.random.key(3))
     return student, teacher, sp, tp
 
 
