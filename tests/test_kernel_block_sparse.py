@@ -208,9 +208,10 @@ def test_dkv_work_items_cover_the_transposed_index():
     n_qb = n_kb = 12
     idx, cnt = oracle.random_selection(rng, 2, 2, n_qb * 16, n_kb * 16, 16, 4)
     first_unmasked = rng.integers(0, n_qb + 1, n_kb)
+    work_items = jax.jit(dkv_work_items, static_argnums=(2, 3))  # eager dispatch of the sorts and scans is slow
     for chunk in (0, 1, 3, 100):
-        items, q_blocks, slot_block = (np.asarray(x) for x in dkv_work_items(jnp.asarray(idx), jnp.asarray(cnt),
-                                                                               n_kb, chunk, first_unmasked))
+        items, q_blocks, slot_block = (np.asarray(x) for x in work_items(jnp.asarray(idx), jnp.asarray(cnt),
+                                                                           n_kb, chunk, jnp.asarray(first_unmasked)))
         for b in range(2):
             for h in range(2):
                 want = sorted((int(j), i) for i in range(n_qb) for j in idx[b, h, i, :cnt[b, h, i]])
