@@ -3,6 +3,8 @@ layer-test helpers (`randomize` parameters off their structured init, `run_chunk
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import string
 
@@ -128,3 +130,19 @@ def run_chunks(layer, params, x, sizes, max_len: int, positions=None):
         outs.append(y)
         a += n
     return jnp.concatenate(outs, axis=1), cache
+
+
+TARGET_GPU = "NVIDIA H200"  # sm_90, the production GPU
+
+
+@contextlib.contextmanager
+def target_gpu(platform: str, device_kind: str = TARGET_GPU):
+    """Lower Pallas Triton kernels for ``device_kind`` on a machine without a GPU: jax >= 0.11 takes the target
+    from the abstract mesh's ``AbstractDevice`` (else from the default device, a CPU here, which fails); jax 0.10
+    ignores it and falls back to sm_90 itself. Other platforms: no-op. Why: tests/test_lowering.py's docstring."""
+    if platform != "cuda":
+        yield
+        return
+    dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
+        yield

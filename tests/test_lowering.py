@@ -17,46 +17,32 @@ Unsupported GPU device kind`` is re-raised by ``pallas_call_registration.pallas_
 ``RuntimeError: No supported GPU devices found, please specify an abstract GPU device using AbstractDevice``:
 ``test_lowers[cuda-*]`` failed on jax 0.11.2 without a GPU for that reason (reproduced on a CPU machine with
 jax 0.11.2). The fix is the one that error asks for: lower inside ``jax.sharding.use_abstract_mesh`` of an
-empty ``AbstractMesh`` whose ``AbstractDevice`` is an H200 (``target_gpu`` below). The target is explicit
+empty ``AbstractMesh`` whose ``AbstractDevice`` is an H200 (``lizard_jax.testing.target_gpu``). The target is explicit
 (sm_90, as the production GPU) whatever machine runs the test, and on jax 0.10 the context is harmless (its
 lowering never reads it; it still falls back to sm_90). The TPU lowering (Mosaic) never needed a device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from lizard_jax.testing import TARGET_GPU, target_gpu
 import pallas_kernels.block_sparse as bsp
 import pallas_kernels.chunked_scan as cs
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.chunked_scan import gla
 
-GLA_VARIANTS = tuple(getattr(cs, "VARIANTS", ("v1",)))
-SPARSE_DESIGNS = tuple(getattr(bsp, "DESIGNS", ("v1",)))
+GLA_VARIANTS = cs.VARIANTS
+SPARSE_DESIGNS = bsp.DESIGNS
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform -> the kernels' backend argument
 
 GLA_SHAPE = dict(batch=8, seq=4096, heads=16, dk=128, dv=128, dtype="bfloat16")
 SPARSE_SHAPE = dict(batch=1, seq=32768, heads=16, kv_heads=4, head_dim=128, block_size=64, frac=8,
                     dtype="bfloat16")
-TARGET_GPU = "NVIDIA H200"  # sm_90
-
-
-@contextlib.contextmanager
-def target_gpu(platform: str, device_kind: str = TARGET_GPU):
-    """Lower Pallas Triton kernels for ``device_kind`` without a GPU (see the module docstring)."""
-    if platform != "cuda":
-        yield
-        return
-    dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
-        yield
-
-
 def _lower(fn, args, platform: str, what: str) -> str:
     t0 = time.perf_counter()
     try:
