@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import gpu, gpu_v2, tpu, tpu_v2
 from pallas_kernels.block_sparse.common import DESIGNS, BlockSizes, Static, normalize_indices
+from pallas_kernels.segments import resolve_segments
 
 _BACKENDS = {"gpu": gpu, "tpu": tpu}
 _V2 = {"gpu": gpu_v2, "tpu": tpu_v2}
@@ -66,25 +67,6 @@ def _attention_bwd(st: Static, res, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _segments(batch: int, seq_q: int, seq_k: int, segment_ids, q_segment_ids, kv_segment_ids):
-    """(q ids [batch, seq_q], k ids [batch, seq_k]) int32, or (None, None)."""
-    if segment_ids is not None:
-        if q_segment_ids is not None or kv_segment_ids is not None:
-            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
-        if seq_q != seq_k:
-            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {seq_q=}, {seq_k=}")
-        q_segment_ids = kv_segment_ids = segment_ids
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids go together")
-    if q_segment_ids is None:
-        return None, None
-    for name, x, want in (("q_segment_ids", q_segment_ids, (batch, seq_q)),
-                          ("kv_segment_ids", kv_segment_ids, (batch, seq_k))):
-        if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integer [batch, seq] = {want}; got {x.dtype} {tuple(x.shape)}")
-    return q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def _check(q, k, v, block_indices, block_counts, block_size: int, backend: str, variant: str) -> None:
@@ -147,7 +129,8 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
         backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
     variant = "v1" if variant is None else variant
     _check(q, k, v, block_indices, block_counts, block_size, backend, variant)
-    q_seg, k_seg = _segments(q.shape[0], q.shape[1], k.shape[1], segment_ids, q_segment_ids, kv_segment_ids)
+    q_seg, k_seg = resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids, q_segment_ids,
+                                    kv_segment_ids)
     if q_seg is not None and (backend, variant) not in _SEGMENT_KERNELS:
         raise NotImplementedError(f"segment ids: the {backend} {variant} kernel does not take them yet; "
                                   f"kernels that do: {_SEGMENT_KERNELS} (or impl='xla')")

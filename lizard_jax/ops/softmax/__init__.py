@@ -26,32 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from lizard_jax.ops.softmax.reference import attention_dense, merge_sinks, visible
+from pallas_kernels.segments import resolve_segments
 
 __all__ = ["attention", "visible", "merge_sinks", "attention_dense"]
 
 _IMPLS = ("auto", "xla", "cudnn")
-
-
-def _segments(q, k, segment_ids, q_segment_ids, kv_segment_ids):
-    """(q_seg [B, T], k_seg [B, S]) int32, or (None, None) when no segment ids are given."""
-    if segment_ids is not None:
-        if q_segment_ids is not None or kv_segment_ids is not None:
-            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
-        if q.shape[1] != k.shape[1]:
-            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {q.shape[1]=} and "
-                             f"{k.shape[1]=}: pass q_segment_ids and kv_segment_ids")
-        q_segment_ids = kv_segment_ids = segment_ids
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids go together")
-    if q_segment_ids is None:
-        return None, None
-    for name, x, want in (("q_segment_ids", q_segment_ids, q.shape[:2]), ("kv_segment_ids", kv_segment_ids,
-                                                                         k.shape[:2])):
-        if x.shape != want:
-            raise ValueError(f"{name}.shape={x.shape} must be [batch, seq] = {want}")
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integers, got {x.dtype}")
-    return q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
 def _check(q, k, v, q_positions, k_positions, sinks):
@@ -98,7 +77,8 @@ def attention(
     the float32 log-sum-exp `[batch, heads, seq_q]` (including sinks; -inf for a query that sees nothing, whose
     output is 0). Segment ids: see the module docstring."""
     _check(q, k, v, q_positions, k_positions, sinks)
-    q_seg, k_seg = _segments(q, k, segment_ids, q_segment_ids, kv_segment_ids)
+    q_seg, k_seg = resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids, q_segment_ids,
+                                    kv_segment_ids)
     if impl not in _IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {_IMPLS}")
     if window is not None and window < 1:

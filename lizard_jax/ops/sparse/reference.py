@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lizard_jax.ops.sparse.settings import PAPER
+from pallas_kernels.segments import resolve_segments
 
 _NEG_INF = -jnp.inf
 
@@ -46,29 +47,6 @@ def num_blocks(n: int, block_size: int) -> int:
 
 def resolve_q_offset(seq_q: int, seq_k: int, q_offset: int | None) -> int:
     return seq_k - seq_q if q_offset is None else int(q_offset)
-
-
-def resolve_segments(seq_q: int, seq_k: int, batch: int, segment_ids=None, q_segment_ids=None,
-                     kv_segment_ids=None):
-    """(q_seg [batch, seq_q], k_seg [batch, seq_k]) int32 or (None, None); ValueError on misuse."""
-    if segment_ids is not None:
-        if q_segment_ids is not None or kv_segment_ids is not None:
-            raise ValueError("pass segment_ids or q_segment_ids/kv_segment_ids, not both")
-        if seq_q != seq_k:
-            raise ValueError(f"segment_ids is for self-attention (seq_q == seq_k); got {seq_q=}, {seq_k=}: "
-                             "pass q_segment_ids and kv_segment_ids")
-        q_segment_ids = kv_segment_ids = segment_ids
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids go together")
-    if q_segment_ids is None:
-        return None, None
-    for name, x, want in (("q_segment_ids", q_segment_ids, (batch, seq_q)),
-                          ("kv_segment_ids", kv_segment_ids, (batch, seq_k))):
-        if tuple(x.shape) != want:
-            raise ValueError(f"{name}.shape={tuple(x.shape)} must be [batch, seq] = {want}")
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integers, got {x.dtype}")
-    return jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32)
 
 
 def check_shapes(q, k, v, block_indices, block_counts, block_size: int, query_block: int | None = None) -> None:
