@@ -104,6 +104,21 @@ def _seg_refs(st: Static, refs, n_out: int):
     return None, None, refs[:n_out]
 
 
+def store_dkv(dk_ref, dv_ref, dk_part_ref, dv_part_ref, dk, dv, slot, start, bs: int):
+    """Write a work item's dk, dv [bs, dp]: into rows [start, start + bs) of the outputs when the item owns its
+    key block (slot -1), else as float32 partials at `slot` (summed per key block afterwards)."""
+
+    @pl.when(slot == -1)
+    def _write():
+        plgpu.store(dk_ref.at[pl.ds(start, bs), :], dk.astype(dk_ref.dtype))
+        plgpu.store(dv_ref.at[pl.ds(start, bs), :], dv.astype(dv_ref.dtype))
+
+    @pl.when(slot >= 0)
+    def _write_partial():
+        plgpu.store(dk_part_ref.at[slot], dk)
+        plgpu.store(dv_part_ref.at[slot], dv)
+
+
 def online_softmax_init(rows: int, dp: int):
     """(acc [rows, dp], running max [rows], denominator [rows]) before the first key step."""
     return (jnp.zeros((rows, dp), jnp.float32), jnp.full((rows,), _NEG_INF, jnp.float32),
@@ -231,15 +246,7 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     dk, dv = loop(masked * steps, num * steps, False, carry)
     dk = dk * st.scale
 
-    @pl.when(slot == -1)
-    def _write():
-        plgpu.store(dk_ref.at[pl.ds(start, bs), :], dk.astype(dk_ref.dtype))
-        plgpu.store(dv_ref.at[pl.ds(start, bs), :], dv.astype(dv_ref.dtype))
-
-    @pl.when(slot >= 0)
-    def _write_partial():
-        plgpu.store(dk_part_ref.at[slot], dk)
-        plgpu.store(dv_part_ref.at[slot], dv)
+    store_dkv(dk_ref, dv_ref, dk_part_ref, dv_part_ref, dk, dv, slot, start, bs)
 
 
 # ----------------------------------------------------------------------------------------- pallas_calls

@@ -183,15 +183,7 @@ def _dkv_kernel(item_ref, qlist_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     dk, dv, _ = lax.fori_loop(0, num * steps, body, (zeros, zeros, first_row(0)))
     dk = dk * st.scale
 
-    @pl.when(slot == -1)
-    def _write():
-        plgpu.store(dk_ref.at[pl.ds(start, bs), :], dk.astype(dk_ref.dtype))
-        plgpu.store(dv_ref.at[pl.ds(start, bs), :], dv.astype(dv_ref.dtype))
-
-    @pl.when(slot >= 0)
-    def _write_partial():
-        plgpu.store(dk_part_ref.at[slot], dk)
-        plgpu.store(dv_part_ref.at[slot], dv)
+    gpu.store_dkv(dk_ref, dv_ref, dk_part_ref, dv_part_ref, dk, dv, slot, start, bs)
 
 
 # ----------------------------------------------------------------------------------------- plan + calls
