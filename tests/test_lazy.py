@@ -17,7 +17,7 @@ from lizard_jax.layers.common import KVCache
 from lizard_jax.layers.softmax import SoftmaxSpec
 import lizard_jax.lazy
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill, prefill_reference
-from lizard_jax.lazy.prune import _step, stack_layers
+from lizard_jax.lazy.prune import _step, _step_paper, stack_layers
 from lizard_jax.models import Transformer, init_params
 from lizard_jax.numerics import FORMS_RTOL, assert_close
 from lizard_jax.sharding import make_mesh
@@ -205,6 +205,25 @@ def test_counter_at_most_once_per_layer(run):
     assert (counts[:, :, p:] == 1).all(), "every generated token runs every layer"
     assert (counts >= counts0).all()
     assert float(st.computed_fraction()) > float(st0.computed_fraction())
+
+
+def test_logprobs_follow_decode_mode():
+    """`lazy_logprobs` decodes in `lazy.decode`'s mode: "paper" equals `_step_paper` taken one step at a time and
+    differs from "attend_all" on the same targets once a step has left tokens out (the prefill's first log-prob is
+    shared). Keep-all "paper" log-probs == the plain model's: `test_keep_one_is_plain_generation`."""
+    model, params, toks, pos, out, st, lazy = _lazy_run("paper")
+    lp, _ = lazy_logprobs(model, params, toks, pos, out, lazy=lazy)
+    lp_all, _ = lazy_logprobs(model, params, toks, pos, out, lazy=dataclasses.replace(lazy, decode="attend_all"))
+    step = jax.jit(_step_paper, static_argnums=(0, 3))
+    logits = lazy_prefill(model, params, toks, pos, lazy=lazy, cache_len=toks.shape[1] + NEW)[0]
+    stacked, last, want = stack_layers(model, params, lazy), jnp.max(pos, axis=1), []
+    for s in range(NEW):
+        want.append(jnp.take_along_axis(jax.nn.log_softmax(logits), out[:, s:s + 1], axis=1)[:, 0])
+        lg, st = step(model, params, stacked, lazy, out[:, s:s + 1], (last + 1 + s)[:, None], st)
+        logits = lg[:, -1]
+    assert_close(lp, jnp.stack(want, axis=1), rtol=FORMS_RTOL, name="paper log-probs")
+    np.testing.assert_array_equal(np.asarray(lp[:, 0]), np.asarray(lp_all[:, 0]))
+    assert np.abs(np.asarray(lp) - np.asarray(lp_all)).max() > 1e-3, "decode='paper' was ignored"
 
 
 def test_generation_is_teacher_forcing(run_default):

@@ -79,12 +79,16 @@ class LazyState:
                 return self.k[s][layer - first], self.v[s][layer - first], self.pos[s][layer - first]
         raise ValueError(f"no layer {layer} in segments {self.segments}")
 
-    def computed_fraction(self) -> Array:
-        """Fraction of (real prompt token, layer) pairs computed so far, float32 scalar."""
+    def layer_fractions(self) -> Array:
+        """`[L]` float32: at each layer, the fraction of the real prompt tokens computed there so far."""
         p = self.aux.shape[1]
         real = self.slot_pos[:, :p] >= 0
-        done = jnp.sum(jnp.where(real[None], self.counts[:, :, :p], 0))
-        return done / (self.counts.shape[0] * jnp.maximum(jnp.sum(real), 1)).astype(jnp.float32)
+        done = jnp.sum(jnp.where(real[None], self.counts[:, :, :p], 0), axis=(1, 2))
+        return done / jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+
+    def computed_fraction(self) -> Array:
+        """Fraction of (real prompt token, layer) pairs computed so far, float32 scalar."""
+        return jnp.mean(self.layer_fractions())
 
 
 @flax.struct.dataclass
@@ -436,18 +440,19 @@ def generate_lazy(model: Transformer, params, tokens, positions, key, *, lazy: L
 @functools.partial(jax.jit, static_argnames=("model", "lazy"))
 def lazy_logprobs(model: Transformer, params, tokens, positions, targets, *, lazy: LazyConfig):
     """Teacher-forced LazyLLM decoding: the log-probability of each of `targets [B, N]` given the prompt and the
-    targets before it, the targets fed one decode step at a time exactly as generated tokens would be.
-    -> (log-probs `[B, N]` float32, final LazyState)."""
+    targets before it, the targets fed one decode step at a time exactly as generated tokens would be: the same
+    step as `generate_lazy`'s (`_step`, which follows `lazy.decode`). -> (log-probs `[B, N]` float32, final
+    LazyState)."""
     if targets.ndim != 2 or targets.shape[0] != tokens.shape[0]:
         raise ValueError(f"targets must be [batch, N] with the prompt's batch: {targets.shape=} {tokens.shape=}")
     logits, state = _prefill(model, params, tokens, positions, lazy, tokens.shape[1] + targets.shape[1])
-    stacked = stack_layers(model, params, lazy)
+    step = functools.partial(_step, model, params, stack_layers(model, params, lazy), lazy)
 
     def body(carry, tgt):  # tgt [B]
         logits, state, pos = carry
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[:, None], axis=1)[:, 0]
         pos = pos + 1
-        logits, state = _step(model, params, stacked, lazy, tgt[:, None], pos[:, None], state)
+        logits, state = step(tgt[:, None], pos[:, None], state)
         return (logits[:, -1], state, pos), lp
 
     carry = (logits, state, jnp.max(positions, axis=1).astype(jnp.int32))
