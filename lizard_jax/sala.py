@@ -430,6 +430,44 @@ def choice_comment(result: Mapping[str, Any], width: int = 112) -> list[str]:
     return wrap(["MEASURED by:", *cmd]) + wrap([head, *scores])
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as Spearman's rho takes them."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def compare_selections(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How stable the layer ranking is: Spearman's rank correlation of the per-layer scores of every pair of
+    `select` results (of one teacher), over all layers and over the layers not always kept, and the overlap of
+    their chosen sparse layers."""
+    if len(results) < 2:
+        raise InputError("compare needs at least two select results")
+    n = {r["num_layers"] for r in results}
+    if len(n) != 1:
+        raise InputError(f"the results are of teachers with different layer counts: {sorted(n)}")
+    scores = [np.array([r["scores"][k] for k in sorted(r["scores"], key=int)], np.float64) for r in results]
+    free = [i for i in range(n.pop()) if i not in set(results[0]["keep"])]
+
+    def rho(a, b):
+        ra, rb = _ranks(a), _ranks(b)
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+    pairs = []
+    for i in range(len(results)):
+        for j in range(i + 1, len(results)):
+            a, b = results[i], results[j]
+            pairs.append({"a": i, "b": j, "spearman": rho(scores[i], scores[j]),
+                          "spearman_free": rho(scores[i][free], scores[j][free]),
+                          "chosen_a": list(a["sparse_layers"]), "chosen_b": list(b["sparse_layers"]),
+                          "chosen_common": sorted(set(a["sparse_layers"]) & set(b["sparse_layers"]))})
+    return {"pairs": pairs, "runs": [r.get("command", "") for r in results]}
+
+
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
@@ -463,7 +501,17 @@ def main(argv=None) -> int:
                    help="write the attention section (YAML) here; default: --out with .yaml, unless --update-config")
     p.add_argument("--update-config", default=None,
                    help=f"also replace the block between '{BEGIN}' and '{END}' of this YAML file")
+    c = sub.add_parser("compare", help="rank correlation of the layer scores of several select results")
+    c.add_argument("results", nargs="+", help="select --out JSON files")
     a = ap.parse_args(argv)
+    if a.cmd == "compare":
+        out = compare_selections([json.loads(Path(f).read_text()) for f in a.results])
+        for p in out["pairs"]:
+            print(f"{a.results[p['a']]} vs {a.results[p['b']]}: Spearman {p['spearman']:.3f} (all layers), "
+                  f"{p['spearman_free']:.3f} (layers not kept); chosen {p['chosen_a']} / {p['chosen_b']}, "
+                  f"common {p['chosen_common']}", file=sys.stderr)
+        print(json.dumps(out), flush=True)
+        return 0
     for flag, path in (("--out", a.out), ("--yaml", a.yaml)):  # written after minutes of work: check them first
         if path and not Path(path).absolute().parent.is_dir():
             raise FileNotFoundError(f"{flag} {path}: folder {Path(path).absolute().parent} does not exist")

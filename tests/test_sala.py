@@ -275,3 +275,31 @@ def test_eval_speed_and_passkey_take_sala_checkpoints(tmp_path, capsys):
 
     cli_error(capsys, eval_py.main, ["passkey", "--checkpoint", sala, "--text", text, "--lengths", 300,
                                      "--sparse-prefill"], "no full-causal softmax layer")
+
+
+def test_select_compare_rank_correlation(tmp_path, capsys):
+    from lizard_jax.sala import main
+
+    def result(scores, chosen):
+        return {"num_layers": len(scores), "keep": [0, len(scores) - 1], "sparse_layers": chosen,
+                "scores": {str(i): s for i, s in enumerate(scores)}, "command": "select"}
+
+    a = result([5.0, 0.4, 0.3, 0.2, 0.1, 1.0], [0, 1, 5])
+    same = result([9.0, 0.8, 0.6, 0.4, 0.2, 0.0], [0, 1, 5])  # other values, same order except the kept last
+    rev = result([5.0, 0.1, 0.2, 0.3, 0.4, 1.0], [0, 4, 5])
+    tie = result([5.0, 0.3, 0.3, 0.2, 0.1, 1.0], [0, 1, 5])
+    paths = []
+    for name, r in (("a", a), ("same", same), ("rev", rev), ("tie", tie)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert main(["compare", *map(str, paths)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
+    assert pairs[(0, 1)]["spearman_free"] == pytest.approx(1.0)
+    assert pairs[(0, 1)]["spearman"] == pytest.approx(1 - 6 * 20 / (6 * 35))  # sum of squared rank shifts 20
+    assert pairs[(0, 2)]["spearman_free"] == pytest.approx(-1.0)
+    assert pairs[(0, 2)]["chosen_common"] == [0, 5]
+    # ties share their mean rank: free ranks (3, 2, 1, 0) vs (2.5, 2.5, 1, 0)
+    assert pairs[(0, 3)]["spearman_free"] == pytest.approx(np.corrcoef([3, 2, 1, 0], [2.5, 2.5, 1, 0])[0, 1])
+    with pytest.raises(SystemExit):
+        main(["compare", str(paths[0])])

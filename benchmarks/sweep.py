@@ -1,0 +1,201 @@
+"""Run a named list of evaluation commands (the accuracy tables of issues #16 and #17) and keep every result.
+
+    python -m benchmarks.sweep PLAN[,PLAN...] --teacher CKPT --out results.jsonl [--jobs 3] [--budget-s 540]
+    python -m benchmarks.sweep --list
+
+Each item is one command (`eval.py`, a benchmark script, `train.py`, `lizard_jax.sala`) run as its own process;
+its last stdout line (the JSON every one of them prints) is appended to --out as
+`{"plan", "label", "command", "seconds", "rc", "result"}`. Items already in --out with rc 0 are skipped, so a
+sweep cut by a time limit resumes where it stopped. `--jobs N` runs N items at once: accuracy does not depend on
+it (each process gets 1/N of the GPU memory), timing rows are never measured here. An item that would start
+after --budget-s is left for the next run. `{teacher}`, `{text}` (the shipped WikiText-2 valid), `{train_text}`
+(the shipped training text) and `{work}` (a scratch folder beside --out) are filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# InfLLM-V2 at 8K with sparse attention active: dense below 1024 keys, a 512-token local window (8 blocks) plus
+# top-k blocks; 24 + 8 = 32 of the 128 key blocks at the last query is 1/4, 8 + 8 = 16 is 1/8.
+_SPARSE = {"q4": ["dense_below=1024", "local_window=512", "topk=24"],
+           "q8": ["dense_below=1024", "local_window=512", "topk=8"]}
+
+
+def _sparse(frac: str, selection: str) -> list[str]:
+    opts = _SPARSE[frac] + [f"selection={selection}"]
+    return ["--sparse-prefill"] + [a for o in opts for a in ("--sparse-option", o)]
+
+
+def _plans() -> dict[str, list[tuple[str, list[str]]]]:
+    ev = [PY, "eval.py"]
+    ppl8k = ev + ["perplexity", "--checkpoint", "{teacher}", "--text", "{text}", "--seq-len", "8192",
+                  "--batch-size", "1"]
+    pk8k = ev + ["passkey", "--checkpoint", "{teacher}", "--text", "{text}", "--lengths", "8192", "--trials", "2"]
+    dense = [("ppl8k-dense", ppl8k), ("passkey8k-dense", pk8k)]
+    sparse = []
+    for frac in ("q4", "q8"):
+        for sel in ("token", "block"):
+            sparse += [(f"ppl8k-{sel}-{frac}", ppl8k + _sparse(frac, sel)),
+                       (f"passkey8k-{sel}-{frac}", pk8k + _sparse(frac, sel))]
+    star, star_ppl = [], []
+    for label, flags in (("star4", ["--block-size", "2048"]), ("star8", ["--block-size", "1024"]),
+                         ("star8-noanchor", ["--block-size", "1024", "--anchor", "none"])):
+        cp = ["--context-parallel", "star", "--devices", "1"] + flags
+        star.append((f"passkey8k-{label}", pk8k + cp))
+        star_ppl.append((f"ppl8k-{label}", ppl8k + cp))
+    return {"dense": dense, "sparse-teacher": sparse, "star": star, "star-ppl": star_ppl,
+            "lizard-gates": _lizard_gates(ev), "sala-select": _sala_select()}
+
+
+# Lizard stage 1 only (issue #16 items 5-6): the shipped SmolLM2 recipe cut to 300 stage-1 steps, from beta 0 (our
+# default), beta 1 (the paper's sum) and beta 0 with the mixing scalars at 10x the learning rate; steps 0 is the
+# untrained student. Each student is then scored: perplexity, passkey beyond its 128-token window, MQAR.
+LIZARD_RUNS = {"untrained": ["stage1.steps=0"],
+               "beta0": ["stage1.steps=300", "student.attention.default.gate_scale_init=0.0"],
+               "beta1": ["stage1.steps=300", "student.attention.default.gate_scale_init=1.0"],
+               "beta0-mix10": ["stage1.steps=300", "student.attention.default.gate_scale_init=0.0",
+                               "stage1.mix_lr_mult=10.0"]}
+
+
+def _lizard_gates(ev: list[str]) -> list[tuple]:
+    items, scored = [], [("teacher", ["--checkpoint", "{teacher}"])]
+    for name, sets in LIZARD_RUNS.items():
+        run = f"{{work}}/lizard_{name}"
+        sets = sets + ["teacher={teacher}", f"run_dir={run}", f"export={run}/student", "stage2.steps=0"]
+        items.append((f"train-{name}", [PY, "train.py", "--config", "configs/lizard_smollm2.yaml"]
+                      + [a for kv in sets for a in ("--set", kv)]))
+        scored.append((name, ["--checkpoint", f"{run}/student", "--teacher", "{teacher}"], f"train-{name}"))
+    for name, ck, *after in scored:
+        for task, args in (("ppl1k", ["perplexity", "--text", "{text}", "--seq-len", "1024", "--batch-size", "8"]),
+                           ("passkey", ["passkey", "--text", "{text}", "--lengths", "512,1024,2048", "--trials", "2"]),
+                           ("mqar", ["mqar", "--pairs", "8,32,64", "--trials", "20"])):
+            items.append((f"{task}-{name}", ev + args[:1] + ck + args[1:], *after))
+    return items
+
+
+def _sala_select() -> list[tuple]:
+    """Issue #16 item 4: the layer ranking twice (seeds 0 and 1), 600 transfer steps of 8 x 512 tokens, scored on
+    64K held-out tokens; `python -m lizard_jax.sala compare` gives the rank correlation."""
+    return [(f"select-seed{seed}", [PY, "-m", "lizard_jax.sala", "select", "--teacher", "{teacher}",
+                                     "--recipe", "configs/sala_smollm2.yaml", "--text", "{train_text}",
+                                     "--steps", "600", "--seq-len", "512", "--batch-size", "8", "--seed", str(seed),
+                                     "--eval-tokens", "65536", "--out", f"{{work}}/select_seed{seed}.json"])
+            for seed in (0, 1)]
+
+
+def _fill(cmd: list[str], values: dict[str, str]) -> list[str]:
+    return [c.format(**values) for c in cmd]
+
+
+def _done(out: Path) -> set[tuple[str, str]]:
+    if not out.is_file():
+        return set()
+    done = set()
+    for line in out.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("rc") == 0:
+                done.add((r["plan"], r["label"]))
+    return done
+
+
+def run_item(plan: str, label: str, cmd: list[str], out: Path, env: dict, log) -> dict:
+    Path(env["SWEEP_WORK"]).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    lines = [l for l in p.stdout.splitlines() if l.strip()]
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        result = None
+    rec = {"plan": plan, "label": label, "command": shlex.join(cmd), "seconds": seconds, "rc": p.returncode,
+           "result": result}
+    if p.returncode or result is None:
+        rec["rc"] = p.returncode or 1
+        rec["stderr_tail"] = p.stderr[-3000:]
+    with out.open("a") as f:  # one short line per item: appends from the worker threads do not interleave
+        f.write(json.dumps(rec) + "\n")
+    log(f"[sweep] {plan}/{label}: rc {rec['rc']} in {seconds} s")
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("plans", nargs="?", default="", help="comma-separated plan names (--list shows them)")
+    ap.add_argument("--teacher", help="converted teacher checkpoint folder")
+    ap.add_argument("--out", help="results (JSON lines; resumed)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no item after this many seconds")
+    ap.add_argument("--only", default="", help="comma-separated item labels (default: all of the plans)")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    plans = _plans()
+    if a.list:
+        for name, items in plans.items():
+            print(name)
+            for label, cmd, *after in items:
+                print(f"  {label}: {shlex.join(cmd)}" + (f"  (after {after[0]})" if after else ""))
+        return 0
+    names = [p for p in a.plans.split(",") if p]
+    unknown = [p for p in names if p not in plans]
+    if not names or unknown or not a.teacher or not a.out:
+        ap.error(f"give known plans ({', '.join(plans)}), --teacher and --out; unknown: {unknown}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    values = {"teacher": a.teacher, "text": str(ROOT / "data/wikitext-2/valid.txt.xz"),
+              "train_text": str(ROOT / "data/brown/brown.txt.xz"), "work": str(out.parent / "work")}
+    only = {l for l in a.only.split(",") if l}
+    done = _done(out)
+    todo = [(p, label, _fill(cmd, values), after[0] if after else None) for p in names
+            for label, cmd, *after in plans[p] if (p, label) not in done and (not only or label in only)]
+    finished = {label: threading.Event() for _, label, _, _ in todo}
+    ok = {label for _, label in done}
+    env = dict(os.environ, SWEEP_WORK=values["work"])
+    if a.jobs > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / a.jobs:.2f}")
+    start = time.perf_counter()
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log(f"[sweep] {len(todo)} item(s) to run, {len(done)} done before")
+
+    def go(item):
+        plan, label, cmd, after = item
+        try:
+            if after in finished:  # its dependency was queued earlier, so it is running or done: no deadlock
+                finished[after].wait()
+            if after is not None and after not in ok:
+                log(f"[sweep] {plan}/{label}: skipped, {after} did not succeed")
+                return None
+            if a.budget_s is not None and time.perf_counter() - start > a.budget_s:
+                log(f"[sweep] {plan}/{label}: left for the next run (budget)")
+                return None
+            rec = run_item(plan, label, cmd, out, env, log)
+            if rec["rc"] == 0:
+                ok.add(label)
+            return rec
+        finally:
+            finished[label].set()
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
+        recs = [r for r in ex.map(go, todo) if r is not None]
+    failed = [r["label"] for r in recs if r["rc"]]
+    print(json.dumps({"ran": len(recs), "failed": failed, "out": str(out)}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
