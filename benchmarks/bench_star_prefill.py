@@ -2,8 +2,10 @@
 
     python benchmarks/bench_star_prefill.py [--lengths 32768,65536] [--configs 8192:8192,4096:4096,8192:2048]
     python benchmarks/bench_star_prefill.py --tiny             # smoke run (tiny model, short contexts)
+    python benchmarks/bench_star_prefill.py --model smollm2 --lengths 8192 --configs 2048:2048,1024:1024 --reps 1
+                                                               # on a CPU (issue #17 item 6)
 
-Random Llama-3.2-1B-shaped model in bf16 (float32 on a CPU), batch 1, prompt = context + 64 query tokens.
+Random Llama-3.2-1B-shaped model (--model smollm2: SmolLM2-135M-shaped) in bf16 (float32 on a CPU), batch 1, prompt = context + 64 query tokens.
 - global: global causal attention over the whole context (`jax.nn.dot_product_attention`, cuDNN on a GPU) in the
   same context-parallel code on a one-device mesh, KV kept for decoding; the query then attends over all of it.
 - star block:anchor: Star Attention's phase 1 with every block on the one device, encoded as one batch of
@@ -46,13 +48,15 @@ def main(argv=None):
                     help="Star block:anchor pairs (anchor 0 = no anchor)")
     ap.add_argument("--query", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model", default="llama1b", choices=["llama1b", "smollm2"],
+                    help="random model of this shape (smollm2: what a 2-core CPU can time at 8K-16K)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-report", action="store_true")
     a = ap.parse_args(argv)
     if a.tiny:
         a.lengths, a.configs = "512,1024", "128:128,256:64,128:0"
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    label, cfg = model_config("tiny" if a.tiny else "llama1b", dtype)
+    label, cfg = model_config("tiny" if a.tiny else a.model, dtype)
     model = Transformer(cfg)
     mesh = sub_mesh(1)
     params = replicate(jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0)), mesh)
