@@ -2,6 +2,7 @@
 JSON object with its results.
 
   python eval.py perplexity --checkpoint DIR --text FILE --seq-len 1024 [--max-tokens N]
+      [--context-parallel star|ring [--devices N] [--block-size B] [--anchor first|none] [--anchor-size A]]
   python eval.py passkey --checkpoint DIR --text FILE --lengths 4096,8192 [--depths 0,0.25,0.5,0.75,1]
       [--context-parallel star|ring [--devices N] [--block-size B] [--anchor-size A] [--anchor first|none]
        [--query question|last]]
@@ -17,6 +18,14 @@ layers run as InfLLM-V2 with the paper's settings (dense below 8192 keys), its p
 perplexity / passkey / mqar; for speed a further model source (label default: the folder name + "-sparse"), so
 the teacher and its sparse prefill are measured side by side. `--sparse-option KEY=VALUE` (repeatable) overrides
 a setting, e.g. dense_below=4096 or topk=32.
+
+perplexity --context-parallel scores each window through the context-parallel prefill
+(`lizard_jax.distributed.score_context_parallel`): the window is cut into blocks of --block-size (default: seq-len /
+devices; seq-len must be a multiple of block-size x devices, several blocks per device allowed); Star scores every
+block but the last from its phase-1 logits (attention within [anchor, block]) and the last block as the phase-2
+query over all blocks (the global view). Ring attention is exact: it gives the global perplexity.
+E.g. Star with 4 blocks of 2048 at 8192 tokens on one GPU: --seq-len 8192 --context-parallel star --devices 1
+--block-size 2048.
 
 passkey generates through `lizard_jax.generate` and takes its options: `--context-parallel` splits each prompt over
 a mesh whose "context" axis has `--devices` devices (Star Attention or ring attention, `lizard_jax.distributed`);
@@ -107,14 +116,23 @@ def cmd_perplexity(a) -> dict:
     from lizard_jax.eval.perplexity import perplexity
     from lizard_jax.textio import read_text
 
-    model, params, tok = _load(a)
+    given = ["--" + n.replace("_", "-") for n in CP_FLAGS if getattr(a, n, None) is not None]
+    if a.context_parallel is None and given:
+        raise _error(f"{', '.join(given)} need(s) --context-parallel")
+    if a.devices is not None and a.devices < 1:
+        raise _error(f"--devices must be >= 1, got {a.devices}")
+    mesh = _context_mesh(a)
+    cp = None if mesh is None else dict(mode=a.context_parallel, block_size=a.block_size, anchor=a.anchor or "first",
+                                        anchor_size=a.anchor_size)
+    model, params, tok = _load(a, mesh)
     if tok is None:
         raise _error(f"{a.checkpoint} has no tokenizer/ folder; cannot tokenize {a.text}")
     text = read_text(a.text, "--text")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise _error(f"--text {a.text} is {len(ids)} token(s) long; perplexity scores from the second token on")
-    out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size)
+    out = perplexity(model, params, ids, seq_len=a.seq_len, max_tokens=a.max_tokens, batch_size=a.batch_size,
+                     context_parallel=cp, mesh=mesh)
     out.update(checkpoint=str(a.checkpoint), text=str(a.text))
     return _sparse_note(a, out)
 
@@ -141,15 +159,20 @@ CP_FLAGS = ("devices", "block_size", "anchor_size", "anchor", "query")
 LAZY_FLAGS = ("lazy_layers", "lazy_keep", "lazy_top_k", "lazy_sink", "lazy_recent", "lazy_pool", "lazy_decode")
 
 
-def _add_generation(p):
-    """`lizard_jax.generate`'s context-parallel and lazy-prefill options."""
+def _add_context_parallel(p, what: str = "prompt", context: str = "context"):
+    """The context-parallel options (Star Attention / ring attention over a mesh's "context" axis)."""
     p.add_argument("--context-parallel", default=None, choices=["star", "ring"],
-                   help="split each prompt over a device mesh: Star Attention or ring attention")
+                   help=f"split each {what} over a device mesh: Star Attention or ring attention")
     p.add_argument("--devices", type=int, default=None,
                    help="devices on the mesh's context axis (default: all); on a CPU, simulated devices")
-    p.add_argument("--block-size", type=int, default=None, help="context block size (default: context / devices)")
+    p.add_argument("--block-size", type=int, default=None, help=f"context block size (default: {context} / devices)")
     p.add_argument("--anchor-size", type=int, default=None, help="Star anchor tokens (default: the block size)")
     p.add_argument("--anchor", default=None, choices=["first", "none"], help="Star anchor block (default: first)")
+
+
+def _add_generation(p):
+    """`lizard_jax.generate`'s context-parallel and lazy-prefill options."""
+    _add_context_parallel(p)
     p.add_argument("--query", default=None, choices=["question", "last"],
                    help="the phase-2 query: the prompt's question (default, as in Star Attention) or its last 64 "
                         "tokens")
@@ -328,7 +351,8 @@ def cmd_speed(a) -> dict:
 
 
 def _devices_flag(argv: list[str]) -> int | None:
-    """passkey's --devices, read before the real parser: that one comes with lizard_jax, which imports jax."""
+    """perplexity / passkey --devices, read before the real parser: that one comes with lizard_jax, which imports
+    jax."""
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--devices", type=int, default=None)
     try:
@@ -357,6 +381,7 @@ def _run(argv) -> int:
     p.add_argument("--seq-len", type=int_at_least(2), default=1024, help="window length in tokens")
     p.add_argument("--max-tokens", type=int_at_least(2), default=None, help="score the first N tokens only")
     p.add_argument("--batch-size", type=int_at_least(1), default=4)
+    _add_context_parallel(p, "window", "seq-len")
     p.set_defaults(fn=cmd_perplexity)
     p = sub.add_parser("passkey", help="passkey retrieval at several lengths and depths")
     _add_common(p)

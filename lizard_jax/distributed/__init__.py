@@ -44,11 +44,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lizard_jax.cli import InputError
 from lizard_jax.distributed.common import AXIS
 from lizard_jax.distributed.ring import ring_attention, zigzag_order
-from lizard_jax.distributed.star import ShardedKVCache, context_attention, encode_context
+from lizard_jax.distributed.star import ShardedKVCache, context_attention, encode_context, target_logprobs
 from lizard_jax.decode import SamplingConfig, decode_loop
 
 __all__ = ["ContextParallel", "validate_context_parallel", "check_query", "prefill_context_parallel", "generate_context_parallel",
-           "place_params",
+           "place_params", "scoring_options", "score_context_parallel",
            "encode_context", "context_attention", "ring_attention", "ShardedKVCache", "zigzag_order", "AXIS"]
 
 MODES = ("star", "ring")
@@ -255,3 +255,59 @@ def generate_context_parallel(model, params, tokens, positions, key, *, mode: st
     query = _query_args(mesh, tokens, positions, query_tokens, query_positions)
     return _generate(model, place_params(params, mesh), _replicated(mesh, tokens), _replicated(mesh, positions), key,
                      *query, opts=opts, mesh=mesh, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(eos_ids))
+
+
+# ------------------------------------------------------------------------------------- scoring (perplexity)
+
+
+def scoring_options(mesh: Mesh, cfg, seq_len: int, *, mode: str, block_size: int | None = None,
+                    anchor: str = "first", anchor_size: int | None = None) -> ContextParallel:
+    """`validate_context_parallel`'s options for scoring windows of `seq_len` tokens, with the block size
+    (default: seq_len / devices) and the Star anchor size (default: the block size) resolved. seq_len must be a
+    multiple of block_size x devices: every block is whole. Raises ValueError."""
+    opts = validate_context_parallel(mesh, cfg, mode=mode, block_size=block_size, anchor=anchor,
+                                     anchor_size=anchor_size)
+    n = mesh.shape[opts.axis]
+    block = opts.block_size or max(seq_len // n, 1)
+    if seq_len % (block * n):
+        raise ValueError(f"seq_len {seq_len} is not a multiple of block_size x devices = {block} x {n}: the windows "
+                         f"must split into whole blocks")
+    star_anchor = mode == "star" and anchor == "first"
+    return dataclasses.replace(opts, block_size=block, anchor_size=(anchor_size or block) if star_anchor else None)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "opts", "mesh"))
+def _score(model, params, tokens, lengths, *, opts: ContextParallel, mesh: Mesh):
+    b, t = tokens.shape
+    block = opts.block_size
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # padding after a row's end: harmless
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last column is never scored
+    caches, logp1 = encode_context(model, params, tokens, positions, mode=opts.mode, mesh=mesh, block_size=block,
+                                   anchor_size=opts.anchor_size or 0, local=block, axis=opts.axis, targets=targets)
+    # phase 2: the block holding a row's last prediction (position length - 2) is the query; its own phase-1 KV
+    # and the blocks after it leave the cache (position -1), the query's KV goes to the query host's local slots
+    start = jnp.maximum(lengths - 2, 0) // block * block  # [B]
+    caches = tuple(c.replace(pos=jnp.where(c.pos >= start[:, None], -1, c.pos)) for c in caches)
+    q_pos = start[:, None] + jnp.arange(block, dtype=jnp.int32)
+    logits, _ = model.apply({"params": params}, jnp.take_along_axis(tokens, q_pos, axis=1), q_pos, caches)
+    logp2 = target_logprobs(logits, jnp.take_along_axis(targets, q_pos, axis=1))
+    rel = jnp.arange(t)[None] - start[:, None]
+    logp = jnp.where(rel >= 0, jnp.take_along_axis(logp2, jnp.clip(rel, 0, block - 1), axis=1), logp1)
+    return logp[:, :-1]
+
+
+def score_context_parallel(model, params, tokens, lengths=None, *, mesh: Mesh, mode: str,
+                           block_size: int | None = None, anchor: str = "first", anchor_size: int | None = None):
+    """Log-probs `[B, T-1]` float32 of tokens[:, t+1] given tokens[:, :t+1] (as `eval.perplexity.token_logprobs`)
+    through a context-parallel prefill of right-padded windows `tokens [B, T]` (`lengths [B]`: real tokens per
+    row; None = T). Each window is cut into blocks of `block_size` laid out along the mesh axis (see
+    `scoring_options`) and encoded by phase 1 (`encode_context`): the predictions of every block but the row's
+    last are its phase-1 logits (Star: attention within [anchor, block] at global positions, block 0 alone;
+    ring: exact). The last block (the one holding the prediction of the row's last token) is the phase-2 query:
+    causal over itself and attending to every earlier block's phase-1 KV (the global view). With one block per
+    window, or with ring attention, this equals global attention. Params off the mesh are replicated onto it."""
+    opts = scoring_options(mesh, model.cfg, tokens.shape[1], mode=mode, block_size=block_size, anchor=anchor,
+                           anchor_size=anchor_size)
+    lengths = np.full(tokens.shape[0], tokens.shape[1]) if lengths is None else lengths
+    return _score(model, place_params(params, mesh), _replicated(mesh, np.asarray(tokens, np.int32)),
+                  _replicated(mesh, np.asarray(lengths, np.int32)), opts=opts, mesh=mesh)

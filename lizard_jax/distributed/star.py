@@ -26,6 +26,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lizard_jax.distributed.common import AXIS, merge_over_axis, shard_map
@@ -154,11 +155,18 @@ def _check_full_attention(window, sinks):
         raise ValueError(f"context parallelism supports full softmax attention only, got {window=} and sinks")
 
 
-def _encode_layers(model, params, tokens, positions, cache, anchor=None):
+def target_logprobs(logits, targets):
+    """log p(targets) `[..., T]` float32 under `logits [..., T, vocab]`."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _encode_layers(model, params, tokens, positions, cache, anchor=None, targets=None):
     """Run every decoder layer over `tokens`/`positions [R, L]` with the cache stand-in `cache` and return the
-    per-layer stand-ins (their recorded k/v). With `anchor = (tokens, positions [B, a], first [R])`, the anchor
+    per-layer stand-ins (their recorded k/v), and with `targets [R, L]` also the log-probs `[R, L]` of the targets
+    under the rows' own (phase-1) logits. With `anchor = (tokens, positions [B, a], first [R])`, the anchor
     rows run through each layer first and their q/k/v (repeated R / B times) feed `_AnchoredBlocks`.
-    The last layer's MLP and the anchor's unused outputs are removed by XLA."""
+    Without targets, the last layer's MLP and the anchor's unused outputs are removed by XLA."""
     m = model.bind({"params": params})
     x = m.embed(tokens)
     xa = None if anchor is None else m.embed(anchor[0])
@@ -170,24 +178,30 @@ def _encode_layers(model, params, tokens, positions, cache, anchor=None):
             cache = _AnchoredBlocks(first=anchor[2], anchor=(rep(rec.q), rep(rec.k), rep(rec.v)))
         x, c = layer(x, positions, cache)
         out.append(c)
-    return out
+    return out, None if targets is None else target_logprobs(m.head(x), targets)
 
 
 def encode_context(model, params, ctx_tokens, ctx_positions, *, mode: str, mesh: Mesh, block_size: int,
-                   anchor_size: int, local: int = 0, axis: str = AXIS) -> tuple[ShardedKVCache, ...]:
+                   anchor_size: int, local: int = 0, axis: str = AXIS, targets=None):
     """Phase 1: encode a right-padded context and return one `ShardedKVCache` per layer.
 
     ctx_tokens / ctx_positions `[B, C]`: token ids and global positions (0..n_i-1 then -1 padding per row);
     C must be a multiple of block_size x (devices on `axis`). mode "star": blocks of `block_size` with the first
     `anchor_size` tokens as anchor (0 = no anchor); mode "ring": exact causal attention by ring attention (the
     cache then holds the context in zigzag order; positions say where each token is). Every shard gets `local`
-    empty slots at its end for the query host."""
+    empty slots at its end for the query host.
+
+    With `targets [B, C]` (token ids), returns (caches, logp `[B, C]` float32): log p(targets[:, t]) under the
+    phase-1 logits of context token t (Star: its block's view [anchor, block]; ring: exact causal), sharded like
+    the context, in the context's own order."""
     if axis not in mesh.axis_names:
         raise ValueError(f"context parallelism needs a mesh with a {axis!r} axis; got axes {mesh.axis_names}")
     n = mesh.shape[axis]
     b, c = ctx_tokens.shape
     if ctx_positions.shape != ctx_tokens.shape:
         raise ValueError(f"{ctx_positions.shape=} must equal {ctx_tokens.shape=}")
+    if targets is not None and targets.shape != ctx_tokens.shape:
+        raise ValueError(f"{targets.shape=} must equal {ctx_tokens.shape=}")
     if c % (block_size * n):
         raise ValueError(f"context length {c} is not a multiple of block_size x devices = {block_size} x {n}")
     if not 0 <= anchor_size <= block_size:
@@ -201,32 +215,40 @@ def encode_context(model, params, ctx_tokens, ctx_positions, *, mode: str, mesh:
         per_dev = c // (block_size * n)  # blocks per device, encoded as one batch of rows
         rows = b * per_dev
 
-        def body(params, anchor_tok, anchor_pos, tok, pos):
+        def body(params, anchor_tok, anchor_pos, tok, pos, tgt):
             first = jax.lax.axis_index(axis) * per_dev + jnp.arange(per_dev) == 0  # [per_dev]
             first = jnp.broadcast_to(first, (b, per_dev)).reshape(rows)
-            tok, pos = tok.reshape(rows, block_size), pos.reshape(rows, block_size)
+            as_rows = lambda x: None if x is None else x.reshape(rows, block_size)
             anchor = (anchor_tok, anchor_pos, first) if anchor_size else None
-            encoded = _encode_layers(model, params, tok, pos, _Record(), anchor)
-            merge_rows = lambda x: add_local(x.reshape(b, per_dev * block_size, *x.shape[2:]))
-            return [(merge_rows(e.k), merge_rows(e.v)) for e in encoded]
+            encoded, logp = _encode_layers(model, params, as_rows(tok), as_rows(pos), _Record(), anchor, as_rows(tgt))
+            merge_rows = lambda x: x.reshape(b, per_dev * block_size, *x.shape[2:])
+            kv = [(add_local(merge_rows(e.k)), add_local(merge_rows(e.v))) for e in encoded]
+            return kv if tgt is None else (kv, merge_rows(logp))
 
-        fn = shard_map(body, mesh, in_specs=(rep, rep, rep, shard, shard), out_specs=shard)
-        kv = fn(params, ctx_tokens[:, :anchor_size], ctx_positions[:, :anchor_size], ctx_tokens, ctx_positions)
+        fn = shard_map(body, mesh, in_specs=(rep, rep, rep, shard, shard, shard), out_specs=shard)
+        out = fn(params, ctx_tokens[:, :anchor_size], ctx_positions[:, :anchor_size], ctx_tokens, ctx_positions,
+                 targets)
         pos = _with_local(ctx_positions, n, local)  # the kept KV is the context in its own order
     elif mode == "ring":
         order = zigzag_order(c, n)
         tok, pos = ctx_tokens[:, order], ctx_positions[:, order]
 
-        def body(params, tok, pos):
-            encoded = _encode_layers(model, params, tok, pos, _RingStep(devices=n, axis=axis))
-            return [(add_local(e.k), add_local(e.v)) for e in encoded]
+        def body(params, tok, pos, tgt):
+            encoded, logp = _encode_layers(model, params, tok, pos, _RingStep(devices=n, axis=axis), targets=tgt)
+            kv = [(add_local(e.k), add_local(e.v)) for e in encoded]
+            return kv if tgt is None else (kv, logp)
 
-        kv = shard_map(body, mesh, in_specs=(rep, shard, shard), out_specs=shard)(params, tok, pos)
+        out = shard_map(body, mesh, in_specs=(rep, shard, shard, shard), out_specs=shard)(
+            params, tok, pos, None if targets is None else targets[:, order])
+        if targets is not None:  # back to the context's own order
+            out = (out[0], out[1][:, np.argsort(order)])
         pos = _with_local(pos, n, local)
     else:
         raise ValueError(f"mode must be 'star' or 'ring', got {mode!r}")
-    return tuple(ShardedKVCache(k=k, v=v, pos=pos, index=jnp.zeros((), jnp.int32), mesh=mesh, local=local,
-                                axis=axis) for k, v in kv)
+    kv = out if targets is None else out[0]
+    caches = tuple(ShardedKVCache(k=k, v=v, pos=pos, index=jnp.zeros((), jnp.int32), mesh=mesh, local=local,
+                                  axis=axis) for k, v in kv)
+    return caches if targets is None else (caches, out[1])
 
 
 def _with_local(pos, n: int, local: int):

@@ -4,6 +4,11 @@ Protocol (reproducible in PyTorch): tokenize the whole file without special toke
 `max_tokens` tokens, cut them into consecutive non-overlapping windows of `seq_len` tokens (the last one may be
 shorter and is scored too if it has 2+ tokens), run each window on its own from an empty context, and score every
 token but the first of each window. perplexity = exp(total NLL / number of scored tokens).
+
+With `context_parallel` (Star Attention or ring attention over a mesh, `lizard_jax.distributed`), each window is
+cut into blocks and scored through the context-parallel prefill (`score_context_parallel`): every block but the
+last from its phase-1 logits (Star: the block's own view, [anchor, block]), the last block as the phase-2 query
+over all earlier blocks (the global view). Ring attention is exact, so it scores as global attention does.
 """
 
 from __future__ import annotations
@@ -60,8 +65,29 @@ def _nll(model: Transformer, params, toks, mask):
 
 
 def perplexity(model: Transformer, params, ids, *, seq_len: int = 1024, max_tokens: int | None = None,
-               batch_size: int = 4, progress: bool = True) -> dict:
+               batch_size: int = 4, progress: bool = True, context_parallel: dict | None = None,
+               mesh=None) -> dict:
+    """Perplexity of `ids` (module docstring). `context_parallel`: None (global attention) or the options of
+    `lizard_jax.distributed.score_context_parallel` (mode, block_size, anchor, anchor_size), run over `mesh`;
+    the result then reports the resolved settings under "context_parallel"."""
     toks, mask = windows(ids, seq_len, max_tokens)
+    nll, described = _nll, None
+    if context_parallel is not None:
+        from lizard_jax.distributed import score_context_parallel, scoring_options
+
+        try:
+            opts = scoring_options(mesh, model.cfg, seq_len, **context_parallel)
+        except ValueError as e:  # the message names the option
+            raise InputError(str(e)) from None
+        n = mesh.shape[opts.axis]
+        described = {"mode": opts.mode, "devices": n, "block_size": opts.block_size,
+                     "blocks": seq_len // opts.block_size, "blocks_per_device": seq_len // (opts.block_size * n),
+                     "anchor": opts.anchor if opts.mode == "star" else None, "anchor_size": opts.anchor_size}
+
+        def nll(model, params, toks, mask):
+            lengths = np.asarray(mask).sum(axis=1) + 1  # mask: targets 1..length-1
+            logp = score_context_parallel(model, params, toks, lengths, mesh=mesh, **context_parallel)
+            return -jnp.sum(jnp.where(mask[:, 1:], logp, 0.0))
     total, count = 0.0, int(mask.sum())
     pad = (-len(toks)) % batch_size  # full batches only: one compiled program
     toks = np.concatenate([toks, np.zeros((pad, seq_len), np.int32)])
@@ -69,8 +95,9 @@ def perplexity(model: Transformer, params, ids, *, seq_len: int = 1024, max_toke
     bar = tqdm(total=count, unit="tok", desc="perplexity", file=sys.stderr, disable=not progress)
     for i in range(0, len(toks), batch_size):
         m = mask[i: i + batch_size]
-        total += float(_nll(model, params, jnp.asarray(toks[i: i + batch_size]), jnp.asarray(m)))
+        total += float(nll(model, params, jnp.asarray(toks[i: i + batch_size]), jnp.asarray(m)))
         bar.update(int(m.sum()))
     bar.close()
-    return {"task": "perplexity", "perplexity": math.exp(total / count), "tokens": count,
-            "nll": total / count, "seq_len": seq_len, "windows": int(np.ceil(count / max(seq_len - 1, 1)))}
+    out = {"task": "perplexity", "perplexity": math.exp(total / count), "tokens": count,
+           "nll": total / count, "seq_len": seq_len, "windows": int(np.ceil(count / max(seq_len - 1, 1)))}
+    return out if described is None else out | {"context_parallel": described}
