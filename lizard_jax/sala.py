@@ -68,11 +68,14 @@ def log(msg: str) -> None:
 # Training-free sparse prefill
 
 
-def sparse_teacher(cfg: ModelConfig, **infllm) -> ModelConfig:
+def sparse_teacher(cfg: ModelConfig, impl: str | None = None, **infllm) -> ModelConfig:
     """`cfg` with every full-causal softmax layer run as InfLLM-V2 (teacher parameters unchanged). `infllm`
     overrides the paper's settings (`PAPER_INFLLM`: block_size, topk, kernel, stride, init_blocks, local_window,
     dense_below, and `selection`: "token" for the paper's per-token choice, prefill == decode; "block", the
-    default for now, one choice per query block as the Pallas kernel runs)."""
+    default for now, one choice per query block as the Pallas kernel runs). `impl` ("auto" | "pallas" | "xla";
+    default: "xla" for a layer the teacher runs on XLA, else "auto") picks the sparse op's backend."""
+    if impl is not None and impl not in ("auto", "pallas", "xla"):
+        raise ConfigError(f"sparse_teacher: impl must be auto, pallas or xla, got {impl!r}")
     unknown = sorted(set(infllm) - set(PAPER_INFLLM))
     if unknown:
         raise ConfigError(f"sparse_teacher: unknown InfLLM-V2 option(s) {unknown}; allowed: {sorted(PAPER_INFLLM)}")
@@ -81,7 +84,7 @@ def sparse_teacher(cfg: ModelConfig, **infllm) -> ModelConfig:
     for s in cfg.attention:
         if isinstance(s, SoftmaxSpec) and s.window is None:
             s = SparseSpec(rope=s.rope, qk_norm=False, output_gate=False,
-                           impl="xla" if s.impl == "xla" else "auto", **opts)
+                           impl=impl or ("xla" if s.impl == "xla" else "auto"), **opts)
             n += 1
         specs.append(s)
     if not n:

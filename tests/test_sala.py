@@ -84,6 +84,9 @@ def test_sparse_teacher_token_selection():
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     sp = sparse_teacher(cfg, **SMALL, dense_below=0, selection="token")
     assert sp.attention[0].selection == "token" and sparse_teacher(cfg).attention[0].selection == "block"
+    assert sparse_teacher(cfg).attention[0].impl == "auto" and sparse_teacher(cfg, impl="xla").attention[0].impl == "xla"
+    with pytest.raises(ConfigError, match="impl must be"):
+        sparse_teacher(cfg, impl="cuda")
     assert type(sp).from_dict(sp.to_dict()) == sp
     t = 70
     tokens = jax.random.randint(jax.random.key(2), (2, t), 0, cfg.vocab_size)
