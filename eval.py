@@ -61,12 +61,12 @@ def _error(message: str) -> Exception:
 
 def _sparse_option(s: str) -> tuple[str, int | str]:
     """KEY=VALUE of an InfLLM-V2 setting: an integer, or a name for the settings that take one (selection,
-    variant); the key and value themselves are checked by `sala.sparse_teacher` and `SparseSpec`."""
+    variant, impl); the key and value themselves are checked by `sala.sparse_teacher` and `SparseSpec`."""
     key, sep, value = s.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
     key, value = key.strip(), value.strip()
-    if key in ("selection", "variant"):
+    if key in ("selection", "variant", "impl"):
         return key, value
     try:
         return key, int(value)
@@ -77,7 +77,7 @@ def _sparse_option(s: str) -> tuple[str, int | str]:
 def _add_sparse_option(p):
     p.add_argument("--sparse-option", type=_sparse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="InfLLM-V2 setting of --sparse-prefill (block_size, topk, kernel, stride, init_blocks, "
-                        "local_window, dense_below: integers; selection: token|block; variant: v1|v2)")
+                        "local_window, dense_below: integers; selection: token|block; variant: v1|v2; impl: auto|pallas|xla)")
 
 
 def _add_common(p):

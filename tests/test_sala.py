@@ -247,6 +247,8 @@ def test_eval_perplexity_sparse_prefill(tmp_path, capsys):
     cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "selection=tokens"], "selection")
     cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "topk=all"], "expected an integer")
     assert eval_py._sparse_option("selection=token") == ("selection", "token")
+    assert eval_py._sparse_option("impl=xla") == ("impl", "xla")
+    cli_error(capsys, eval_py.main, [*args, "--sparse-prefill", "--sparse-option", "impl=cuda"], "impl must be")
 
 
 @pytest.mark.slow
