@@ -3,7 +3,9 @@
     python train.py --config configs/lizard_tiny.yaml [--set stage1.steps=100 --set data.batch_size=4] [--resume]
 
 Writes into `run_dir`: checkpoints/ (Orbax, resumable), metrics.jsonl, loss.png, student/ (a normal
-lizard_jax checkpoint that `lizard_jax.load` and eval.py take). Multi-host: set `distributed: true` (or
+lizard_jax checkpoint that `lizard_jax.load` and eval.py take). Curves of one run or several side by side
+(loss, stage 1's per-layer attention MSE, a Lizard student's alpha / beta per layer):
+`python -m lizard_jax.train.plot RUN_DIR` or `--runs a=RUN_DIR1 b=RUN_DIR2 --out compare.png`. Multi-host: set `distributed: true` (or
 `--set distributed=true`) and start the same command on every host (jax.distributed.initialize()).
 """
 

@@ -300,3 +300,93 @@ def test_train_scope_errors(teacher, tmp_path):
         TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.train": "lora", "stage1.lora": {"rank": 2}}))
     with pytest.raises(ConfigError, match="stage1.lora / stage1.train 'lora' is not supported"):
         TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.lora": {"rank": 2}}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lizard mixing scalars (alpha, gate_scale = beta): their learning-rate multiplier, metrics and plot
+
+
+def test_mix_lr_mult_scales_only_the_mixing_scalars():
+    """StageConfig.mix_lr_mult: 1 is the optimizer as before the option (same chain, same state); otherwise the
+    Lizard layers' alpha / gate_scale updates are scaled by it and every other update is unchanged."""
+    import optax
+
+    from lizard_jax.train.config import OptimConfig, StageConfig
+    from lizard_jax.train.loop import _optimizer, _schedule
+
+    tc = TrainConfig.__new__(TrainConfig)
+    object.__setattr__(tc, "optim", OptimConfig(weight_decay=0.1))
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+    leaf = lambda *shape: jax.random.normal(next(keys), shape)
+    layer = lambda: {"attn": {"alpha": leaf(3), "gate_scale": leaf(3), "feature_q": {"kernel": leaf(3, 4, 4)}}}
+    params = {"new": {"layers_0": layer(), "layers_1": layer()}, "lora": {}}  # layer 1: not a Lizard layer
+    grads = jax.tree_util.tree_map(lambda x: 5 * x[::-1], params)  # norm > 1: the clip is active
+
+    def updates(mult):
+        sc = StageConfig(steps=10, lr=1e-2, mix_lr_mult=mult)
+        tx = _optimizer(tc, sc, [0])
+        _, state = tx.update(grads, tx.init(params), params)  # step 0: warm-up from lr 0
+        u, _ = tx.update(grads, state, params)
+        return sc, tx, u
+
+    sc, tx1, u1 = updates(1.0)
+    o = tc.optim
+    plain = optax.chain(optax.clip_by_global_norm(o.clip),
+                        optax.adamw(_schedule(sc), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    assert jax.tree_util.tree_structure(tx1.init(params)) == jax.tree_util.tree_structure(plain.init(params))
+    _, state = plain.update(grads, plain.init(params), params)
+    ref, _ = plain.update(grads, state, params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, u1, ref)
+    assert float(np.abs(u1["new"]["layers_0"]["attn"]["gate_scale"]).min()) > 0
+    for mult in (0.0, 3.0):
+        _, _, u = updates(mult)
+        for name in ("alpha", "gate_scale"):
+            np.testing.assert_allclose(u["new"]["layers_0"]["attn"][name], mult * u1["new"]["layers_0"]["attn"][name],
+                                       rtol=1e-6)
+            np.testing.assert_array_equal(u["new"]["layers_1"]["attn"][name], u1["new"]["layers_1"]["attn"][name])
+        for l in ("layers_0", "layers_1"):
+            np.testing.assert_array_equal(u["new"][l]["attn"]["feature_q"]["kernel"],
+                                          u1["new"][l]["attn"]["feature_q"]["kernel"])
+
+
+def test_mix_scalars_logged_frozen_by_mix_lr_mult_0_and_plotted(teacher, tmp_path):
+    """Both stages at mix_lr_mult 0: alpha and beta stay at their inits (metrics.jsonl at every record, and the
+    exported student) while the feature maps train (beta starts at 0.5: at 0 frozen, the gated branch would get
+    no gradient at all); stage 1 records each layer's attention MSE; the plot CLI draws the run, and two runs
+    side by side."""
+    from lizard_jax.train import plot
+
+    run = tmp_path / "mix0"
+    cfg = config(teacher, run, **{"student.attention.default.gate_scale_init": 0.5, "stage1.steps": 3, "stage1.mix_lr_mult": 0.0, "stage2.steps": 2,
+                                  "stage2.mix_lr_mult": 0, "checkpoint.async_save": False})
+    tr = Trainer(TrainConfig.from_dict(cfg))
+    init = jax.device_get(tr.init_new)
+    out = tr.run()
+    recs = plot.read_metrics(run)
+    assert [(r["stage"], r["step"]) for r in recs] == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5)]
+    heads = tr.student_cfg.num_heads
+    for r in recs:
+        assert r["beta"] == [0.5, 0.5] and r["alpha"] == [1.0, 1.0], r
+        assert r["beta_heads"] == [[0.5] * heads] * 2 and r["alpha_heads"] == [[1.0] * heads] * 2
+        assert ("layer_mse" in r) == (r["stage"] == 1)
+        if r["stage"] == 1:  # the stage-1 loss (mse, no KD) is the mean of the layers' MSEs
+            assert len(r["layer_mse"]) == 2 and min(r["layer_mse"]) > 0
+            assert np.mean(r["layer_mse"]) == pytest.approx(r["loss"], rel=1e-4)
+    _, params, _ = lizard_jax.load(out)
+    for i in (0, 1):
+        attn, attn0 = params[f"layers_{i}"]["attn"], init[f"layers_{i}"]["attn"]
+        np.testing.assert_array_equal(attn["alpha"], attn0["alpha"])
+        np.testing.assert_array_equal(attn["gate_scale"], attn0["gate_scale"])
+        assert not np.array_equal(np.asarray(attn["feature_q"]["w"]), np.asarray(attn0["feature_q"]["w"]))
+    assert (run / "loss.png").is_file()
+    assert plot.main([str(run)]) == 0 and (run / "curves.png").is_file()
+    assert plot.main(["--runs", f"a={run}", f"b={run}", "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+
+
+def test_mix_lr_mult_errors(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="mix_lr_mult must be >= 0"):
+        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.mix_lr_mult": -1.0}))
+    bad = scope_config(teacher, tmp_path / "lightning", {"steps": 1, "mix_lr_mult": 2.0}, {"steps": 0})
+    with pytest.raises(ConfigError, match="stage1.mix_lr_mult is 2.0 but the student has no Lizard layer"):
+        Trainer(TrainConfig.from_dict(bad))

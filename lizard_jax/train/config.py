@@ -4,6 +4,7 @@ rejected with their name. `--set a.b=value` overrides any field."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from lizard_jax.config import ConfigError, from_dict, to_dict
@@ -86,6 +87,12 @@ class StageConfig:
       "all"               every parameter;
       "lora"              LoRA on `lora.targets` of the converted layers plus the new parameters (stage 2 only).
       None (default)      stage 1 "new"; stage 2 "lora" when `lora` is given, else "new".
+    Every scope trains the new parameters: there is no "LoRA only" scope (the paper's stage 2).
+
+    mix_lr_mult: learning-rate multiplier for the Lizard layers' branch-mixing scalars (params `alpha` and
+      `gate_scale` = beta in Y = beta * Y_gate + alpha * Y_anchor): their AdamW update (weight decay included) is
+      scaled by it, i.e. they train at lr x mix_lr_mult. 1.0 (default): no scaling, the optimizer as before the
+      option; 0.0 freezes them. Needs a Lizard student when not 1.0.
     """
 
     steps: int = 0
@@ -99,8 +106,11 @@ class StageConfig:
     seq_len: int | None = None
     batch_size: int | None = None
     train: str | None = None
+    mix_lr_mult: float = 1.0
 
     def __post_init__(self):
+        _require(self.mix_lr_mult >= 0 and math.isfinite(self.mix_lr_mult), "mix_lr_mult", ">= 0 and finite",
+                 self.mix_lr_mult)
         _require(self.steps >= 0, "steps", ">= 0", self.steps)
         _require(self.lr > 0, "lr", "> 0", self.lr)
         _require(0 <= self.warmup <= 1, "warmup", "in [0, 1] (a fraction of the steps)", self.warmup)

@@ -13,6 +13,11 @@ parameters, or LoRA. Parameters an earlier stage trained and this one freezes tr
 
 Parameters are fp32 master copies; the model computes in `dtype` (bf16). Steps are jitted with NamedShardings
 from the sharding rules over the configured mesh, so one command runs on a CPU, a GPU or a TPU slice.
+run_dir/metrics.jsonl: one record per `log_every` steps: loss, grad_norm, lr, tokens/s (+ MFU); stage 1 adds
+"layer_mse" (each converted layer's attention-output MSE, mean over the steps since the last record), and a
+Lizard student "beta", "alpha" (the mixing scalars gate_scale and alpha, mean over heads) and "beta_heads",
+"alpha_heads" (per head), read from the parameters at the record's step; per-layer lists, one entry per student
+layer (null where it does not apply). `python -m lizard_jax.train.plot` draws them.
 Checkpoints (Orbax CheckpointManager, async) hold the trainable parameters, optimizer state, step, stage and data
 position; the frozen teacher weights are not duplicated there.
 """
@@ -112,21 +117,46 @@ def _schedule(sc: StageConfig):
                                               end_value=sc.lr * sc.end_lr_factor)
 
 
-def _optimizer(tc: TrainConfig, sc: StageConfig):
+def _lizard_layers(cfg) -> list[int]:
+    return [i for i, s in enumerate(cfg.attention) if s.kind == "lizard"]
+
+
+MIX_PARAMS = ("gate_scale", "alpha")  # a Lizard layer's beta and alpha: Y = beta * Y_gate + alpha * Y_anchor
+
+
+def mix_param_mask(tree, lizard_layers):
+    """Boolean tree over `tree` (any nesting above `layers_<i>/attn`): True at the branch-mixing scalars
+    (`MIX_PARAMS`) of the Lizard layers `lizard_layers`."""
+    names = {f"layers_{i}" for i in lizard_layers}
+
+    def pick(path, _):
+        keys = [getattr(p, "key", None) for p in path]
+        return len(keys) >= 3 and keys[-1] in MIX_PARAMS and keys[-2] == "attn" and keys[-3] in names
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _optimizer(tc: TrainConfig, sc: StageConfig, lizard_layers=()):
+    """Clip, AdamW on the stage's schedule, and (`sc.mix_lr_mult` != 1) the Lizard mixing scalars' updates
+    scaled by `mix_lr_mult` (at 1 the chain is exactly the one before the option, optimizer state included)."""
     o = tc.optim
-    return optax.chain(
-        optax.clip_by_global_norm(o.clip),
-        optax.adamw(_schedule(sc), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
-    )
+    parts = [optax.clip_by_global_norm(o.clip),
+             optax.adamw(_schedule(sc), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)]
+    if sc.mix_lr_mult != 1.0:
+        parts.append(optax.masked(optax.scale(sc.mix_lr_mult), lambda t: mix_param_mask(t, lizard_layers)))
+    return optax.chain(*parts)
 
 
 def stage1_loss(student: Transformer, teacher: Transformer, params, teacher_params, batch, *, loss: str = "mse",
-                kd_weight: float = 0.0, kd_temperature: float = 1.0):
+                kd_weight: float = 0.0, kd_temperature: float = 1.0, per_layer: bool = False):
     """Stage 1 (attention transfer): each converted student layer (kind other than "softmax") gets the teacher's
     input to that layer and is scored against the teacher layer's output; the mean over those layers, plus
     `kd_weight` x KL of the whole student's logits to the teacher's. `batch` as `losses.split_batch`: with
     segment ids the teacher and the student layers run packed the same way (positions per document), padding is
-    not scored, and the KL scores what the LM loss scores."""
+    not scored, and the KL scores what the LM loss scores.
+
+    per_layer: return (loss, layer_mse), layer_mse `[len(converted)]` the MSE of each converted layer's output
+    (its loss term when `loss` is "mse"; a metric, no gradient flows through it)."""
     tokens, _, positions, seg, mask = losses.split_batch(batch)
     packed = {} if seg is None else {"segment_ids": seg}
     t_logits, inter = teacher.apply({"params": teacher_params}, tokens, positions, mutable=["intermediates"],
@@ -136,19 +166,24 @@ def stage1_loss(student: Transformer, teacher: Transformer, params, teacher_para
     converted = _converted_layers(cfg)
     real = None if seg is None else (seg != 0).astype(jnp.float32)
     total = 0.0
+    layer_mse = []
     for i in converted:
         spec = cfg.attention[i]
         h = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_in"][0])
         a = jax.lax.stop_gradient(inter[f"layers_{i}"]["attn_out"][0])
         y, _ = layer_class(spec.kind)(cfg, spec).apply({"params": params[f"layers_{i}"]["attn"]}, h, positions,
                                                        **packed)
-        total = total + losses.attention_transfer(y, a, loss, real)
+        term = losses.attention_transfer(y, a, loss, real)
+        total = total + term
+        if per_layer:
+            mse = term if loss == "mse" else losses.attention_transfer(y, a, "mse", real)
+            layer_mse.append(jax.lax.stop_gradient(mse))
     total = total / len(converted)
     if kd_weight > 0:
         logits = student.apply({"params": params}, tokens, positions, **packed)
         total = total + kd_weight * losses.distill_kl(logits, jax.lax.stop_gradient(t_logits), kd_temperature,
                                                       mask)
-    return total
+    return (total, jnp.stack(layer_mse)) if per_layer else total
 
 
 def stage2_loss(student: Transformer, teacher: Transformer, params, teacher_params, batch, *,
@@ -189,6 +224,11 @@ class Trainer:
         self.student_cfg = student_config(self.teacher_cfg, tc.student.attention)
         self.student = Transformer(self.student_cfg, remat=tc.remat)
         self.converted = _converted_layers(self.student_cfg)
+        self.lizard = _lizard_layers(self.student_cfg)
+        for i, sc in ((1, tc.stage1), (2, tc.stage2)):
+            if sc.mix_lr_mult != 1.0 and not self.lizard:
+                raise ConfigError(f"stage{i}.mix_lr_mult is {sc.mix_lr_mult} but the student has no Lizard layer "
+                                  "(whose alpha and gate_scale it scales)")
         if not self.converted:
             raise ConfigError("student.attention: the recipe converts no layer (every student layer is softmax)")
         eos = (self.teacher_cfg.eos_token_ids or (self.tokenizer.eos_token_id,))[0]
@@ -237,10 +277,11 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(pick, self.new_mask)
 
     # ---- losses
-    def _stage1_loss(self, trainable, frozen, teacher_params, batch):
+    def _stage1_loss(self, trainable, frozen, teacher_params, batch, per_layer: bool = False):
         sc = self.tc.stage1
         return stage1_loss(self.student, self.teacher, join(trainable["new"], frozen), teacher_params, batch,
-                           loss=sc.loss, kd_weight=sc.kd_weight, kd_temperature=sc.kd_temperature)
+                           loss=sc.loss, kd_weight=sc.kd_weight, kd_temperature=sc.kd_temperature,
+                           per_layer=per_layer)
 
     def _stage2_loss(self, trainable, frozen, teacher_params, batch):
         sc = self.tc.stage2
@@ -267,8 +308,14 @@ class Trainer:
         """The stage's jitted step and its freshly initialised state (whose shardings the step keeps); `carry`:
         parameters an earlier stage trained that this one keeps fixed (in the state only when there are any)."""
         sc = self.tc.stage1 if index == 1 else self.tc.stage2
-        tx = _optimizer(self.tc, sc)
-        loss_fn = self._stage1_loss if index == 1 else self._stage2_loss
+        tx = _optimizer(self.tc, sc, self.lizard)
+
+        def loss_fn(*args):  # (loss, metrics): stage 1 adds each converted layer's attention-output MSE
+            if index == 1:
+                loss, layer_mse = self._stage1_loss(*args, per_layer=True)
+                return loss, {"layer_mse": layer_mse}
+            return self._stage2_loss(*args), {}
+
         repl = NamedSharding(self.mesh, P())
         # the optimizer moments inherit their parameters' shardings through jit's propagation
         init = jax.jit(lambda t, c: {"trainable": t, "opt": tx.init(t), "step": jnp.zeros((), jnp.int32),
@@ -278,11 +325,12 @@ class Trainer:
 
         def step(state, frozen, teacher_params, batch):
             fixed = join(state.get("carry", {}), frozen)
-            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], fixed, teacher_params, batch)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], fixed, teacher_params,
+                                                                           batch)
             updates, opt = tx.update(grads, state["opt"], state["trainable"])
             new_state = {"trainable": optax.apply_updates(state["trainable"], updates), "opt": opt,
                          "step": state["step"] + 1, **({"carry": state["carry"]} if "carry" in state else {})}
-            return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
         shardings = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
         step_fn = jax.jit(
@@ -409,12 +457,15 @@ class Trainer:
         flops = self._model_flops_per_token(stage.index) * tokens_per_step
         t_last, n_last = time.perf_counter(), done
         loss_sum = 0.0  # on device: summing does not wait for the step
+        layer_sum = 0.0  # stage 1: each converted layer's attention MSE, summed likewise
         with (tqdm(total=steps, initial=done, desc=f"stage {stage.index}", file=sys.stderr, dynamic_ncols=True) as bar,
               self.metrics_path.open("a") as mf):
             while done < steps:
                 batch = self._global_batch(data.next_batch())
                 state, m = stage.step_fn(state, self.frozen, self.teacher_params, batch)
                 loss_sum = loss_sum + m["loss"]
+                if "layer_mse" in m:
+                    layer_sum = layer_sum + m["layer_mse"]
                 done += 1
                 if done % tc.log_every == 0 or done == steps:
                     loss = float(loss_sum) / (done - n_last)  # mean over the steps since the last record
@@ -427,6 +478,11 @@ class Trainer:
                            "tokens_per_s": tps}
                     if self.peak:
                         rec["mfu"] = flops * (done - n_last) / (now - t_last) / self.peak
+                    if "layer_mse" in m:
+                        rec["layer_mse"] = self._per_layer(self.converted,
+                                                           np.asarray(layer_sum) / (done - n_last))
+                        layer_sum = 0.0
+                    rec.update(self._mix_scalars(state))
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
@@ -436,6 +492,28 @@ class Trainer:
                     self._check_loss(stage, offset + done, float(loss_sum))  # steps not logged yet
                     self._save(offset + done, stage, state, data, force=done == steps)
         return state
+
+    def _per_layer(self, layers, values) -> list:
+        """One entry per student layer: `values[j]` for layer `layers[j]` (6 significant digits), None elsewhere."""
+        sig = lambda x: float(f"{x:.6g}")
+        out = [None] * len(self.student_cfg.attention)
+        for i, v in zip(layers, values):
+            out[i] = [sig(x) for x in np.ravel(v)] if np.ndim(v) else sig(v)
+        return out
+
+    def _mix_scalars(self, state) -> dict:
+        """The Lizard layers' beta (param gate_scale) and alpha, read on the host from the stage's state: "beta",
+        "alpha" the mean over heads per layer, "beta_heads", "alpha_heads" per head (None for other layers)."""
+        if not self.lizard:
+            return {}
+        params = join(join(state["trainable"]["new"], state.get("carry", {})), self.frozen)
+        host = jax.device_get([[params[f"layers_{i}"]["attn"][n] for i in self.lizard] for n in MIX_PARAMS])
+        out = {}
+        for key, vals in zip(("beta", "alpha"), host):
+            vals = [np.asarray(v, np.float32) for v in vals]
+            out[key] = self._per_layer(self.lizard, [v.mean() for v in vals])
+            out[f"{key}_heads"] = self._per_layer(self.lizard, vals)
+        return out
 
     def _check_loss(self, stage: Stage, global_step: int, loss: float) -> None:
         """Stop at a NaN / infinite loss (a sum over steps, so one bad step is enough), before its state is saved."""
@@ -496,28 +574,12 @@ class Trainer:
         return out
 
     def plot(self) -> Path | None:
+        """run_dir/loss.png: the curves of metrics.jsonl (`lizard_jax.train.plot`)."""
         if not self.metrics_path.is_file():
             return None
-        import matplotlib
+        from lizard_jax.train.plot import plot_runs, read_metrics
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        recs = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for ax, stage, title in ((axes[0], 1, "stage 1: attention transfer (MSE)"),
-                                 (axes[1], 2, "stage 2: fine-tuning (CE)")):
-            pts = [(r["step"], r["loss"]) for r in recs if r["stage"] == stage]
-            if pts:
-                ax.plot(*zip(*pts))
-                ax.set_yscale("log" if stage == 1 else "linear")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        path = self.run_dir / "loss.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return plot_runs({self.run_dir.name: read_metrics(self.run_dir)}, self.run_dir / "loss.png")
 
 
 def format_summary(s: dict) -> str:
