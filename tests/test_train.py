@@ -289,11 +289,26 @@ def test_all_scope_trains_every_parameter(teacher, tmp_path):
     assert changed_teacher_params(out, teacher) == every
 
 
+def test_lora_only_scope_trains_lora_alone(teacher, tmp_path):
+    """stage2.train "lora_only" (the Lizard paper's stage 2): after it, the student differs from the stage-1-only
+    student in the LoRA targets alone (merged at export); the new parameters stay as stage 1 left them."""
+    lora = {"rank": 2, "alpha": 4, "targets": ["q_proj"]}
+    s1 = Trainer(TrainConfig.from_dict(scope_config(teacher, tmp_path / "s1", {"steps": 1}, {"steps": 0}))).run()
+    lo = Trainer(TrainConfig.from_dict(scope_config(teacher, tmp_path / "lo", {"steps": 1},
+                                                    {"steps": 2, "train": "lora_only", "lora": lora}))).run()
+    flat = lambda out: {jax.tree_util.keystr(k): np.asarray(v)
+                        for k, v in jax.tree_util.tree_flatten_with_path(lizard_jax.load(out)[1])[0]}
+    a, b = flat(s1), flat(lo)
+    assert a.keys() == b.keys()
+    assert {k for k in a if not np.array_equal(a[k], b[k])} == {"['layers_0']['attn']['q_proj']['kernel']"}
+
+
 def test_train_scope_errors(teacher, tmp_path):
     with pytest.raises(ConfigError, match="stage.train must be one of"):
         TrainConfig.from_dict(config(teacher, tmp_path, **{"stage1.train": "everything"}))
-    with pytest.raises(ConfigError, match="needs a lora section"):
-        TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2": {"steps": 1, "train": "lora"}}))
+    for scope in ("lora", "lora_only"):
+        with pytest.raises(ConfigError, match="needs a lora section"):
+            TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2": {"steps": 1, "train": scope}}))
     with pytest.raises(ConfigError, match="LoRA would be unused"):
         TrainConfig.from_dict(config(teacher, tmp_path, **{"stage2.train": "all"}))
     with pytest.raises(ConfigError, match="stage1.lora / stage1.train 'lora' is not supported"):

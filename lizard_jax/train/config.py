@@ -71,7 +71,7 @@ class LoraConfig:
             raise ConfigError(f"lora.targets: unknown {sorted(bad)}; allowed: {sorted(allowed)}")
 
 
-TRAIN_SCOPES = ("new", "converted_layers", "all", "lora")
+TRAIN_SCOPES = ("new", "converted_layers", "all", "lora", "lora_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ class StageConfig:
                           new ones (SALA's stage 1);
       "all"               every parameter;
       "lora"              LoRA on `lora.targets` of the converted layers plus the new parameters (stage 2 only).
+      "lora_only"         LoRA only, every other parameter as stage 1 left it (the Lizard paper's stage 2).
       None (default)      stage 1 "new"; stage 2 "lora" when `lora` is given, else "new".
-    Every scope trains the new parameters: there is no "LoRA only" scope (the paper's stage 2).
 
     mix_lr_mult: learning-rate multiplier for the Lizard layers' branch-mixing scalars (params `alpha` and
       `gate_scale` = beta in Y = beta * Y_gate + alpha * Y_anchor): their AdamW update (weight decay included) is
@@ -123,9 +123,9 @@ class StageConfig:
             raise ConfigError(f"stage.loss must be mse or smooth_l1, got {self.loss!r}")
         if self.train not in (None, *TRAIN_SCOPES):
             raise ConfigError(f"stage.train must be one of {TRAIN_SCOPES} or null, got {self.train!r}")
-        if self.train == "lora" and self.lora is None:
-            raise ConfigError("stage.train 'lora' needs a lora section")
-        if self.lora is not None and self.train not in (None, "lora"):
+        if self.train in ("lora", "lora_only") and self.lora is None:
+            raise ConfigError(f"stage.train {self.train!r} needs a lora section")
+        if self.lora is not None and self.train not in (None, "lora", "lora_only"):
             raise ConfigError(f"stage.lora is given but stage.train is {self.train!r}: LoRA would be unused")
 
     def scope(self, index: int) -> str:

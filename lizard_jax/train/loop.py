@@ -270,6 +270,8 @@ class Trainer:
             names = [getattr(p, "key", None) for p in path]
             if scope == "all":
                 return True
+            if scope == "lora_only":
+                return False
             if scope == "converted_layers" and names[0] in converted and names[1] == "attn":
                 return True
             return bool(is_new)
@@ -297,7 +299,7 @@ class Trainer:
         if index == 1:
             return {"new": new}
         lora_cfg = self.tc.stage2.lora
-        if self.tc.stage2.scope(2) != "lora":
+        if self.tc.stage2.scope(2) not in ("lora", "lora_only"):
             return {"new": new, "lora": {}}
         converted = set(self.converted)
         lora = init_lora(params, lora_cfg.targets, lora_cfg.rank,
