@@ -3,22 +3,33 @@
     python benchmarks/bench_lazyllm.py --checkpoint CKPT [--text data/wikitext-2/valid.txt.xz]
     python benchmarks/bench_lazyllm.py ... --parts ttft         # one part per call: ttft, accuracy, curve
     python benchmarks/bench_lazyllm.py ... --quick              # fewer lengths, windows, reps and scales
+    python benchmarks/bench_lazyllm.py ... --parts accuracy --decode paper \
+        --schedules "gentle=15,22:0.8,0.6;default;aggressive=2,8,15:0.4,0.2,0.1"
+    python benchmarks/bench_lazyllm.py ... --parts ttft --models smollm2 --ttft-dtype float32 --lengths 4096  # CPU
+    ... --no-report                                               # tables on stdout only, RESULTS.md untouched
 
 Schedule: `LazyConfig.default(num_layers)` (SmolLM2, 30 layers: prune after layers 4, 12, 21 keeping 50%, 25%,
-15% of the prompt), or --layers/--keep; the curve scales its keep fractions.
+15% of the prompt), or --layers/--keep, or several named ones in one run with --schedules ("name=layers:keep"
+entries separated by ";", a bare "default" is `LazyConfig.default`): the full-model baseline is computed once
+and each schedule adds rows. --decode picks `LazyConfig.decode` ("attend_all" or "paper") for the decoding in
+the accuracy part and the curve. The curve scales the keep fractions of the first schedule.
 
-1. ttft: SmolLM2-135M (CKPT) and a random Llama-3.2-1B-shaped model, bf16, batch 1, random prompts of 4K..32K
-   tokens. full = the model's own layers on every prompt token through plain KV caches, logits of the last token
-   only; lazy = `lazy_prefill`. Both use the XLA attention path (explicit positions), caches of P + 128 slots,
-   and return their caches; median of --reps after a compile run. "computed" = fraction of prompt-token x layers
-   the lazy prefill computed (its counter). A config that fails (e.g. out of memory) shows the error.
-2. accuracy (SmolLM2, --acc-dtype, default float32), full vs lazy with the same schedule:
+1. ttft: SmolLM2-135M (CKPT) and a random Llama-3.2-1B-shaped model (--models), --ttft-dtype (bf16 by default),
+   batch 1, random prompts of 4K..32K tokens. full = the model's own layers on every prompt token through plain
+   KV caches, logits of the last token only; lazy = `lazy_prefill`. Both use the XLA attention path (explicit
+   positions), caches of P + 128 slots, and return their caches; median of --reps after a compile run, in the
+   same process, full once per prompt length. "computed" = fraction of prompt-token x layers the lazy prefill
+   computed (its counter; the schedule's own number beside it), "per layer" = each layer's fraction of the
+   prompt, as runs `fraction x layers`. A config that fails (e.g. out of memory) shows the error.
+2. accuracy (SmolLM2, --acc-dtype, default float32), full vs each lazy schedule:
    passkey: `lizard_jax.eval.passkey.build_prompt` prompts of exactly 4K / 8K tokens, key at 5 depths x --trials,
    filler from --text, greedy 8 tokens, correct if the first 5-digit number is the key; full = the plain
    `generate._generate`, lazy = `generate_lazy`.
    perplexity of the 128 tokens that follow 2K / 4K / 8K tokens of --text, at --windows evenly spaced offsets:
    full = one forward pass over context + 128; lazy = `lazy_logprobs` (the 128 tokens fed as decode steps,
-   each step selecting and reviving tokens like generation does).
+   each step selecting and reviving tokens like generation does, in --decode's mode).
+   A second table: the fraction of prompt tokens computed at each layer, by the prefill (the schedule) and after
+   the 128 teacher-forced decode steps (the counter: revived tokens added).
 3. curve: keep fractions scaled by --scales: TTFT speedup at 8K vs passkey accuracy at 8K and perplexity ratio at
    4K, as a table and a PNG (--png).
 """
@@ -31,6 +42,7 @@ import functools
 import gc
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lizard_jax  # noqa: E402
 from benchmarks.common import WIKITEXT, device_name, report, time_jax  # noqa: E402
-from lizard_jax.config import ModelConfig, RopeConfig  # noqa: E402
+from lizard_jax.config import ConfigError, ModelConfig, RopeConfig  # noqa: E402
 from lizard_jax.eval.passkey import build_prompt  # noqa: E402
 from lizard_jax.generate import SamplingConfig, _generate, left_pad  # noqa: E402
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill  # noqa: E402
@@ -120,17 +132,19 @@ def passkey_accuracy(model, params, tok, filler, length: int, lazy: LazyConfig |
     return right / len(cases)
 
 
-def continuation_ppl(model, params, ids, context: int, lazy: LazyConfig | None, *, windows: int) -> float:
-    """Perplexity of the CONTINUATION tokens after `context` tokens, over `windows` evenly spaced windows (one
-    batch)."""
+def continuation_ppl(model, params, ids, context: int, lazy: LazyConfig | None, *,
+                     windows: int) -> tuple[float, np.ndarray | None]:
+    """(perplexity of the CONTINUATION tokens after `context` tokens over `windows` evenly spaced windows (one
+    batch), lazy: each layer's fraction of the prompt computed by the end of the decode steps `[L]`, else None)."""
     starts = np.linspace(0, len(ids) - context - CONTINUATION - 1, windows).astype(int)
     rows = jnp.asarray(np.stack([ids[s:s + context + CONTINUATION] for s in starts]).astype(np.int32))
     if lazy is None:
-        lp = full_logprobs(model, params, rows, n=CONTINUATION)
+        lp, fractions = full_logprobs(model, params, rows, n=CONTINUATION), None
     else:
         pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (windows, context))
-        lp = lazy_logprobs(model, params, rows[:, :context], pos, rows[:, context:], lazy=lazy)[0]
-    return math.exp(-np.asarray(lp, np.float64).mean())
+        lp, state = lazy_logprobs(model, params, rows[:, :context], pos, rows[:, context:], lazy=lazy)
+        fractions = np.asarray(state.layer_fractions())
+    return math.exp(-np.asarray(lp, np.float64).mean()), fractions
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,10 +165,74 @@ def short_error(e: Exception) -> str:
     return "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
 
+def parse_schedules(text: str) -> list[tuple[str, tuple[int, ...] | None, tuple[float, ...] | None]]:
+    """--schedules: "gentle=15,22:0.8,0.6;default;aggressive=2,8,15:0.4,0.2,0.1" -> [(name, layers, keep)];
+    layers None (a bare "default", or "name=default"): `LazyConfig.default(num_layers)`."""
+    out = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        name, _, body = entry.partition("=")
+        name, body = name.strip(), body.strip() or name.strip()
+        if body == "default":
+            out.append((name, None, None))
+            continue
+        layers, colon, keep = body.partition(":")
+        try:
+            if not colon:
+                raise ValueError("expected name=layers:keep")
+            sched = (name, tuple(int(x) for x in layers.split(",")), tuple(float(x) for x in keep.split(",")))
+            LazyConfig(layers=sched[1], keep=sched[2])
+        except (ValueError, ConfigError) as e:
+            raise argparse.ArgumentTypeError(f"schedule {entry!r}: {e}") from None
+        out.append(sched)
+    names = [n for n, _, _ in out]
+    if not out or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--schedules needs at least one schedule and distinct names, got {names}")
+    return out
+
+
+def schedules(a, num_layers: int, scale: float = 1.0) -> list[tuple[str, LazyConfig]]:
+    """[(name, LazyConfig)] of --schedules, else the one of --layers/--keep or the default; keep fractions scaled,
+    decoding in --decode's mode."""
+    named = a.schedules or [("custom" if a.layers else "default", tuple(a.layers) or None, tuple(a.keep) or None)]
+    out = []
+    for name, layers, keep in named:
+        base = LazyConfig(layers=layers, keep=keep) if layers else LazyConfig.default(num_layers)
+        out.append((name, dataclasses.replace(base, keep=tuple(min(1.0, f * scale) for f in base.keep),
+                                              decode=a.decode)))
+    return out
+
+
 def schedule(a, num_layers: int, scale: float = 1.0) -> LazyConfig:
-    base = (LazyConfig(layers=tuple(a.layers), keep=tuple(a.keep)) if a.layers
-            else LazyConfig.default(num_layers))
-    return dataclasses.replace(base, keep=tuple(min(1.0, f * scale) for f in base.keep))
+    """The first schedule (the one the curve scales)."""
+    return schedules(a, num_layers, scale)[0][1]
+
+
+def schedule_fractions(lazy: LazyConfig, prompt_len: int, num_layers: int) -> np.ndarray:
+    """`[L]`: each layer's fraction of the prompt that the pruned prefill computes, by the schedule."""
+    kept = (prompt_len, *lazy.budgets(prompt_len))
+    return np.concatenate([np.full(e - s + 1, n / prompt_len) for n, (s, e) in zip(kept, lazy.stages(num_layers))])
+
+
+def per_layer(fractions) -> str:
+    """Per-layer fractions as runs, layer 0 first: "1.00x5 0.50x8 0.25x9 0.15x8"."""
+    runs: list[list] = []
+    for f in (f"{float(x):.2f}" for x in fractions):
+        if runs and runs[-1][0] == f:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
+    return " ".join(f"{f}x{n}" for f, n in runs)
+
+
+def describe(scheds) -> str:
+    return "; ".join(f"{name} = layers {lazy.layers} keep {lazy.keep}" for name, lazy in scheds)
+
+
+def emit(a, *args, **kw):
+    """`report` (stdout, and RESULTS.md unless --no-report)."""
+    return report(*args, path=os.devnull if a.no_report else None, **kw)
 
 
 def ttft(model, params, length: int, lazy: LazyConfig | None, reps: int) -> tuple[float, float]:
@@ -171,97 +249,132 @@ def ttft(model, params, length: int, lazy: LazyConfig | None, reps: int) -> tupl
 
 
 def part_ttft(a):
-    rows = []
+    rows, described = [], []
+    dtype = a.ttft_dtype
     for name in a.models.split(","):
         try:
             if name == "smollm2":
-                model, params, _ = lizard_jax.load(a.checkpoint, dtype="bfloat16")
-            else:
-                cfg = ModelConfig(**LLAMA_1B, dtype="bfloat16", param_dtype="bfloat16")
+                model, params, _ = lizard_jax.load(a.checkpoint, dtype=dtype)
+            elif name == "llama1b":
+                cfg = ModelConfig(**LLAMA_1B, dtype=dtype, param_dtype=dtype)
                 model = Transformer(cfg)
                 params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
-        except Exception as e:  # noqa: BLE001 - a table even if a model does not load
-            rows.append([name, "-", short_error(e), "", "", "", ""])
-            continue
-        lazy = schedule(a, model.cfg.num_layers)
-        for length in a.lengths:
-            row = [name, length]
-            try:
-                full_ms, _ = ttft(model, params, length, None, a.reps)
-            except Exception as e:  # noqa: BLE001
-                full_ms, row = None, row + [short_error(e)]
             else:
-                row.append(full_ms)
-            try:
-                lazy_ms, frac = ttft(model, params, length, lazy, a.reps)
-                row += [lazy_ms, full_ms / lazy_ms if full_ms else "-", frac,
-                        lazy.computed_fraction(length, model.cfg.num_layers)]
+                raise ValueError(f"unknown model {name!r} (smollm2, llama1b)")
+        except Exception as e:  # noqa: BLE001 - a table even if a model does not load
+            rows.append([name, "-", "-", short_error(e), "", "", "", "", "", ""])
+            continue
+        n = model.cfg.num_layers
+        scheds = schedules(a, n)
+        described.append(f"{name}: {describe(scheds)}")
+        for length in a.lengths:
+            try:  # once per length: every schedule is timed against the same full prefill
+                full_ms = full_cell = ttft(model, params, length, None, a.reps)[0]
             except Exception as e:  # noqa: BLE001
-                row += [short_error(e), "-", "-", "-"]
-            row.append(f"{lazy.layers}/{lazy.keep}")
-            rows.append(row)
-            print(row, flush=True)
+                full_ms, full_cell = None, short_error(e)
+            for sname, lazy in scheds:
+                row = [name, length, sname, full_cell]
+                try:
+                    lazy_ms, frac = ttft(model, params, length, lazy, a.reps)
+                    row += [lazy_ms, lazy_ms / full_ms if full_ms else "-", full_ms / lazy_ms if full_ms else "-",
+                            frac, lazy.computed_fraction(length, n)]
+                except Exception as e:  # noqa: BLE001
+                    row += [short_error(e), "-", "-", "-", "-"]
+                row.append(per_layer(schedule_fractions(lazy, length, n)))
+                rows.append(row)
+                print(row, flush=True)
         del params
         gc.collect()
-    headers = ["model", "prompt", "full ms", "lazy ms", "speedup", "computed (counter)", "computed (schedule)",
-               "schedule layers/keep"]
-    report("LazyLLM: time to first token, full vs lazy prefill (batch 1, bf16)", headers, rows,
-           "prefill + last-token logits, caches kept; XLA attention in both; median of "
-           f"{a.reps} after a compile run; target >= 2x at 8K and beyond")
+    headers = ["model", "prompt", "schedule", "full ms", "lazy ms", "lazy / full", "speedup", "computed (counter)",
+               "computed (schedule)", "per layer (fraction x layers)"]
+    emit(a, f"LazyLLM: time to first token, full vs lazy prefill (batch 1, {dtype})", headers, rows,
+         "prefill + last-token logits, caches kept; XLA attention in both; same process, median of "
+         f"{a.reps} after a compile run; schedules: {' | '.join(described)}; target >= 2x at 8K and beyond")
 
 
 def part_accuracy(a, memo: dict):
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
-    lazy = schedule(a, model.cfg.num_layers)
+    n = model.cfg.num_layers
+    scheds = schedules(a, n)
     text = read_text(a.text)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
-    rows = []
-    for length in a.passkey_lengths:
+
+    def passkey(length, lazy):
+        return cached(memo, ("passkey", length, lazy), lambda: passkey_accuracy(
+            model, params, tok, ids, length, lazy, trials=a.trials, batch=a.batch))
+
+    def ppl(context, lazy):
+        return cached(memo, ("ppl", context, lazy), lambda: continuation_ppl(
+            model, params, ids, context, lazy, windows=a.windows))
+
+    def attempt(fn):
         try:
-            full = cached(memo, ("passkey", length, None), lambda: passkey_accuracy(
-                model, params, tok, ids, length, None, trials=a.trials, batch=a.batch))
-            got = cached(memo, ("passkey", length, lazy), lambda: passkey_accuracy(
-                model, params, tok, ids, length, lazy, trials=a.trials, batch=a.batch))
-            rows.append([f"passkey {length}", full * 100, got * 100, f"{(got - full) * 100:+.1f} pt",
-                         "yes" if got >= full - 0.01 else "no"])
-        except Exception as e:  # noqa: BLE001
-            rows.append([f"passkey {length}", short_error(e), "", "", ""])
-        print(rows[-1], flush=True)
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a cell, not the table
+            return short_error(e)
+
+    full_ppl = {}
+    rows = [["full", "-"]]
+    for length in a.passkey_lengths:  # the baseline once per run
+        rows[0].append(attempt(lambda: passkey(length, None) * 100))
     for context in a.ppl_contexts:
-        try:
-            full = cached(memo, ("ppl", context, None), lambda: continuation_ppl(
-                model, params, ids, context, None, windows=a.windows))
-            got = cached(memo, ("ppl", context, lazy), lambda: continuation_ppl(
-                model, params, ids, context, lazy, windows=a.windows))
-            rows.append([f"ppl of 128 after {context}", full, got, f"{(got / full - 1) * 100:+.2f} %",
-                         "yes" if got <= full * 1.02 else "no"])
-        except Exception as e:  # noqa: BLE001
-            rows.append([f"ppl of 128 after {context}", short_error(e), "", "", ""])
-        print(rows[-1], flush=True)
-    report("LazyLLM: accuracy on SmolLM2-135M, full vs lazy prefill", ["task", "full", "lazy", "delta", "on target"],
-           rows, f"schedule layers {lazy.layers} keep {lazy.keep}; {a.acc_dtype}; passkey: 5 depths x {a.trials} "
-                 f"trials (accuracy %); ppl: {a.windows} windows of --text; targets: passkey within 1 point, ppl "
-                 "within 2%")
+        full_ppl[context] = attempt(lambda: ppl(context, None)[0])
+        rows[0] += [full_ppl[context], 1.0 if isinstance(full_ppl[context], float) else "-"]
+    print(rows[0], flush=True)
+    fractions = []
+    for name, lazy in scheds:
+        row = [name, lazy.decode]
+        for length in a.passkey_lengths:
+            row.append(attempt(lambda: passkey(length, lazy) * 100))
+        decoded = {}
+        for context in a.ppl_contexts:
+            got = attempt(lambda: ppl(context, lazy))
+            if isinstance(got, str):
+                row += [got, "-"]
+                continue
+            decoded[context] = got[1]
+            full = full_ppl[context]
+            row += [got[0], got[0] / full if isinstance(full, float) else "-"]
+        rows.append(row)
+        print(row, flush=True)
+        for length in sorted({*a.passkey_lengths, *a.ppl_contexts}):
+            after = decoded.get(length)
+            fractions.append([name, length, lazy.computed_fraction(length, n),
+                              per_layer(schedule_fractions(lazy, length, n)),
+                              "-" if after is None else float(after.mean()),
+                              "-" if after is None else per_layer(after)])
+    headers = ["schedule", "decode", *(f"passkey % @{n}" for n in a.passkey_lengths),
+               *(h for c in a.ppl_contexts for h in (f"ppl @{c}", f"ppl / full @{c}"))]
+    emit(a, "LazyLLM: accuracy on SmolLM2-135M, full vs lazy schedules", headers, rows,
+         f"{describe(scheds)}; decode {a.decode}; {a.acc_dtype}; passkey: 5 depths x {a.trials} trials (accuracy "
+         f"%); ppl: {CONTINUATION} tokens after the context, {a.windows} windows of --text; targets: passkey within 1 "
+         "point, ppl within 2%")
+    emit(a, "LazyLLM: fraction of prompt tokens computed per layer (SmolLM2-135M)",
+         ["schedule", "prompt", "prefill", "prefill per layer (fraction x layers)",
+          f"after {CONTINUATION} decode steps", "after decoding per layer"], fractions,
+         f"prefill: by the schedule (budgets rounded up to {scheds[0][1].bucket} tokens); after decoding: the counter "
+         f"of `lazy_logprobs` over the perplexity windows (revived tokens added; decode {a.decode})")
 
 
 def part_curve(a, memo: dict):
     """Rows accumulate in a JSON file beside the PNG (same length, context and layers), so the scales can be split
     over several calls and the PNG shows them all."""
     model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
-    fast = lizard_jax.load(a.checkpoint, dtype="bfloat16")[:2]
+    fast = lizard_jax.load(a.checkpoint, dtype=a.ttft_dtype)[:2]
     text = read_text(a.text)
     ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int32)
     n = model.cfg.num_layers
     length, context = a.curve_length, a.curve_context
     store = Path(a.png).with_suffix(".json")
-    setup = {"length": length, "context": context, "layers": list(schedule(a, n).layers), "device": device_name()}
+    setup = {"length": length, "context": context, "layers": list(schedule(a, n).layers), "device": device_name(),
+             "decode": a.decode, "ttft_dtype": a.ttft_dtype}
     saved = json.loads(store.read_text()) if store.exists() else {}
     rows = saved.get("rows", {}) if saved.get("setup") == setup else {}
     if "full" not in rows:
         full_pk = cached(memo, ("passkey", length, None), lambda: passkey_accuracy(
             model, params, tok, ids, length, None, trials=a.trials, batch=a.batch))
         full_ppl = cached(memo, ("ppl", context, None), lambda: continuation_ppl(
-            model, params, ids, context, None, windows=a.windows))
+            model, params, ids, context, None, windows=a.windows))[0]
         rows["full"] = ["full", "-", 1.0, ttft(*fast, length, None, a.reps)[0], 1.0, full_pk * 100, full_ppl, 1.0]
     full_ms, full_ppl = rows["full"][3], rows["full"][6]
     for scale in a.scales:
@@ -271,7 +384,7 @@ def part_curve(a, memo: dict):
             pk = cached(memo, ("passkey", length, lazy), lambda: passkey_accuracy(
                 model, params, tok, ids, length, lazy, trials=a.trials, batch=a.batch))
             ppl = cached(memo, ("ppl", context, lazy), lambda: continuation_ppl(
-                model, params, ids, context, lazy, windows=a.windows))
+                model, params, ids, context, lazy, windows=a.windows))[0]
             rows[str(scale)] = [scale, str(lazy.keep), frac, ms, full_ms / ms, pk * 100, ppl, ppl / full_ppl]
         except Exception as e:  # noqa: BLE001
             rows[str(scale)] = [scale, str(lazy.keep), short_error(e), "", "", "", "", ""]
@@ -281,9 +394,9 @@ def part_curve(a, memo: dict):
     table = [rows["full"]] + sorted((r for k, r in rows.items() if k != "full"), key=lambda r: r[0])
     headers = ["keep scale", "keep", "computed", f"TTFT ms @{length}", "speedup", f"passkey % @{length}",
                f"ppl @{context}", "ppl ratio"]
-    report("LazyLLM: speed/accuracy over keep fractions (SmolLM2-135M)", headers, table,
-           f"pruning layers {setup['layers']}; TTFT bf16, accuracy {a.acc_dtype}; rows also in {store.name}; "
-           f"plot: {a.png}")
+    emit(a, "LazyLLM: speed/accuracy over keep fractions (SmolLM2-135M)", headers, table,
+         f"pruning layers {setup['layers']}; TTFT {a.ttft_dtype}, accuracy {a.acc_dtype}, decode {a.decode}; rows "
+         f"also in {store.name}; plot: {a.png}")
     plot(table, a.png, length, context)
 
 
@@ -322,6 +435,12 @@ def main(argv=None):
     ap.add_argument("--ppl-contexts", type=ints, default=[2048, 4096, 8192])
     ap.add_argument("--layers", type=ints, default=[], help="pruning layers (default: LazyConfig.default)")
     ap.add_argument("--keep", type=floats, default=[], help="keep fractions, one per pruning layer")
+    ap.add_argument("--schedules", type=parse_schedules, default=None,
+                    help='several named schedules in one run, e.g. "gentle=15,22:0.8,0.6;default;'
+                         'aggressive=2,8,15:0.4,0.2,0.1" (a bare "default": LazyConfig.default); replaces '
+                         "--layers/--keep")
+    ap.add_argument("--decode", default="attend_all", choices=["attend_all", "paper"],
+                    help="LazyConfig.decode for the accuracy part and the curve")
     ap.add_argument("--scales", type=floats, default=[0.6, 1.0, 1.5, 2.0])
     ap.add_argument("--curve-length", type=int, default=8192)
     ap.add_argument("--curve-context", type=int, default=4096)
@@ -330,6 +449,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=5, help="passkey prompts per generate call")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--acc-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--ttft-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="dtype of the ttft part and the curve's timings (float32 on a CPU)")
+    ap.add_argument("--no-report", action="store_true", help="print the tables only; do not append to RESULTS.md")
     ap.add_argument("--png", default=str(Path(__file__).resolve().parent / "lazyllm_curve.png"))
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
@@ -337,6 +459,8 @@ def main(argv=None):
         a.lengths, a.windows, a.reps, a.trials, a.scales = [4096, 8192], 4, 3, 1, [0.6, 1.0, 2.0]
     if a.layers and len(a.layers) != len(a.keep):
         ap.error("--layers and --keep need one entry each per pruning layer")
+    if a.schedules and a.layers:
+        ap.error("give --schedules or --layers/--keep, not both")
     memo: dict = {}
     parts = a.parts.split(",")
     unknown = set(parts) - {"ttft", "accuracy", "curve"}
