@@ -1,12 +1,13 @@
 """Run a named list of evaluation commands (the accuracy tables of issues #16 and #17) and keep every result.
 
-    python -m benchmarks.sweep PLAN[,PLAN...] --teacher CKPT --out results.jsonl [--jobs 3] [--budget-s 540]
+    python -m benchmarks.sweep PLAN[,PLAN...] --teacher CKPT --out results.jsonl [--jobs 3] [--budget-s 400]
+        [--deadline-s 540]
     python -m benchmarks.sweep --list
 
 Each item is one command (`eval.py`, a benchmark script, `train.py`, `lizard_jax.sala`) run as its own process;
-its last stdout line (the JSON every one of them prints) is appended to --out as
-`{"plan", "label", "command", "seconds", "rc", "result"}`. Items already in --out with rc 0 are skipped, so a
-sweep cut by a time limit resumes where it stopped. `--jobs N` runs N items at once: accuracy does not depend on
+its last stdout line (the JSON eval.py, train.py and sala print) is appended to --out as
+`{"plan", "label", "command", "seconds", "rc", "result"}` (a benchmark script's tables: "stdout_tail"). Items already in --out with rc 0 are skipped, so a
+sweep cut by a time limit resumes where it stopped; --deadline-s kills what still runs then (rc 124). `--jobs N` runs N items at once: accuracy does not depend on
 it (each process gets 1/N of the GPU memory), timing rows are never measured here. An item that would start
 after --budget-s is left for the next run. `{teacher}`, `{text}` (the shipped WikiText-2 valid), `{train_text}`
 (the shipped training text) and `{work}` (a scratch folder beside --out) are filled in.
@@ -50,13 +51,23 @@ def _plans() -> dict[str, list[tuple[str, list[str]]]]:
         for sel in ("token", "block"):
             sparse += [(f"ppl8k-{sel}-{frac}", ppl8k + _sparse(frac, sel)),
                        (f"passkey8k-{sel}-{frac}", pk8k + _sparse(frac, sel))]
+        # "block" runs the Pallas kernel where impl auto picks it (a GPU): the same selection on XLA beside it
+        sparse.append((f"ppl8k-block-{frac}-xla", ppl8k + _sparse(frac, "block") + ["--sparse-option", "impl=xla"]))
     star, star_ppl = [], []
     for label, flags in (("star4", ["--block-size", "2048"]), ("star8", ["--block-size", "1024"]),
                          ("star8-noanchor", ["--block-size", "1024", "--anchor", "none"])):
         cp = ["--context-parallel", "star", "--devices", "1"] + flags
         star.append((f"passkey8k-{label}", pk8k + cp))
         star_ppl.append((f"ppl8k-{label}", ppl8k + cp))
-    return {"dense": dense, "sparse-teacher": sparse, "star": star, "star-ppl": star_ppl,
+    lazy = []  # issue #17 item 2: three schedules, both decode modes, accuracy only (timing: on the CPU)
+    for name, sched in LAZY_SCHEDULES.items():
+        for decode in ("attend_all", "paper"):
+            lazy.append((f"lazy-{name}-{decode}", [PY, "benchmarks/bench_lazyllm.py", "--checkpoint", "{teacher}",
+                                                   "--parts", "accuracy", "--models", "smollm2",
+                                                   "--passkey-lengths", "4096,8192", "--ppl-contexts", "2048,4096",
+                                                   "--trials", "2", "--decode", decode, "--schedules",
+                                                   f"{name}={sched}", "--no-report"]))
+    return {"lazyllm": lazy, "dense": dense, "sparse-teacher": sparse, "star": star, "star-ppl": star_ppl,
             "lizard-gates": _lizard_gates(ev), "sala-select": _sala_select()}
 
 
@@ -67,14 +78,18 @@ LIZARD_RUNS = {"untrained": ["stage1.steps=0"],
                "beta0": ["stage1.steps=300", "student.attention.default.gate_scale_init=0.0"],
                "beta1": ["stage1.steps=300", "student.attention.default.gate_scale_init=1.0"],
                "beta0-mix10": ["stage1.steps=300", "student.attention.default.gate_scale_init=0.0",
-                               "stage1.mix_lr_mult=10.0"]}
+                               "stage1.mix_lr_mult=10.0"],
+               # item 7: stage 2 (300 steps after the same 300 of stage 1) as we run it and as the paper does
+               "s2-lora": ["stage1.steps=300", "stage2.steps=300"],
+               "s2-loraonly": ["stage1.steps=300", "stage2.steps=300", "stage2.train=lora_only"]}
 
 
 def _lizard_gates(ev: list[str]) -> list[tuple]:
     items, scored = [], [("teacher", ["--checkpoint", "{teacher}"])]
     for name, sets in LIZARD_RUNS.items():
         run = f"{{work}}/lizard_{name}"
-        sets = sets + ["teacher={teacher}", f"run_dir={run}", f"export={run}/student", "stage2.steps=0"]
+        sets = (["stage2.steps=0"] + sets if not any(x.startswith("stage2.steps") for x in sets) else sets) + [
+            "teacher={teacher}", f"run_dir={run}", f"export={run}/student"]
         items.append((f"train-{name}", [PY, "train.py", "--config", "configs/lizard_smollm2.yaml"]
                       + [a for kv in sets for a in ("--set", kv)]))
         scored.append((name, ["--checkpoint", f"{run}/student", "--teacher", "{teacher}"], f"train-{name}"))
@@ -96,6 +111,9 @@ def _sala_select() -> list[tuple]:
             for seed in (0, 1)]
 
 
+LAZY_SCHEDULES = {"gentle": "15,22:0.8,0.6", "default": "default", "aggressive": "2,8,15:0.4,0.2,0.1"}
+
+
 def _fill(cmd: list[str], values: dict[str, str]) -> list[str]:
     return [c.format(**values) for c in cmd]
 
@@ -112,10 +130,14 @@ def _done(out: Path) -> set[tuple[str, str]]:
     return done
 
 
-def run_item(plan: str, label: str, cmd: list[str], out: Path, env: dict, log) -> dict:
+def run_item(plan: str, label: str, cmd: list[str], out: Path, env: dict, log, timeout: float | None = None) -> dict:
     Path(env["SWEEP_WORK"]).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # killed at the deadline: recorded, rerun by the next sweep
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        p = subprocess.CompletedProcess(cmd, 124, text(e.stdout), text(e.stderr) + "\n[sweep] killed at the deadline")
     seconds = round(time.perf_counter() - t0, 1)
     lines = [l for l in p.stdout.splitlines() if l.strip()]
     try:
@@ -124,8 +146,9 @@ def run_item(plan: str, label: str, cmd: list[str], out: Path, env: dict, log) -
         result = None
     rec = {"plan": plan, "label": label, "command": shlex.join(cmd), "seconds": seconds, "rc": p.returncode,
            "result": result}
-    if p.returncode or result is None:
-        rec["rc"] = p.returncode or 1
+    if result is None:  # a benchmark script prints tables, not JSON
+        rec["stdout_tail"] = p.stdout[-8000:]
+    if p.returncode:
         rec["stderr_tail"] = p.stderr[-3000:]
     with out.open("a") as f:  # one short line per item: appends from the worker threads do not interleave
         f.write(json.dumps(rec) + "\n")
@@ -141,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results (JSON lines; resumed)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=None, help="start no item after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=None, help="kill any item still running at this time")
     ap.add_argument("--only", default="", help="comma-separated item labels (default: all of the plans)")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
@@ -178,12 +202,13 @@ def main(argv=None) -> int:
             if after in finished:  # its dependency was queued earlier, so it is running or done: no deadlock
                 finished[after].wait()
             if after is not None and after not in ok:
-                log(f"[sweep] {plan}/{label}: skipped, {after} did not succeed")
+                log(f"[sweep] {plan}/{label}: skipped, it needs {after}, which has not succeeded")
                 return None
             if a.budget_s is not None and time.perf_counter() - start > a.budget_s:
                 log(f"[sweep] {plan}/{label}: left for the next run (budget)")
                 return None
-            rec = run_item(plan, label, cmd, out, env, log)
+            left = None if a.deadline_s is None else a.deadline_s - (time.perf_counter() - start)
+            rec = run_item(plan, label, cmd, out, env, log, timeout=left)
             if rec["rc"] == 0:
                 ok.add(label)
             return rec
