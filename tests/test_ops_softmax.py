@@ -51,6 +51,62 @@ def test_matches_explicit_mask(t, s, h, kvh, window, chunk):
     assert lse.shape == (2, h, t) and np.all(np.isfinite(lse))
 
 
+@pytest.mark.parametrize("t,s,causal,window,padded,segments,sinks,blocks", [
+    (37, 37, True, None, False, False, False, (8, 16)),
+    (37, 37, True, 7, True, True, True, (5, 3)),
+    (16, 50, True, None, True, False, False, (5, 16)),
+    (16, 50, False, 7, True, False, False, (8, 16)),
+    (64, 64, False, None, False, True, False, (16, 8)),
+], ids=["causal", "window-padded-segments-sinks", "offset-padded", "noncausal-window-padded", "noncausal-segments"])
+def test_key_blocked_form_equals_dense(t, s, causal, window, padded, segments, sinks, blocks):
+    """The key-blocked xla form (online softmax, key blocks skipped from position / segment ranges) == the dense
+    spec: outputs and lse against float64, gradients against the dense form, blocks that do not divide the
+    lengths, padded queries and keys, GQA, dk != dv."""
+    ks = jax.random.split(jax.random.key(t + s), 5)
+    b, h, kvh = 2, 6, 2
+    q = jax.random.normal(ks[0], (b, t, h, 8))
+    k = jax.random.normal(ks[1], (b, s, kvh, 8))
+    v = jax.random.normal(ks[2], (b, s, kvh, 5))
+    kp = np.tile(np.arange(s), (b, 1))
+    qp = kp[:, s - t:].copy()
+    if padded:
+        kp[0, :5], qp[0, :3] = -1, -1
+    kw = dict(q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), causal=causal, window=window,
+              sinks=jax.random.normal(ks[3], (h, 2)) if sinks else None, impl="xla")
+    if segments:
+        ids = np.sort(np.asarray(jax.random.randint(ks[4], (b, s), 0, 3)), axis=1)
+        kw.update(q_segment_ids=jnp.asarray(ids[:, s - t:]), kv_segment_ids=jnp.asarray(ids))
+    dense = dict(blocks=(4096, 4096), chunk_size=4096)  # blocks >= the lengths: the query-chunked form, one chunk
+    o, lse = attention(q, k, v, return_lse=True, blocks=blocks, **kw)
+    o_ref, lse_ref = attention(q, k, v, return_lse=True, **dense, **kw)
+    mask = np.asarray(visible(jnp.asarray(qp), jnp.asarray(kp), causal=causal, window=window,
+                              q_seg=kw.get("q_segment_ids"), k_seg=kw.get("kv_segment_ids")))
+    for i in range(b):  # the dense form against float64 numpy, one row at a time (the mask differs per row)
+        assert_close(o_ref[i:i + 1], naive(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i], 8**-0.5, kw["sinks"]))
+    assert_close(o, o_ref, rtol=FORMS_RTOL)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_ref))
+    assert_close(jnp.where(jnp.isfinite(lse), lse, 0), jnp.where(jnp.isfinite(lse_ref), lse_ref, 0),
+                 rtol=FORMS_RTOL, name="lse")
+    f = lambda extra: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, **extra, **kw))),
+                                       argnums=(0, 1, 2)))
+    for name, a, r in zip("qkv", f(dict(blocks=blocks))(q, k, v), f(dense)(q, k, v)):
+        assert_close(a, r, rtol=FORMS_RTOL, name=f"d{name}")
+
+
+def test_key_blocked_form_skips_invisible_blocks():
+    """A key block that no query can see (the causal future) is skipped, not masked: it holds NaN values, which
+    a block that ran would spread to its rows (0 * NaN = NaN). `blocks` is validated."""
+    t = 32
+    q = jax.random.normal(jax.random.key(0), (1, t, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, t, 2, 8))
+    v = jnp.ones((1, t, 2, 8)).at[:, 24:].set(jnp.nan)  # the last key block: only the last query block sees it
+    o = attention(q[:, :24], k, v, q_positions=jnp.arange(24)[None], k_positions=jnp.arange(t)[None],
+                  blocks=(8, 8), impl="xla")
+    assert np.all(np.isfinite(np.asarray(o)))  # a NaN block that ran would poison its rows (0 * NaN = NaN)
+    with pytest.raises(ValueError, match="blocks must be"):
+        attention(q, k, v, blocks=(0, 8))
+
+
 def test_window_definition():
     ok = visible(jnp.arange(6), jnp.arange(6), causal=True, window=3)
     assert np.asarray(ok[5]).tolist() == [False, False, False, True, True, True]

@@ -5,9 +5,14 @@ Visibility is by absolute position (`reference.visible`): `q_positions [batch, s
 `k_positions [batch, seq_k]` (negative = padding / empty slot). Default positions align the last query with the
 last key (`q_pos = arange(seq_q) + seq_k - seq_q`), which is plain causal attention when seq_q == seq_k.
 
-impl: "xla" (query-chunked masked softmax, memory O(chunk * seq_k)), "cudnn" (jax.nn.dot_product_attention's
-cuDNN flash kernel; only for default positions, no sinks, no lse, 16-bit inputs), "auto" (cudnn on a GPU when it
-applies, else xla).
+impl: "xla" (masked softmax in plain XLA ops), "cudnn" (jax.nn.dot_product_attention's cuDNN flash kernel; only
+for default positions, no sinks, no lse, 16-bit inputs), "auto" (cudnn on a GPU when it applies, else xla).
+"xla" takes one of two forms (`blocks`). On a CPU, past 256 queries: blocks of (256 query rows, 512 keys) with an
+online softmax that skips every key block no query of the row block can see (causal future, outside the
+window, padding, another segment; decided at run time from each block's position and segment ranges, so any
+positions work): 5x faster than dense rows for a 4K-token SmolLM2 prefill. Elsewhere, and for few queries
+(decoding): query chunks against all keys (few large ops, memory O(chunk * seq_k)), which accelerators run
+better. Both are rematerialised in the backward pass.
 
 Packed documents: `segment_ids [batch, seq]` (int, self-attention: seq_q == seq_k; equal within a document) or
 `q_segment_ids [batch, seq_q]` with `kv_segment_ids [batch, seq_k]`: a query sees only keys of its own segment
@@ -31,6 +36,8 @@ from pallas_kernels.segments import resolve_segments
 __all__ = ["attention", "visible", "merge_sinks", "attention_dense"]
 
 _IMPLS = ("auto", "xla", "cudnn")
+CPU_BLOCKS = (256, 512)  # (query rows, keys) of the key-blocked form: measured fastest at 4K on a 2-core CPU
+_FAR = 2**30  # beyond any position or segment id
 
 
 def _check(q, k, v, q_positions, k_positions, sinks):
@@ -69,13 +76,16 @@ def attention(
     return_lse: bool = False,
     impl: str = "auto",
     chunk_size: int = 1024,
+    blocks: tuple[int, int] | None = None,
     segment_ids=None,
     q_segment_ids=None,
     kv_segment_ids=None,
 ):
     """Softmax attention. Returns o `[batch, seq_q, heads, head_dim_v]` (dtype of v) and, with `return_lse`,
     the float32 log-sum-exp `[batch, heads, seq_q]` (including sinks; -inf for a query that sees nothing, whose
-    output is 0). Segment ids: see the module docstring."""
+    output is 0). Segment ids: see the module docstring. `blocks` (query rows, keys): the key-blocked xla form
+    with these blocks (when seq_q is longer than a row block; else query chunks of `chunk_size` against all keys);
+    None: `CPU_BLOCKS` on a CPU, else the query-chunked form."""
     _check(q, k, v, q_positions, k_positions, sinks)
     q_seg, k_seg = resolve_segments(q.shape[1], k.shape[1], q.shape[0], segment_ids, q_segment_ids,
                                     kv_segment_ids)
@@ -112,8 +122,16 @@ def attention(
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s_len - t), (b, t))
     if k_positions is None:
         k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
-    o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
-                      chunk_size=chunk_size, banded=banded, q_seg=q_seg, k_seg=k_seg)
+    if blocks is None and jax.default_backend() == "cpu":
+        blocks = CPU_BLOCKS
+    if blocks is not None and (len(blocks) != 2 or min(blocks) < 1):
+        raise ValueError(f"blocks must be (query rows, keys), both >= 1, got {blocks!r}")
+    if blocks is not None and t > blocks[0]:  # few queries (decoding) run faster as one dense chunk
+        o, lse = _key_blocked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
+                              blocks=blocks, q_seg=q_seg, k_seg=k_seg)
+    else:
+        o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
+                          chunk_size=chunk_size, banded=banded, q_seg=q_seg, k_seg=k_seg)
     if sinks is not None:
         o, lse = merge_sinks(o, lse, sinks)
     return (o, lse) if return_lse else o
@@ -171,4 +189,88 @@ def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded
         o, lse = jax.lax.map(body, (qc, pc))
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * chunk_size, h, -1)[:, :t]
     lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, n * chunk_size)[:, :, :t]
+    return o, lse
+
+
+def _pad_rows(x, n: int, value):
+    """x `[b, s, ...]` padded along s to n rows with `value`."""
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1])) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+
+
+def _ranges(pos, seg, n_blocks: int, keys: bool):
+    """Per block of rows `[n, b]`: min and max position and, with segment ids, min and max segment. pos/seg
+    `[b, n * rows]`. Keys count only where pos >= 0 (a negative key is never visible; none: FAR / -FAR); every
+    query row counts (`visible` gives a query at a negative position keys too, when not causal)."""
+    b = pos.shape[0]
+    pos = pos.reshape(b, n_blocks, -1)
+    ok = pos >= 0 if keys else jnp.ones(pos.shape, bool)
+    lo = lambda x: jnp.min(jnp.where(ok, x, _FAR), axis=-1).T
+    hi = lambda x: jnp.max(jnp.where(ok, x, -_FAR), axis=-1).T
+    if seg is None:
+        return lo(pos), hi(pos), None, None
+    seg = seg.reshape(b, n_blocks, -1)
+    return lo(pos), hi(pos), lo(seg), hi(seg)
+
+
+def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=None, k_seg=None):
+    """Masked softmax over blocks of (rq query rows, rk keys) with an online softmax (float32 running max, sum
+    and output); a key block runs only if some query of the row block may see some key of it, judged from the
+    blocks' position and segment ranges (a conservative test: the mask inside the block stays exact).
+    Returns (o `[B,T,H,Dv]`, lse `[B,H,T]`) as `attention_dense` does."""
+    b, t, h, d = q.shape
+    s_len, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // kvh
+    rq, rk = min(blocks[0], t), min(blocks[1], s_len)
+    nq, nk = -(-t // rq), -(-s_len // rk)
+    seg = q_seg is not None
+    qp, kp = _pad_rows(q_pos, nq * rq, -1), _pad_rows(k_pos, nk * rk, -1)
+    qs = _pad_rows(q_seg, nq * rq, -1) if seg else None
+    ks = _pad_rows(k_seg, nk * rk, -1) if seg else None
+    q_lo, q_hi, qs_lo, qs_hi = _ranges(qp, qs, nq, keys=False)  # [nq, b]
+    k_lo, k_hi, ks_lo, ks_hi = _ranges(kp, ks, nk, keys=True)  # [nk, b]
+    rows = lambda x, n, r: jnp.moveaxis(x.reshape(b, n, r, *x.shape[2:]), 1, 0)  # [n, b, r, ...]
+    qb = rows(_pad_rows(q, nq * rq, 0).reshape(b, nq * rq, kvh, g, d), nq, rq)
+    kb = rows(_pad_rows(k, nk * rk, 0), nk, rk)
+    vb = rows(_pad_rows(v, nk * rk, 0), nk, rk).astype(jnp.float32)
+    kpb, ksb = rows(kp, nk, rk), (rows(ks, nk, rk) if seg else None)
+
+    def row_block(args):
+        qi, pi, lo, hi, *si = args  # qi [b, rq, kvh, g, d]; pi [b, rq]; lo/hi [b]
+        slo, shi = (si[1], si[2]) if seg else (None, None)
+
+        def step(carry, j):
+            def run(carry):
+                m, l, acc = carry  # [b, kvh, g, rq] (acc [..., dv])
+                sc = jnp.einsum("btkgd,bskd->bkgts", qi, kb[j], preferred_element_type=jnp.float32) * scale
+                mask = visible(pi, kpb[j], causal=causal, window=window, q_seg=si[0] if seg else None,
+                               k_seg=ksb[j] if seg else None)[:, None, None]
+                sc = jnp.where(mask, sc, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                base = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that saw nothing yet
+                p = jnp.exp(sc - base[..., None])
+                keep = jnp.exp(m - base)  # exp(-inf) = 0 for the first visible block
+                l = l * keep + jnp.sum(p, axis=-1)
+                acc = acc * keep[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vb[j])
+                return m_new, l, acc
+
+            may_see = k_lo[j] <= k_hi[j]  # a valid key
+            if causal:
+                may_see &= k_lo[j] <= hi
+            if window is not None:
+                may_see &= k_hi[j] > lo - window
+            if seg:
+                may_see &= (ks_lo[j] <= shi) & (slo <= ks_hi[j])
+            return jax.lax.cond(jnp.any(may_see), run, lambda c: c, carry), None
+
+        init = (jnp.full((b, kvh, g, rq), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, rq), jnp.float32),
+                jnp.zeros((b, kvh, g, rq, dv), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+        o = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m, -jnp.inf)
+        return jnp.moveaxis(o, 3, 1).reshape(b, rq, h, dv), lse.reshape(b, h, rq)
+
+    xs = (qb, rows(qp, nq, rq), q_lo, q_hi) + ((rows(qs, nq, rq), qs_lo, qs_hi) if seg else ())
+    o, lse = jax.lax.map(jax.checkpoint(row_block), xs)
+    o = jnp.moveaxis(o, 0, 1).reshape(b, nq * rq, h, dv)[:, :t].astype(v.dtype)
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, nq * rq)[:, :, :t]
     return o, lse
