@@ -3,6 +3,7 @@
     python -m benchmarks.sweep PLAN[,PLAN...] --teacher CKPT --out results.jsonl [--jobs 3] [--budget-s 400]
         [--deadline-s 540]
     python -m benchmarks.sweep --list
+    python -m benchmarks.sweep --report TITLE --out results.jsonl [--only a,b] [--notes ...]   # RESULTS.md table
 
 Each item is one command (`eval.py`, a benchmark script, `train.py`, `lizard_jax.sala`) run as its own process;
 its last stdout line (the JSON eval.py, train.py and sala print) is appended to --out as
@@ -42,8 +43,9 @@ def _sparse(frac: str, selection: str) -> list[str]:
 
 def _plans() -> dict[str, list[tuple[str, list[str]]]]:
     ev = [PY, "eval.py"]
+    # perplexity at seq 8192 on the first PPL_TOKENS of WikiText-2 valid (the same windows in every row)
     ppl8k = ev + ["perplexity", "--checkpoint", "{teacher}", "--text", "{text}", "--seq-len", "8192",
-                  "--batch-size", "1"]
+                  "--batch-size", "1", "--max-tokens", str(PPL_TOKENS)]
     pk8k = ev + ["passkey", "--checkpoint", "{teacher}", "--text", "{text}", "--lengths", "8192", "--trials", "2"]
     dense = [("ppl8k-dense", ppl8k), ("passkey8k-dense", pk8k)]
     sparse = []
@@ -53,20 +55,20 @@ def _plans() -> dict[str, list[tuple[str, list[str]]]]:
                        (f"passkey8k-{sel}-{frac}", pk8k + _sparse(frac, sel))]
         # "block" runs the Pallas kernel where impl auto picks it (a GPU): the same selection on XLA beside it
         sparse.append((f"ppl8k-block-{frac}-xla", ppl8k + _sparse(frac, "block") + ["--sparse-option", "impl=xla"]))
+    # Star on simulated devices (eval.py sets them up on a CPU); on one GPU, `--devices 1 --block-size B` runs
+    # the same blocks on one device (the same arithmetic)
     star, star_ppl = [], []
-    for label, flags in (("star4", ["--block-size", "2048"]), ("star8", ["--block-size", "1024"]),
-                         ("star8-noanchor", ["--block-size", "1024", "--anchor", "none"])):
-        cp = ["--context-parallel", "star", "--devices", "1"] + flags
+    for label, flags in (("star4", ["--devices", "4"]), ("star8", ["--devices", "8"]),
+                         ("star8-noanchor", ["--devices", "8", "--anchor", "none"])):
+        cp = ["--context-parallel", "star"] + flags
         star.append((f"passkey8k-{label}", pk8k + cp))
         star_ppl.append((f"ppl8k-{label}", ppl8k + cp))
-    lazy = []  # issue #17 item 2: three schedules, both decode modes, accuracy only (timing: on the CPU)
-    for name, sched in LAZY_SCHEDULES.items():
-        for decode in ("attend_all", "paper"):
-            lazy.append((f"lazy-{name}-{decode}", [PY, "benchmarks/bench_lazyllm.py", "--checkpoint", "{teacher}",
-                                                   "--parts", "accuracy", "--models", "smollm2",
-                                                   "--passkey-lengths", "4096,8192", "--ppl-contexts", "2048,4096",
-                                                   "--trials", "2", "--decode", decode, "--schedules",
-                                                   f"{name}={sched}", "--no-report"]))
+    star.append(("passkey8k-ring4", pk8k + ["--context-parallel", "ring", "--devices", "4"]))  # exact: == global
+    # issue #17 item 2: the three schedules in one run (one full baseline), accuracy only (timing: alone)
+    lazy = [("lazy-accuracy", [PY, "benchmarks/bench_lazyllm.py", "--checkpoint", "{teacher}", "--parts", "accuracy",
+                               "--models", "smollm2", "--passkey-lengths", "4096,8192", "--ppl-contexts",
+                               "2048,4096", "--trials", "2", "--windows", "4", "--decode", "attend_all",
+                               "--schedules", ";".join(f"{k}={v}" for k, v in LAZY_SCHEDULES.items())])]
     return {"lazyllm": lazy, "dense": dense, "sparse-teacher": sparse, "star": star, "star-ppl": star_ppl,
             "lizard-gates": _lizard_gates(ev), "sala-select": _sala_select()}
 
@@ -111,11 +113,17 @@ def _sala_select() -> list[tuple]:
             for seed in (0, 1)]
 
 
+PPL_TOKENS = 4 * 8192  # four windows of 8192 tokens (8191 scored each)
 LAZY_SCHEDULES = {"gentle": "15,22:0.8,0.6", "default": "default", "aggressive": "2,8,15:0.4,0.2,0.1"}
 
 
 def _fill(cmd: list[str], values: dict[str, str]) -> list[str]:
-    return [c.format(**values) for c in cmd]
+    def fill(c: str) -> str:  # only the named fields: a literal brace in a command stays as it is
+        for k, v in values.items():
+            c = c.replace("{" + k + "}", v)
+        return c
+
+    return [fill(c) for c in cmd]
 
 
 def _done(out: Path) -> set[tuple[str, str]]:
@@ -156,6 +164,44 @@ def run_item(plan: str, label: str, cmd: list[str], out: Path, env: dict, log, t
     return rec
 
 
+def summary(result: dict | None) -> str:
+    """The headline numbers of one eval.py result: perplexity (tokens), or accuracy with its per-length /
+    per-pairs split and the passkey answers' count."""
+    if not result:
+        return "-"
+    if "perplexity" in result:
+        return f"ppl {result['perplexity']:.3f} ({result.get('tokens', '?')} tokens)"
+    if "accuracy" in result:
+        trials = result.get("trials") or []
+        hits = sum(bool(t.get("correct")) for t in trials)
+        split = result.get("by_length") or result.get("by_pairs") or {}
+        parts = [f"{k}: {v:.2f}" for k, v in split.items()] if len(split) > 1 else []
+        count = f" ({hits}/{len(trials)})" if trials else ""
+        return f"accuracy {result['accuracy']:.2f}{count}" + (f" [{', '.join(parts)}]" if parts else "")
+    return json.dumps(result)[:200]
+
+
+def report(out: Path, title: str, labels: list[str] | None, notes: str, results_md: str | None) -> str:
+    """Append the results of `out` (the last record of each label; `labels` picks and orders them) to
+    RESULTS.md as one table, the command of every row beside it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import report as write
+
+    recs = {}
+    for line in out.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs[r["label"]] = r
+    labels = labels or list(recs)
+    missing = [l for l in labels if l not in recs]
+    if missing:
+        raise SystemExit(f"no result for {missing} in {out}")
+    rows = [[l, summary(recs[l]["result"]) if recs[l]["rc"] == 0 else f"failed (rc {recs[l]['rc']})",
+             recs[l]["seconds"], "`" + recs[l]["command"].replace(sys.executable, "python").replace(str(ROOT) + "/", "")
+             + "`"] for l in labels]
+    return write(title, ["item", "result", "seconds", "command"], rows, notes, path=results_md)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +213,13 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=None, help="kill any item still running at this time")
     ap.add_argument("--only", default="", help="comma-separated item labels (default: all of the plans)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report", metavar="TITLE", help="append --out's results (--only: which, in order) to RESULTS.md")
+    ap.add_argument("--notes", default="", help="notes line of the --report table")
+    ap.add_argument("--results-md", default=None, help="the file --report appends to (default benchmarks/RESULTS.md)")
     a = ap.parse_args(argv)
+    if a.report:
+        report(Path(a.out), a.report, [l for l in a.only.split(",") if l] or None, a.notes, a.results_md)
+        return 0
     plans = _plans()
     if a.list:
         for name, items in plans.items():
