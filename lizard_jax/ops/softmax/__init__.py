@@ -153,14 +153,12 @@ def _chunked(q, k, v, q_pos, k_pos, *, causal, window, scale, chunk_size, banded
     if t <= chunk_size:
         return dense(q, k, v, q_pos, k_pos, q_seg, k_seg)
     n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    qp = _pad_rows(q, n * chunk_size, 0)
+    pp = _pad_rows(q_pos, n * chunk_size, -1)
     qc = jnp.moveaxis(qp.reshape(b, n, chunk_size, h, d), 1, 0)
     pc = jnp.moveaxis(pp.reshape(b, n, chunk_size), 1, 0)
     # padded query rows: position -1 (they see nothing; cropped below), segment -1
-    sc = jnp.moveaxis(jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, chunk_size), 1, 0) \
-        if seg else None
+    sc = jnp.moveaxis(_pad_rows(q_seg, n * chunk_size, -1).reshape(b, n, chunk_size), 1, 0) if seg else None
     if banded:
         # keys padded in front by window - 1 invisible slots: chunk i's keys are rows [i*C, i*C + C + w - 1)
         span = chunk_size + window - 1
