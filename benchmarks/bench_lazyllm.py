@@ -1,7 +1,7 @@
 """LazyLLM (`lizard_jax.lazy`) vs full prefill on one GPU: time to first token, and accuracy on SmolLM2.
 
     python benchmarks/bench_lazyllm.py --checkpoint CKPT [--text data/wikitext-2/valid.txt.xz]
-    python benchmarks/bench_lazyllm.py ... --parts ttft         # one part per call: ttft, accuracy, curve
+    python benchmarks/bench_lazyllm.py ... --parts ttft         # one part per call: ttft, accuracy, curve, ranks
     python benchmarks/bench_lazyllm.py ... --quick              # fewer lengths, windows, reps and scales
     python benchmarks/bench_lazyllm.py ... --parts accuracy --decode paper \
         --schedules "gentle=15,22:0.8,0.6;default;aggressive=2,8,15:0.4,0.2,0.1"
@@ -30,7 +30,11 @@ the accuracy part and the curve. The curve scales the keep fractions of the firs
    each step selecting and reviving tokens like generation does, in --decode's mode).
    A second table: the fraction of prompt tokens computed at each layer, by the prefill (the schedule) and after
    the 128 teacher-forced decode steps (the counter: revived tokens added).
-3. curve: keep fractions scaled by --scales: TTFT speedup at 8K vs passkey accuracy at 8K and perplexity ratio at
+3. ranks: where the model reads the key, for choosing the pruning layers: for the accuracy part's passkey
+   prompts (--passkey-lengths, --trials), per layer, the fraction of the prompt that LazyLLM's score (the last
+   token's attention, full prefill) ranks above the key; a pruning after a layer keeps the key only if it keeps
+   more than that.
+4. curve: keep fractions scaled by --scales: TTFT speedup at 8K vs passkey accuracy at 8K and perplexity ratio at
    4K, as a table and a PNG (--png).
 """
 
@@ -56,9 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lizard_jax  # noqa: E402
 from benchmarks.common import WIKITEXT, device_name, report, time_jax  # noqa: E402
 from lizard_jax.config import ConfigError, ModelConfig, RopeConfig  # noqa: E402
-from lizard_jax.eval.passkey import build_prompt  # noqa: E402
+from lizard_jax.eval.passkey import KEY, build_parts  # noqa: E402
 from lizard_jax.generate import SamplingConfig, _generate, left_pad  # noqa: E402
+from lizard_jax.layers.common import KVCache  # noqa: E402
 from lizard_jax.lazy import LazyConfig, generate_lazy, lazy_logprobs, lazy_prefill  # noqa: E402
+from lizard_jax.lazy.reference import last_token_scores  # noqa: E402
 from lizard_jax.models import Transformer, init_caches, init_params  # noqa: E402
 from lizard_jax.textio import read_text  # noqa: E402
 
@@ -104,17 +110,41 @@ def full_logprobs(model: Transformer, params, tokens, *, n: int):
     return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, -n:, None], axis=-1)[..., 0]
 
 
-def passkey_accuracy(model, params, tok, filler, length: int, lazy: LazyConfig | None, *, trials: int,
-                     batch: int, seed: int = 0) -> float:
-    """Fraction of passkey prompts (5 depths x trials, exactly `length` tokens) answered right; lazy=None runs
-    the plain generation. The same keys and filler slices for every schedule (seeded by length)."""
+def passkey_cases(tok, filler, length: int, *, trials: int, seed: int = 0) -> list[tuple[list[int], int, list]]:
+    """[(prompt ids of exactly `length` tokens, key, [(start, end) of each copy of the key's digit tokens])] for
+    5 depths x trials; the same keys and filler slices for every schedule (seeded by length)."""
     rng = np.random.default_rng(seed + length)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     cases = []
     for depth in DEPTHS:
         for _ in range(trials):
             key = int(rng.integers(10000, 100000))
             start = int(rng.integers(0, max(1, len(filler) - length)))
-            cases.append((build_prompt(tok, filler[start:], length, depth, key), key))
+            context, question = build_parts(tok, filler[start:], length, depth, key)
+            needle = enc(KEY.format(key=key))
+            at = next(i for i in range(len(context) - len(needle), -1, -1) if context[i:i + len(needle)] == needle)
+            digit = [any(c.isdigit() for c in tok.decode([t])) for t in needle]
+            runs = [(at + i, at + j) for i, j in _runs(digit)]
+            cases.append((context + question, key, runs))
+    return cases
+
+
+def _runs(flags) -> list[tuple[int, int]]:
+    """[(start, end)] of the runs of True in `flags`."""
+    out, start = [], None
+    for i, f in enumerate([*flags, False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def passkey_accuracy(model, params, tok, filler, length: int, lazy: LazyConfig | None, *, trials: int,
+                     batch: int, seed: int = 0) -> float:
+    """Fraction of `passkey_cases` prompts answered right; lazy=None runs the plain generation."""
+    cases = [(p, key) for p, key, _ in passkey_cases(tok, filler, length, trials=trials, seed=seed)]
     eos = tuple(model.cfg.eos_token_ids)
     right = 0
     for i in range(0, len(cases), batch):
@@ -130,6 +160,32 @@ def passkey_accuracy(model, params, tok, filler, length: int, lazy: LazyConfig |
             found = re.search(r"\d{5}", text)
             right += bool(found and int(found.group()) == key)
     return right / len(cases)
+
+
+def needle_ranks(model: Transformer, params, cases, *, batch: int) -> np.ndarray:
+    """`[L, N]`: for each layer and `passkey_cases` prompt (all the same length), the fraction of prompt tokens
+    that LazyLLM's score at that layer (the last token's attention, mean over heads; full prefill) ranks above
+    the key: above the weakest digit token of its best-placed copy. A pruning after that layer keeps a whole
+    copy of the key only if it keeps more than this fraction (pool 1, no sink or recent tokens)."""
+    cfg = model.cfg
+    out = []
+    for b0 in range(0, len(cases), batch):
+        chunk = cases[b0:b0 + batch]
+        toks = jnp.asarray(np.array([c[0] for c in chunk], np.int32))
+        pos = jnp.broadcast_to(jnp.arange(toks.shape[1], dtype=jnp.int32), toks.shape)
+        x = model.apply({"params": params}, toks, method=lambda m, t: m.embed(t))
+        ranks = np.zeros((cfg.num_layers, len(chunk)))
+        for i in range(cfg.num_layers):
+            cache = KVCache.create(len(chunk), toks.shape[1], cfg.num_kv_heads, cfg.head_dim, x.dtype)
+            (x, cache), inter = model.apply({"params": params}, x, pos, cache, mutable=["intermediates"],
+                                            method=lambda m, *a, i=i: m.layers[i](*a))
+            h = inter["intermediates"][f"layers_{i}"]["attn_in"][0]
+            score = np.asarray(last_token_scores(model, params, i, h, pos, cache.k, cache.pos))
+            for r, (_, _, copies) in enumerate(chunk):
+                weakest = max(score[r, s:e].min() for s, e in copies)
+                ranks[i, r] = np.mean(score[r, :-1] > weakest)
+        out.append(ranks)
+    return np.concatenate(out, axis=1)
 
 
 def continuation_ppl(model, params, ids, context: int, lazy: LazyConfig | None, *,
@@ -356,6 +412,24 @@ def part_accuracy(a, memo: dict):
          f"of `lazy_logprobs` over the perplexity windows (revived tokens added; decode {a.decode})")
 
 
+def part_ranks(a):
+    """Where the model looks at the key: per layer, how much of the prompt a pruning there must keep to keep it."""
+    model, params, tok = lizard_jax.load(a.checkpoint, dtype=a.acc_dtype)
+    ids = np.asarray(tok(read_text(a.text), add_special_tokens=False)["input_ids"], np.int32)
+    keeps = (0.5, 0.25, 0.1)
+    for length in a.passkey_lengths:
+        cases = passkey_cases(tok, ids, length, trials=a.trials)
+        ranks = needle_ranks(model, params, cases, batch=a.batch)
+        rows = [[i, float(np.median(r)), float(r.max()), *(f"{int(np.sum(r < f))}/{len(r)}" for f in keeps)]
+                for i, r in enumerate(ranks)]
+        emit(a, f"LazyLLM: rank of the passkey in the pruning score per layer (SmolLM2-135M, {length} tokens)",
+             ["layer", "rank median", "rank max", *(f"key kept @keep {f}" for f in keeps)], rows,
+             f"rank = fraction of the prompt that the last token's attention (mean over heads, full prefill, "
+             f"{a.acc_dtype}) scores above the key (the weakest digit of its better copy); a pruning after the "
+             f"layer keeping a fraction f keeps the key iff rank < f; {len(cases)} prompts: 5 depths x {a.trials}, "
+             "the accuracy part's prompts")
+
+
 def part_curve(a, memo: dict):
     """Rows accumulate in a JSON file beside the PNG (same length, context and layers), so the scales can be split
     over several calls and the PNG shows them all."""
@@ -463,7 +537,7 @@ def main(argv=None):
         ap.error("give --schedules or --layers/--keep, not both")
     memo: dict = {}
     parts = a.parts.split(",")
-    unknown = set(parts) - {"ttft", "accuracy", "curve"}
+    unknown = set(parts) - {"ttft", "accuracy", "curve", "ranks"}
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}")
     if "ttft" in parts:
@@ -472,6 +546,8 @@ def main(argv=None):
         part_accuracy(a, memo)
     if "curve" in parts:
         part_curve(a, memo)
+    if "ranks" in parts:
+        part_ranks(a)
 
 
 if __name__ == "__main__":

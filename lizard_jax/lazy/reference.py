@@ -17,7 +17,7 @@ from lizard_jax.models import Transformer
 from lizard_jax.ops.softmax import visible
 
 
-def _last_token_scores(model: Transformer, params, i: int, h, positions, k, k_pos):
+def last_token_scores(model: Transformer, params, i: int, h, positions, k, k_pos):
     """Mean over heads of the last token's attention probabilities at layer i, from the layer's normed input
     h `[B, P, D]` and its keys k `[B, P, KVH, Dh]` (k_pos -1 where not a key)."""
     cfg = model.cfg
@@ -56,7 +56,7 @@ def prefill_reference(model: Transformer, params, tokens, positions, lazy: LazyC
         x = jnp.where(active[..., None], y, x)
         if i in budgets:  # padding never competes: it is invisible and never counted
             h = inter["intermediates"][f"layers_{i}"]["attn_in"][0]
-            score = _last_token_scores(model, params, i, h, positions, cache.k, cache.pos)
+            score = last_token_scores(model, params, i, h, positions, cache.k, cache.pos)
             if lazy.pool > 1:
                 score = jax.lax.reduce_window(jnp.where(active, score, 0.0), -jnp.inf, jax.lax.max, (1, lazy.pool),
                                               (1, 1), "SAME")
