@@ -475,10 +475,9 @@ def part_curve(a, memo: dict):
 
 
 def plot(rows, path: str, length: int, context: int):
-    import matplotlib
+    from lizard_jax.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in rows if isinstance(r[4], float)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -490,9 +489,7 @@ def plot(rows, path: str, length: int, context: int):
         ax.set_xlabel(f"TTFT speedup at {length} tokens")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle("LazyLLM on SmolLM2-135M: keep fractions scaled (label = scale)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, title="LazyLLM on SmolLM2-135M: keep fractions scaled (label = scale)")
     print(f"wrote {path}", flush=True)
 
 

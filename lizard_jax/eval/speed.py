@@ -333,10 +333,9 @@ def plot_speed(models: dict[str, dict], path: str | Path, title: str | None = No
     """PNG of prefill ms, decode tokens/s and memory vs context, one line per model (`speed_sources`'s
     "models"). Memory: solid = peak_bytes where every row has it, else program_bytes; dashed = cache bytes.
     Contexts that ran out of memory (or failed) are marked with an x at the bottom of the prefill panel."""
-    import matplotlib
+    from lizard_jax.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     mem_names = set()
@@ -366,14 +365,7 @@ def plot_speed(models: dict[str, dict], path: str | Path, title: str | None = No
         ax.set_title(t, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title=title, title_size=10)
 
 
 def _worker(spec_json: str) -> None:

@@ -39,11 +39,11 @@ def _layer_series(recs: list[dict], key: str) -> dict[int, list[tuple[int, float
 
 def plot_runs(runs: dict[str, list[dict]], out, title: str | None = None) -> Path:
     """Draw `runs` ({label: metrics records}) into the PNG `out`; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import cm, colors
+
+    from lizard_jax.figures import pyplot, save_figure
+
+    plt = pyplot()
 
     has = lambda key: any(key in r for recs in runs.values() for r in recs)
     stages = {r["stage"] for recs in runs.values() for r in recs}
@@ -103,14 +103,7 @@ def plot_runs(runs: dict[str, list[dict]], out, title: str | None = None) -> Pat
                             label=f"{label + ' ' if len(runs) > 1 else ''}{k} (step {last['step']})")
             ax.axhline(0, color="grey", lw=0.5)
             ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title=title, dpi=100)
 
 
 def main(argv=None) -> int:
