@@ -584,6 +584,55 @@ def test_per_token_lists_vs_oracle(shape):
                                impl="pallas")
 
 
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=sid)
+def test_per_token_lists_key_blocked_form(shape):
+    """The per-token lists through the key-blocked form (what a CPU runs past 256 queries; here small tiles,
+    their key width not a multiple of the block size): == the float64 oracle (o, lse, grads), and == the
+    row-chunk form with segment ids."""
+    batch, seq_q, seq_k, heads, kv_heads, d, bs, max_blocks, causal = shape
+    rng = np.random.default_rng(13)
+    q, k, v, _, _ = inputs(shape, 14)
+    idx, cnt = oracle.random_selection(rng, batch, kv_heads, seq_q, seq_k, bs, max_blocks, causal=causal,
+                                       query_block=1)
+    idx, cnt = jnp.asarray(idx), jnp.asarray(cnt)
+    do = rng.standard_normal(q.shape)
+    dlse = rng.standard_normal((batch, heads, seq_q))
+    ro, rlse, *rgrads = oracle.attention(q, k, v, idx, cnt, block_size=bs, causal=causal, query_block=1, do=do,
+                                         dlse=dlse)
+    fin = np.isfinite(rlse)
+    tiles = (4, 12)
+    f = lambda q, k, v, **kw: block_sparse_attention_xla(q, k, v, idx, cnt, block_size=bs, causal=causal,
+                                                         return_lse=True, query_block=1, **kw)
+    (o, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, tiles=tiles), q, k, v)
+    assert_close(o, ro, name="o")
+    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+    assert_close(np.where(fin, lse, 0), np.where(fin, rlse, 0), name="lse")
+    grads = vjp((jnp.asarray(do, jnp.float32), jnp.asarray(np.where(fin, dlse, 0), jnp.float32)))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(a, b, name=name)
+    if seq_q == seq_k:
+        seg = jnp.asarray(np.sort(rng.integers(0, 3, (batch, seq_q)), axis=1))
+        want = f(q, k, v, segment_ids=seg, tiles=(seq_q, seq_k))  # one tile: the row-chunk form
+        got = f(q, k, v, segment_ids=seg, tiles=tiles)
+        assert_close(got[0], want[0], rtol=FORMS_RTOL, name="o, segments")
+        fin = np.isfinite(np.asarray(want[1]))  # a row whose lists hold no key of its document sees nothing
+        assert np.array_equal(np.isfinite(np.asarray(got[1])), fin) and not fin.all()
+        assert_close(np.where(fin, got[1], 0), np.where(fin, want[1], 0), rtol=FORMS_RTOL, name="lse, segments")
+
+
+def test_per_token_key_blocked_form_skips_unlisted_tiles():
+    """Key tiles no row lists never run: NaN keys and values there leave every output finite (a tile that ran
+    would poison its rows: 0 * NaN)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 64, 2, 8)), jnp.float32) for _ in range(3))
+    k, v = k.at[:, 8:].set(jnp.nan), v.at[:, 8:].set(jnp.nan)
+    idx, cnt = jnp.zeros((1, 2, 64, 1), jnp.int32), jnp.ones((1, 2, 64), jnp.int32)  # every row: block 0
+    o = block_sparse_attention_xla(q, k, v, idx, cnt, block_size=8, query_block=1, tiles=(16, 8))
+    want = dense_attention(q[:, :8], k[:, :8], v[:, :8], causal=True)
+    assert np.isfinite(np.asarray(o)).all()
+    assert_close(o[:, :8], want, rtol=FORMS_RTOL, name="rows of block 0")
+
+
 @pytest.mark.slow  # 70 decode shapes, ~25 s; the default suite has it at the layer level:
 # tests/test_layers_sala.py::test_sparse_token_selection_prefill_equals_decode (full prefill == chunked == decode)
 def test_token_selection_prefill_equals_decode():

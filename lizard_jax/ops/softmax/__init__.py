@@ -127,8 +127,8 @@ def attention(
     if blocks is not None and (len(blocks) != 2 or min(blocks) < 1):
         raise ValueError(f"blocks must be (query rows, keys), both >= 1, got {blocks!r}")
     if blocks is not None and t > blocks[0]:  # few queries (decoding) run faster as one dense chunk
-        o, lse = _key_blocked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
-                              blocks=blocks, q_seg=q_seg, k_seg=k_seg)
+        o, lse = key_blocked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
+                             blocks=blocks, q_seg=q_seg, k_seg=k_seg)
     else:
         o, lse = _chunked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
                           chunk_size=chunk_size, banded=banded, q_seg=q_seg, k_seg=k_seg)
@@ -210,15 +210,20 @@ def _ranges(pos, seg, n_blocks: int, keys: bool):
     return lo(pos), hi(pos), lo(seg), hi(seg)
 
 
-def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=None, k_seg=None):
+def key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=None, k_seg=None, allow=None):
     """Masked softmax over blocks of (rq query rows, rk keys) with an online softmax (float32 running max, sum
     and output); a key block runs only if some query of the row block may see some key of it, judged from the
     blocks' position and segment ranges (a conservative test: the mask inside the block stays exact).
+    `allow` = (mask `[B, KVH, T, n]` bool, size): also, query row t of kv head h sees key s only where
+    mask[.., h, t, s // size] (block-sparse lists per row; rk is rounded up to a multiple of size), and a key
+    block no row of the row block allows is skipped too.
     Returns (o `[B,T,H,Dv]`, lse `[B,H,T]`) as `attention_dense` does."""
     b, t, h, d = q.shape
     s_len, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // kvh
     rq, rk = min(blocks[0], t), min(blocks[1], s_len)
+    if allow is not None:
+        rk = -(-rk // allow[1]) * allow[1]
     nq, nk = -(-t // rq), -(-s_len // rk)
     seg = q_seg is not None
     qp, kp = _pad_rows(q_pos, nq * rq, -1), _pad_rows(k_pos, nk * rk, -1)
@@ -231,9 +236,16 @@ def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=
     kb = rows(_pad_rows(k, nk * rk, 0), nk, rk)
     vb = rows(_pad_rows(v, nk * rk, 0), nk, rk).astype(jnp.float32)
     kpb, ksb = rows(kp, nk, rk), (rows(ks, nk, rk) if seg else None)
+    if allow is not None:  # [nq, b, kvh, rq, nk, rk // size]
+        allowed, size = allow
+        per = rk // size
+        allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, nq * rq - t), (0, nk * per - allowed.shape[-1])))
+        ab = jnp.moveaxis(allowed.reshape(b, kvh, nq, rq, nk, per), 2, 0)
 
     def row_block(args):
-        qi, pi, lo, hi, *si = args  # qi [b, rq, kvh, g, d]; pi [b, rq]; lo/hi [b]
+        qi, pi, lo, hi, *rest = args  # qi [b, rq, kvh, g, d]; pi [b, rq]; lo/hi [b]
+        ai = rest.pop() if allow is not None else None  # [b, kvh, rq, nk, per]
+        si = rest
         slo, shi = (si[1], si[2]) if seg else (None, None)
 
         def step(carry, j):
@@ -242,6 +254,8 @@ def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=
                 sc = jnp.einsum("btkgd,bskd->bkgts", qi, kb[j], preferred_element_type=jnp.float32) * scale
                 mask = visible(pi, kpb[j], causal=causal, window=window, q_seg=si[0] if seg else None,
                                k_seg=ksb[j] if seg else None)[:, None, None]
+                if ai is not None:
+                    mask = mask & jnp.repeat(ai[:, :, :, j], size, axis=-1)[:, :, None]
                 sc = jnp.where(mask, sc, -jnp.inf)
                 m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
                 base = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that saw nothing yet
@@ -258,6 +272,8 @@ def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=
                 may_see &= k_hi[j] > lo - window
             if seg:
                 may_see &= (ks_lo[j] <= shi) & (slo <= ks_hi[j])
+            if ai is not None:
+                may_see &= jnp.any(ai[:, :, :, j], axis=(1, 2, 3))
             return jax.lax.cond(jnp.any(may_see), run, lambda c: c, carry), None
 
         init = (jnp.full((b, kvh, g, rq), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, rq), jnp.float32),
@@ -267,7 +283,8 @@ def _key_blocked(q, k, v, q_pos, k_pos, *, causal, window, scale, blocks, q_seg=
         lse = jnp.where(l > 0, jnp.log(jnp.where(l > 0, l, 1.0)) + m, -jnp.inf)
         return jnp.moveaxis(o, 3, 1).reshape(b, rq, h, dv), lse.reshape(b, h, rq)
 
-    xs = (qb, rows(qp, nq, rq), q_lo, q_hi) + ((rows(qs, nq, rq), qs_lo, qs_hi) if seg else ())
+    xs = (qb, rows(qp, nq, rq), q_lo, q_hi) + ((rows(qs, nq, rq), qs_lo, qs_hi) if seg else ()) + (
+        (ab,) if allow is not None else ())
     o, lse = jax.lax.map(jax.checkpoint(row_block), xs)
     o = jnp.moveaxis(o, 0, 1).reshape(b, nq * rq, h, dv)[:, :t].astype(v.dtype)
     lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, nq * rq)[:, :, :t]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lizard_jax.ops.softmax import CPU_BLOCKS, key_blocked
 from lizard_jax.ops.sparse.settings import PAPER
 from pallas_kernels.segments import resolve_segments
 
@@ -176,7 +177,7 @@ def block_sparse_attention_reference(q, k, v, block_indices, block_counts, *, bl
 def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_size: int = PAPER.block_size,
                                causal: bool = True, scale: float | None = None, q_offset: int | None = None,
                                return_lse: bool = False, segment_ids=None, q_segment_ids=None, kv_segment_ids=None,
-                               query_block: int | None = None, chunk_elems: int = 1 << 24):
+                               query_block: int | None = None, chunk_elems: int = 1 << 24, tiles=None):
     """Gather form: per query block, gather its listed key blocks and softmax over them.
 
     Memory O(seq_q * max_blocks * block_size) per head, not O(seq_q * seq_k); differentiable by autodiff.
@@ -184,14 +185,17 @@ def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_si
 
     ``query_block`` other than ``block_size`` (per-token lists: 1) runs the row-list form instead
     (``_row_lists_attention``: each chunk of rows against all keys under its rows' block masks, about
-    ``chunk_elems`` scores per chunk, rematerialized in the backward): exact, O(seq_q * seq_k) work.
+    ``chunk_elems`` scores per chunk, rematerialized in the backward): exact, O(seq_q * seq_k) work. On a CPU
+    (or with ``tiles`` = (query rows, keys) given) past one row block of queries, the row-list form runs as
+    the softmax op's key-blocked form instead (``ops.softmax.key_blocked``: tiles no row of a row block lists
+    are skipped); default tiles ``ops.softmax.CPU_BLOCKS``.
     """
     check_shapes(q, k, v, block_indices, block_counts, block_size, query_block)
     if query_block is not None and query_block != block_size:
         return _row_lists_attention(q, k, v, block_indices, block_counts, block_size=block_size, causal=causal,
                                     scale=scale, q_offset=q_offset, return_lse=return_lse, segment_ids=segment_ids,
                                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                    query_block=query_block, chunk_elems=chunk_elems)
+                                    query_block=query_block, chunk_elems=chunk_elems, tiles=tiles)
     batch, seq_q, heads, d = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -244,7 +248,7 @@ def block_sparse_attention_xla(q, k, v, block_indices, block_counts, *, block_si
 
 def _row_lists_attention(q, k, v, block_indices, block_counts, *, block_size: int, causal: bool, scale, q_offset,
                          return_lse: bool, segment_ids, q_segment_ids, kv_segment_ids, query_block: int,
-                         chunk_elems: int):
+                         chunk_elems: int, tiles=None):
     """Block lists per ``query_block`` rows (1: per token): chunks of rows (``lax.map``, ``jax.checkpoint``)
     each build their rows' key mask from their lists and run masked softmax over all keys in float32."""
     batch, seq_q, heads, d = q.shape
@@ -261,6 +265,16 @@ def _row_lists_attention(q, k, v, block_indices, block_counts, *, block_size: in
     blocks = jnp.zeros(idx.shape[:3] + (n_kb + 1,), bool)
     blocks = jnp.put_along_axis(blocks, idx, True, axis=-1, inplace=False)[..., :n_kb]  # [B, KV, nL, nKB]
     row_blocks = jnp.repeat(blocks, qb, axis=2)[:, :, :seq_q]  # [B, KV, Tq, nKB]
+    if tiles is None and jax.default_backend() == "cpu":
+        tiles = CPU_BLOCKS
+    if tiles is not None and seq_q > tiles[0]:
+        q_pos = jnp.broadcast_to(jnp.arange(seq_q, dtype=jnp.int32) + q_offset, (batch, seq_q))
+        k_pos = jnp.broadcast_to(jnp.arange(seq_k, dtype=jnp.int32), (batch, seq_k))
+        f32 = lambda x: x.astype(jnp.float32)
+        o, lse = key_blocked(f32(q), f32(k), f32(v), q_pos, k_pos, causal=causal, window=None, scale=scale,
+                             blocks=tiles, q_seg=q_seg, k_seg=k_seg, allow=(row_blocks, bs))
+        o = o.astype(q.dtype)
+        return (o, lse) if return_lse else o
 
     chunk = max(1, min(seq_q, chunk_elems // max(1, batch * heads * seq_k)))
     n_chunks = -(-seq_q // chunk)
