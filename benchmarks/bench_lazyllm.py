@@ -8,8 +8,8 @@
     python benchmarks/bench_lazyllm.py ... --parts ttft --models smollm2 --ttft-dtype float32 --lengths 4096  # CPU
     ... --no-report                                               # tables on stdout only, RESULTS.md untouched
 
-Schedule: `LazyConfig.default(num_layers)` (SmolLM2, 30 layers: prune after layers 4, 12, 21 keeping 50%, 25%,
-15% of the prompt), or --layers/--keep, or several named ones in one run with --schedules ("name=layers:keep"
+Schedule: `LazyConfig.default(num_layers)` (SmolLM2, 30 layers: prune after layer 20 keeping 10% of the
+prompt), or --layers/--keep, or several named ones in one run with --schedules ("name=layers:keep"
 entries separated by ";", a bare "default" is `LazyConfig.default`): the full-model baseline is computed once
 and each schedule adds rows. --decode picks `LazyConfig.decode` ("attend_all" or "paper") for the decoding in
 the accuracy part and the curve. The curve scales the keep fractions of the first schedule.

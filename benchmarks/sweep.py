@@ -68,7 +68,10 @@ def _plans() -> dict[str, list[tuple[str, list[str]]]]:
     lazy = [("lazy-accuracy", [PY, "benchmarks/bench_lazyllm.py", "--checkpoint", "{teacher}", "--parts", "accuracy",
                                "--models", "smollm2", "--passkey-lengths", "4096,8192", "--ppl-contexts",
                                "2048,4096", "--trials", "2", "--windows", "4", "--decode", "attend_all",
-                               "--schedules", ";".join(f"{k}={v}" for k, v in LAZY_SCHEDULES.items())])]
+                               "--schedules", ";".join(f"{k}={v}" for k, v in LAZY_SCHEDULES.items())]),
+            # where the model reads the passkey: which layers a pruning may follow without losing it
+            ("lazy-ranks", [PY, "benchmarks/bench_lazyllm.py", "--checkpoint", "{teacher}", "--parts", "ranks",
+                            "--passkey-lengths", "4096,8192", "--trials", "2"])]
     return {"lazyllm": lazy, "dense": dense, "sparse-teacher": sparse, "star": star, "star-ppl": star_ppl,
             "lizard-gates": _lizard_gates(ev), "sala-select": _sala_select()}
 
@@ -114,7 +117,9 @@ def _sala_select() -> list[tuple]:
 
 
 PPL_TOKENS = 4 * 8192  # four windows of 8192 tokens (8191 scored each)
-LAZY_SCHEDULES = {"gentle": "15,22:0.8,0.6", "default": "default", "aggressive": "2,8,15:0.4,0.2,0.1"}
+# "early" was LazyConfig.default until this table (issue #17) made the default "20:0.1" (late1 here)
+LAZY_SCHEDULES = {"gentle": "15,22:0.8,0.6", "early": "4,12,21:0.5,0.25,0.15", "aggressive": "2,8,15:0.4,0.2,0.1",
+                  "late": "20,24:0.3,0.15", "late1": "20:0.1"}
 
 
 def _fill(cmd: list[str], values: dict[str, str]) -> list[str]:

@@ -29,7 +29,7 @@ def smollm2(smollm2):
 
 def test_keep_one_is_plain_generation(smollm2):
     model, params, _, toks, pos = smollm2
-    lazy = LazyConfig.default(model.cfg.num_layers, keep=(1.0, 1.0, 1.0))
+    lazy = LazyConfig(layers=(4, 12, 20), keep=(1.0, 1.0, 1.0))
     ref = _generate(model, params, toks, pos, jax.random.key(0), max_new_tokens=16, sampling=GREEDY, eos_ids=(),
                     cache_len=toks.shape[1] + 16)
     out = generate_lazy(model, params, toks, pos, jax.random.key(0), lazy=lazy, max_new_tokens=16, sampling=GREEDY,

@@ -13,7 +13,7 @@ random model (a real one comes from `lizard_jax.load`):
     ...                   ffn_dim=64)
     >>> model, params = Transformer(cfg), init_params(cfg, jax.random.key(0))
     >>> LazyConfig.default(cfg.num_layers)
-    LazyConfig(layers=(1, 2), keep=(0.5, 0.25), top_k=(), bucket=64, sink_tokens=0, recent_tokens=0, pool=1, revive_buckets=(16, 128, 1024), decode='attend_all')
+    LazyConfig(layers=(2,), keep=(0.1,), top_k=(), bucket=64, sink_tokens=0, recent_tokens=0, pool=1, revive_buckets=(16, 128, 1024), decode='attend_all')
     >>> lazy = LazyConfig(layers=(1, 2), keep=(0.5, 0.25), bucket=8, decode="paper")
     >>> tokens, positions = left_pad([list(range(2, 50)), list(range(5, 30))], cfg.pad_token_id, bucket=16)
     >>> out = generate_lazy(model, params, tokens, positions, jax.random.key(1), lazy=lazy, max_new_tokens=4,
