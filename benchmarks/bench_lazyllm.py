@@ -422,7 +422,8 @@ def part_ranks(a):
         ranks = needle_ranks(model, params, cases, batch=a.batch)
         rows = [[i, float(np.median(r)), float(r.max()), *(f"{int(np.sum(r < f))}/{len(r)}" for f in keeps)]
                 for i, r in enumerate(ranks)]
-        emit(a, f"LazyLLM: rank of the passkey in the pruning score per layer (SmolLM2-135M, {length} tokens)",
+        emit(a, f"LazyLLM: rank of the passkey in the pruning score per layer ({Path(a.checkpoint).name}, "
+                f"{length} tokens)",
              ["layer", "rank median", "rank max", *(f"key kept @keep {f}" for f in keeps)], rows,
              f"rank = fraction of the prompt that the last token's attention (mean over heads, full prefill, "
              f"{a.acc_dtype}) scores above the key (the weakest digit of its better copy); a pruning after the "
