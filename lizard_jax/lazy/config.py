@@ -49,8 +49,8 @@ class LazyConfig:
       "attend_all" (the default): the scores only choose whom to revive (the top `budget` of every token with
         KV at the pruning layer); every token with KV at a layer is a key there. The same revival rule and budget,
         so about the same per-token compute as "paper", but every key that work produced is seen; "paper" reads
-        only `budget + generated` keys per layer and step. The default: the SmolLM2 tables of issue #17 measured
-        it (with the default schedule, full prefill's passkey and perplexity); "paper" is not measured there yet.
+        only `budget + generated` keys per layer and step. The default: on SmolLM2 with the default schedule both
+        modes kept full prefill's passkey and perplexity at 4K (benchmarks/RESULTS.md), and this one reads every key.
 
     `LazyConfig.default(num_layers)` is the measured default schedule (see `DEFAULT_DEPTHS`).
     """
