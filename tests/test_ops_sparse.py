@@ -553,6 +553,18 @@ def test_infllm_token_attention_vs_float64_oracle(heads, kv_heads, seq):
     assert float(jnp.max(jnp.abs(block - want[0]))) > 1e-3  # the per-block approximation chooses otherwise here
 
 
+def _assert_matches_oracle(f, qkv, ro, rlse, rgrads, do, dlse):
+    """f(q, k, v) -> (o, lse) == the oracle's o, lse (the same rows see nothing) and dq, dk, dv for (do, dlse)."""
+    fin = np.isfinite(rlse)
+    (o, lse), vjp = jax.vjp(f, *qkv)
+    assert_close(o, ro, name="o")
+    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
+    assert_close(np.where(fin, lse, 0), np.where(fin, rlse, 0), name="lse")
+    grads = vjp((jnp.asarray(do, jnp.float32), jnp.asarray(np.where(fin, dlse, 0), jnp.float32)))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(a, b, name=name)
+
+
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=sid)
 def test_per_token_lists_vs_oracle(shape):
     """block_sparse_attention(query_block=1) (random per-token lists) == the float64 oracle: o, lse, grads;
@@ -566,16 +578,9 @@ def test_per_token_lists_vs_oracle(shape):
     dlse = rng.standard_normal((batch, heads, seq_q))
     ro, rlse, *rgrads = oracle.attention(q, k, v, idx, cnt, block_size=bs, causal=causal, query_block=1, do=do,
                                          dlse=dlse)
-    fin = np.isfinite(rlse)
     f = lambda q, k, v: block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs,
                                                causal=causal, return_lse=True, query_block=1, impl="auto")
-    (o, lse), vjp = jax.vjp(f, q, k, v)
-    assert_close(o, ro, name="o")
-    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
-    assert_close(np.where(fin, lse, 0), np.where(fin, rlse, 0), name="lse")
-    grads = vjp((jnp.asarray(do, jnp.float32), jnp.asarray(np.where(fin, dlse, 0), jnp.float32)))
-    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
-        assert_close(a, b, name=name)
+    _assert_matches_oracle(f, (q, k, v), ro, rlse, rgrads, do, dlse)
     ref = block_sparse_attention_reference(q, k, v, jnp.asarray(idx), jnp.asarray(cnt), block_size=bs,
                                            causal=causal, query_block=1)
     assert_close(ref, ro, name="reference")
@@ -599,17 +604,10 @@ def test_per_token_lists_key_blocked_form(shape):
     dlse = rng.standard_normal((batch, heads, seq_q))
     ro, rlse, *rgrads = oracle.attention(q, k, v, idx, cnt, block_size=bs, causal=causal, query_block=1, do=do,
                                          dlse=dlse)
-    fin = np.isfinite(rlse)
     tiles = (4, 12)
     f = lambda q, k, v, **kw: block_sparse_attention_xla(q, k, v, idx, cnt, block_size=bs, causal=causal,
                                                          return_lse=True, query_block=1, **kw)
-    (o, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, tiles=tiles), q, k, v)
-    assert_close(o, ro, name="o")
-    assert np.array_equal(np.isfinite(np.asarray(lse)), fin)
-    assert_close(np.where(fin, lse, 0), np.where(fin, rlse, 0), name="lse")
-    grads = vjp((jnp.asarray(do, jnp.float32), jnp.asarray(np.where(fin, dlse, 0), jnp.float32)))
-    for name, a, b in zip(("dq", "dk", "dv"), grads, rgrads):
-        assert_close(a, b, name=name)
+    _assert_matches_oracle(lambda q, k, v: f(q, k, v, tiles=tiles), (q, k, v), ro, rlse, rgrads, do, dlse)
     if seq_q == seq_k:
         seg = jnp.asarray(np.sort(rng.integers(0, 3, (batch, seq_q)), axis=1))
         want = f(q, k, v, segment_ids=seg, tiles=(seq_q, seq_k))  # one tile: the row-chunk form
