@@ -97,7 +97,7 @@ def _lizard_gates(ev: list[str]) -> list[tuple]:
             "teacher={teacher}", f"run_dir={run}", f"export={run}/student"]
         items.append((f"train-{name}", [PY, "train.py", "--config", "configs/lizard_smollm2.yaml"]
                       + [a for kv in sets for a in ("--set", kv)]))
-        scored.append((name, ["--checkpoint", f"{run}/student", "--teacher", "{teacher}"], f"train-{name}"))
+        scored.append((name, ["--checkpoint", f"{run}/student"], f"train-{name}"))  # export: a full checkpoint
     for name, ck, *after in scored:
         for task, args in (("ppl1k", ["perplexity", "--text", "{text}", "--seq-len", "1024", "--batch-size", "8"]),
                            ("passkey", ["passkey", "--text", "{text}", "--lengths", "512,1024,2048", "--trials", "2"]),
