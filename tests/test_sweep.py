@@ -42,3 +42,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert text.index("| c | accuracy 0.50 (1/2)") < text.index("| a | ppl 12.500 (100 tokens)")
     with pytest.raises(SystemExit, match="no result"):
         sweep.main(["--report", "T", "--out", str(out), "--only", "zz", "--results-md", str(md)])
+
+
+def test_lizard_gates_scores_exported_students_alone():
+    """train.py's `export` writes a full checkpoint, which eval.py refuses beside --teacher (an adapter's flag)."""
+    items = sweep._plans()["lizard-gates"]
+    scored = [cmd for label, cmd, *after in items if cmd[1] == "eval.py" and after]
+    assert len(scored) == 3 * len(sweep.LIZARD_RUNS)
+    for cmd in scored:
+        assert cmd[cmd.index("--checkpoint") + 1].endswith("/student") and "--teacher" not in cmd
