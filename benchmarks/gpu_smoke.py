@@ -1,5 +1,8 @@
 """A short end-to-end check on the GPU before long runs: a tiny random teacher, both training stages with the
-default kernels (impl="auto" -> Pallas), export, perplexity, generation. Prints OK or raises."""
+default kernels (impl="auto" -> Pallas), export, perplexity, generation. Prints OK or raises.
+
+    python -m benchmarks.gpu_smoke [TEXT]     # from the repository root (as a module: lizard_jax is importable)
+"""
 
 from __future__ import annotations
 
