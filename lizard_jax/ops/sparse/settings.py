@@ -10,8 +10,8 @@ over the query heads of a GQA group ("token": the reference semantics, prefill =
 fast kernel runs one selection per query block of ``block_size`` rows, the token scores summed over its rows
 ("block": an approximation, a row's choice also depends on the other rows of its block). The default is "block",
 MEASURED on SmolLM2-135M as a training-free sparse teacher at 8K (benchmarks/RESULTS.md, "InfLLM-V2 sparse
-teacher"): per-token selection is slightly better in every row (perplexity 0.4% lower with 1/4 of the blocks,
-0.8% with 1/8; passkey 2/10 vs 2/10 and 2/10 vs 1/10, dense 5/10), but only "block" runs the Pallas kernels
+teacher"): per-token selection has 0.4% lower perplexity with 1/4 of the blocks and 0.8% with 1/8, and no worse
+passkey (2/10 vs 2/10 and 2/10 vs 1/10; dense 5/10), but only "block" runs the Pallas kernels
 ("token" is masked dense work on a GPU: no saving over dense attention), and a sparse layer exists for its speed.
 Choose "token" where prefill must equal decoding exactly or accuracy matters more than time.
 """
