@@ -37,6 +37,17 @@ __all__ = ["attention", "visible", "merge_sinks", "attention_dense"]
 
 _IMPLS = ("auto", "xla", "cudnn")
 CPU_BLOCKS = (256, 512)  # (query rows, keys) of the key-blocked form: measured fastest at 4K on a 2-core CPU
+
+
+def key_blocks_for(blocks: tuple[int, int] | None, seq_q: int) -> tuple[int, int] | None:
+    """The (query rows, keys) tiles `key_blocked` runs with, or None for a query-chunked form: `blocks`, or
+    `CPU_BLOCKS` on a CPU when None; None also when the `seq_q` queries fit one row block (few queries, as in
+    decoding, run faster as one dense chunk)."""
+    if blocks is None and jax.default_backend() == "cpu":
+        blocks = CPU_BLOCKS
+    if blocks is not None and (len(blocks) != 2 or min(blocks) < 1):
+        raise ValueError(f"blocks must be (query rows, keys), both >= 1, got {blocks!r}")
+    return blocks if blocks is not None and seq_q > blocks[0] else None
 _FAR = 2**30  # beyond any position or segment id
 
 
@@ -122,11 +133,8 @@ def attention(
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + (s_len - t), (b, t))
     if k_positions is None:
         k_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (b, s_len))
-    if blocks is None and jax.default_backend() == "cpu":
-        blocks = CPU_BLOCKS
-    if blocks is not None and (len(blocks) != 2 or min(blocks) < 1):
-        raise ValueError(f"blocks must be (query rows, keys), both >= 1, got {blocks!r}")
-    if blocks is not None and t > blocks[0]:  # few queries (decoding) run faster as one dense chunk
+    blocks = key_blocks_for(blocks, t)
+    if blocks is not None:
         o, lse = key_blocked(q, k, v, q_positions, k_positions, causal=causal, window=window, scale=scale,
                              blocks=blocks, q_seg=q_seg, k_seg=k_seg)
     else:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lizard_jax.ops.softmax import CPU_BLOCKS, key_blocked
+from lizard_jax.ops.softmax import key_blocked, key_blocks_for
 from lizard_jax.ops.sparse.settings import PAPER
 from pallas_kernels.segments import resolve_segments
 
@@ -265,9 +265,8 @@ def _row_lists_attention(q, k, v, block_indices, block_counts, *, block_size: in
     blocks = jnp.zeros(idx.shape[:3] + (n_kb + 1,), bool)
     blocks = jnp.put_along_axis(blocks, idx, True, axis=-1, inplace=False)[..., :n_kb]  # [B, KV, nL, nKB]
     row_blocks = jnp.repeat(blocks, qb, axis=2)[:, :, :seq_q]  # [B, KV, Tq, nKB]
-    if tiles is None and jax.default_backend() == "cpu":
-        tiles = CPU_BLOCKS
-    if tiles is not None and seq_q > tiles[0]:
+    tiles = key_blocks_for(tiles, seq_q)
+    if tiles is not None:
         q_pos = jnp.broadcast_to(jnp.arange(seq_q, dtype=jnp.int32) + q_offset, (batch, seq_q))
         k_pos = jnp.broadcast_to(jnp.arange(seq_k, dtype=jnp.int32), (batch, seq_k))
         f32 = lambda x: x.astype(jnp.float32)
